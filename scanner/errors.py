@@ -1,0 +1,33 @@
+"""Named errors raised by the scanner; the CLI turns each into a one-line message."""
+
+
+class ScanError(Exception):
+    """Base class: a checkpoint could not be scanned, for a reason we can explain."""
+
+
+class SourceNotFound(ScanError):
+    """The local path or Hub repo does not exist."""
+
+
+class MissingConfig(ScanError):
+    """The checkpoint has no usable config.json."""
+
+
+class UnsafeCheckpoint(ScanError):
+    """The checkpoint has no safetensors weights, only formats we refuse to read (pickle)."""
+
+
+class RemoteCodeRefused(ScanError):
+    """The config needs custom code from the repo and --trust-remote-code was not given."""
+
+
+class UnsupportedArchitecture(ScanError):
+    """transformers does not know the architecture, or we cannot find its MLP output projection."""
+
+
+class CorruptCheckpoint(ScanError):
+    """A safetensors file is truncated or unreadable, or its tensors disagree with the config."""
+
+
+class HubError(ScanError):
+    """The Hub could not give us the checkpoint (network, auth, missing revision)."""

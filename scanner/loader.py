@@ -1,0 +1,356 @@
+"""Open a safetensors checkpoint and stream it into a model skeleton one decoder layer at a time.
+
+The model is built on the meta device (no memory), every tensor's shape and dtype is checked
+against it from the safetensors headers before anything is read, and then each decoder layer is
+filled just before it runs and emptied right after. Only the embedding rows of the prompt's tokens
+are read; the language-model head never is.
+"""
+
+import json
+import logging
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    convert_and_load_state_dict_in_model,
+    dot_natural_key,
+    rename_source_key,
+)
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .arch import OutProj, find_decoder_layers, find_out_proj, text_config
+from .config import PICKLE_SUFFIXES
+from .errors import CorruptCheckpoint, MissingConfig, RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture
+
+logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a checkpoint tensor is stored and what its header says."""
+
+    file: Path
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+
+
+def load_config(path: Path, *, trust_remote_code: bool = False):
+    """Read config.json, refusing custom code unless trusted.
+
+    A config with `auto_map` whose `model_type` transformers implements natively (Phi-3 repos do
+    this) is read with the native implementation; any other `auto_map` needs the operator's opt-in.
+    """
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MissingConfig(f"{path}: no config.json (is this a model checkpoint folder?)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MissingConfig(f"{config_file}: not valid JSON ({e})") from e
+    model_type = raw.get("model_type")
+    native = model_type in CONFIG_MAPPING
+    if "auto_map" in raw and not native and not trust_remote_code:
+        raise RemoteCodeRefused(
+            f"{path}: config.json needs custom code from the repo (auto_map); "
+            "pass --trust-remote-code only if you trust it"
+        )
+    if not native and not trust_remote_code:
+        raise UnsupportedArchitecture(
+            f"{path}: model_type {model_type!r} is unknown to transformers {transformers.__version__}"
+        )
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code and not native)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise MissingConfig(f"{config_file}: transformers cannot read it ({_first_line(e)})") from e
+
+
+def find_weight_files(path: Path) -> list[Path]:
+    """The safetensors files that hold the model, refusing pickle-only checkpoints."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CorruptCheckpoint(f"{index}: not a valid shard index ({e})") from e
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CorruptCheckpoint(f"{index}: names shard(s) that are missing: {', '.join(missing)}")
+        return [path / n for n in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeCheckpoint(
+            f"{path}: only pickle weights ({', '.join(pickles)}); superweight reads safetensors only "
+            "and never unpickles. Convert the checkpoint to safetensors first"
+        )
+    raise CorruptCheckpoint(f"{path}: no .safetensors weights found")
+
+
+def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor, from the safetensors headers alone."""
+    tensors = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    tensor = f.get_slice(name)
+                    tensors[name] = TensorInfo(file, tensor.get_dtype(), tuple(tensor.get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise CorruptCheckpoint(f"{file}: not a readable safetensors file ({_first_line(e)})") from e
+    return tensors
+
+
+class StreamingModel:
+    """A model skeleton on the meta device whose weights are read from disk only when needed.
+
+    Args:
+        path: the checkpoint folder.
+        device: where layers run.
+        dtype: the compute dtype; None keeps the checkpoint's (float16 runs as float32 on CPU).
+        trust_remote_code: allow repo code named by config.json's auto_map.
+    """
+
+    def __init__(self, path: Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                 trust_remote_code: bool = False):
+        self.path = path = Path(path)
+        self.device = torch.device(device)
+        self.config = load_config(path, trust_remote_code=trust_remote_code)
+        self.tensors = read_headers(find_weight_files(path))
+        self.checkpoint_dtype = _majority_dtype(self.tensors)
+        if dtype is None and self.device.type == "cpu" and self.checkpoint_dtype == torch.float16:
+            dtype = torch.float32  # CPU float16 kernels are slow and partly missing
+        self.dtype = dtype or self.checkpoint_dtype
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            with init_empty_weights(include_buffers=False):
+                self.model = AutoModelForCausalLM.from_config(
+                    self.config, dtype=self.dtype, trust_remote_code=trust_remote_code
+                )
+        except ValueError as e:
+            raise UnsupportedArchitecture(f"{path}: no causal-LM class for this config ({_first_line(e)})") from e
+        self.model.eval()
+        _move_buffers(self.model, self.device)
+        tcfg = text_config(self.config)
+        self.hidden_size = tcfg.hidden_size
+        self.num_layers = tcfg.num_hidden_layers
+        self.base_model = self.model.base_model
+        layers_path, self.layers = find_decoder_layers(self.base_model, self.num_layers)
+        self.layers_prefix = _module_path(self.model, self.layers)
+        self.out_proj: OutProj = find_out_proj(self.layers[0], self.hidden_size)
+        self.conversions = get_model_conversion_mapping(self.model)
+        self._plan_keys()
+        self.edits: dict[int, list[tuple[tuple[int, ...], float]]] = {}  # layer -> [(index, value)]
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def _plan_keys(self) -> None:
+        """Assign every checkpoint key to a layer, the input embedding, other small weights, or skip.
+
+        Checks shapes and dtypes against the skeleton before anything is read.
+        """
+        meta = self.model.state_dict()
+        renamings = [t for t in self.conversions if isinstance(t, WeightRenaming)]
+        converters = [t for t in self.conversions if isinstance(t, WeightConverter)]
+        prefix = self.model.base_model_prefix
+        layer_re = re.compile(rf"^{re.escape(self.layers_prefix)}\.(\d+)\.")
+        embed_path = _module_path(self.model, self.model.get_input_embeddings())
+        head = self.model.get_output_embeddings()
+        head_path = _module_path(self.model, head) if head is not None else None
+
+        self.layer_keys: list[list[str]] = [[] for _ in range(self.num_layers)]
+        self.embed_key: str | None = None
+        self.other_keys: list[str] = []
+        self.key_target: dict[str, str] = {}
+        sources: dict[str, list[str]] = {}
+        converted: set[str] = set()  # targets built by a converter (e.g. experts merged into one tensor)
+        for key in sorted(self.tensors, key=dot_natural_key):
+            target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+            if target not in meta and key in meta:
+                target, pattern = key, None
+            if target not in meta:
+                logger.debug("%s: checkpoint tensor %s is not used by the model", self.path, key)
+                continue
+            if head_path and target.startswith(head_path + ".") and target != f"{embed_path}.weight":
+                continue  # the LM head is never needed to find super weights
+            self.key_target[key] = target
+            sources.setdefault(target, []).append(key)
+            if pattern is not None:
+                converted.add(target)
+            match = layer_re.match(target)
+            if match:
+                self.layer_keys[int(match.group(1))].append(key)
+            elif target == f"{embed_path}.weight":
+                self.embed_key = key
+            else:
+                self.other_keys.append(key)
+        self._check_against_skeleton(meta, sources, converted, layer_re, embed_path)
+
+    def _check_against_skeleton(self, meta, sources, converted, layer_re, embed_path) -> None:
+        """Raise CorruptCheckpoint unless every needed weight is present with the right shape and dtype."""
+        needed = [name for name in meta if layer_re.match(name)] + [f"{embed_path}.weight"]
+        missing = [name for name in needed if name not in sources]
+        if missing:
+            raise CorruptCheckpoint(
+                f"{self.path}: checkpoint lacks {len(missing)} tensor(s) the config requires, e.g. {missing[0]}"
+            )
+        for target, keys in sources.items():
+            for key in keys:
+                info = self.tensors[key]
+                if info.dtype not in FLOAT_DTYPES:
+                    raise CorruptCheckpoint(
+                        f"{info.file}: tensor {key} has dtype {info.dtype}; only unquantized "
+                        "F32/F16/BF16 checkpoints can be scanned"
+                    )
+            expected = tuple(meta[target].shape)
+            stored = [self.tensors[k].shape for k in keys]
+            if target in converted:  # merged (experts) or split (fused qkv): sizes must add up
+                total = sum(_numel(s) for s in stored)
+                ok = total % _numel(expected) == 0
+            else:
+                ok = stored == [expected]
+            if not ok:
+                raise CorruptCheckpoint(
+                    f"{self.tensors[keys[0]].file}: tensor {keys[0]} has shape {list(stored[0])}, "
+                    f"but the config implies {list(expected)} for {target}"
+                )
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def _load(self, keys: list[str]) -> None:
+        """Read `keys` from disk into the skeleton, through transformers' own key conversions."""
+        with ExitStack() as stack:
+            handles = {}
+            state = {}
+            for key in keys:
+                file = self.tensors[key].file
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                state[key] = handles[file].get_slice(key)
+            load_config = LoadStateDictConfig(
+                weight_mapping=self.conversions, dtype=self.dtype, device_map={"": self.device}
+            )
+            try:
+                info, _ = convert_and_load_state_dict_in_model(self.model, state, load_config)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CorruptCheckpoint(f"{self.path}: reading {keys[0]} failed ({_first_line(e)})") from e
+        if info.mismatched_keys or info.conversion_errors:
+            raise CorruptCheckpoint(
+                f"{self.path}: tensors do not fit the model: {info.mismatched_keys or info.conversion_errors}"
+            )
+
+    def load_static(self, token_ids: list[int]) -> torch.Tensor:
+        """Load the small non-layer weights and the embedding rows of `token_ids`.
+
+        Returns:
+            The ids re-numbered into the reduced embedding table, shape (1, T).
+        """
+        if self.other_keys:
+            self._load(self.other_keys)
+        info = self.tensors[self.embed_key]
+        vocab = info.shape[0]
+        bad = [i for i in token_ids if not 0 <= i < vocab]
+        if bad:
+            raise CorruptCheckpoint(f"{self.path}: token ids {bad} fall outside the embedding ({vocab} rows)")
+        rows = sorted(set(token_ids))
+        with safe_open(info.file, framework="pt", device="cpu") as f:
+            table = f.get_slice(self.embed_key)
+            weight = torch.cat([table[i : i + 1] for i in rows])  # (len(rows), hidden)
+        embed = self.model.get_input_embeddings()
+        embed.weight = nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
+        remap = {token: i for i, token in enumerate(rows)}
+        return torch.tensor([[remap[t] for t in token_ids]], device=self.device)
+
+    def load_layer(self, index: int) -> None:
+        """Fill decoder layer `index` from disk and apply any pending edits to its out projection."""
+        self._load(self.layer_keys[index])
+        weight = self.out_proj_weight(index)
+        with torch.no_grad():
+            for position, value in self.edits.get(index, []):
+                weight[position] = value
+
+    def free_layer(self, index: int) -> None:
+        """Return decoder layer `index`'s parameters to the meta device, releasing their memory."""
+        for module in self.layers[index].modules():
+            for name, param in module._parameters.items():
+                if param is not None and param.device.type != "meta":
+                    module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), False)
+
+    # -- the MLP output projection --------------------------------------------------------------
+
+    def out_proj_module(self, index: int) -> nn.Module:
+        return self.layers[index].get_submodule(self.out_proj.module_path)
+
+    def out_proj_weight(self, index: int) -> torch.Tensor:
+        return getattr(self.out_proj_module(index), self.out_proj.param_name)
+
+    def out_proj_name(self, index: int) -> str:
+        """The model parameter name of layer `index`'s out projection weight."""
+        return f"{self.layers_prefix}.{index}.{self.out_proj.module_path}.{self.out_proj.param_name}"
+
+    def stored_location(self, layer: int, row: int, col: int, expert: int | None) -> tuple[str, list[int]]:
+        """Checkpoint tensor name and index holding W[row, col] of a layer (and expert) as stored."""
+        target = self.out_proj_name(layer)
+        keys = sorted((k for k, t in self.key_target.items() if t == target), key=dot_natural_key)
+        if self.out_proj.kind == "experts":
+            if len(keys) == 1:  # stored fused, as transformers keeps it in memory
+                return keys[0], [expert, row, col]
+            return keys[expert], [row, col]  # one tensor per expert, merged in expert order
+        if self.out_proj.kind == "conv1d":
+            return keys[0], [col, row]  # GPT-2 Conv1D stores (in, out)
+        return keys[0], [row, col]
+
+
+def _majority_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype:
+    """The float dtype that holds the most parameters (norms are sometimes kept in F32)."""
+    counts: dict[str, int] = {}
+    for info in tensors.values():
+        counts[info.dtype] = counts.get(info.dtype, 0) + _numel(info.shape)
+    floats = {k: v for k, v in counts.items() if k in FLOAT_DTYPES}
+    if not floats:
+        raise CorruptCheckpoint(f"no float tensors (dtypes {sorted(counts)}); quantized checkpoints are not supported")
+    return FLOAT_DTYPES[max(floats, key=floats.get)]
+
+
+def _move_buffers(model: nn.Module, device: torch.device) -> None:
+    """Move the real buffers (e.g. rotary inv_freq) of a meta-parameter model to `device`."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(device)
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise UnsupportedArchitecture(f"{type(target).__name__} is not part of {type(root).__name__}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
