@@ -1,0 +1,320 @@
+"""Detect super weights with one prompt: spike, attribute, remove, re-run from that layer, repeat.
+
+Each pass records, for every decoder layer's MLP output projection (down_proj), the peak |input|
+and the peak |output| with their token and channel. While the layer's weights are in memory the
+peak output Y[t, r] is attributed to the input channels: the column is the channel c with the
+largest contribution W[r, c] * X[t, c], so a large weight on a quiet input is never chosen.
+"""
+
+import logging
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .config import DetectConfig
+from .errors import UnsupportedArchitecture
+from .loader import StreamingModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerPeak:
+    """What one pass saw at one layer's MLP output projection (over all experts for MoE)."""
+
+    layer: int
+    max_input: float  # max |X| over tokens and channels
+    input_channel: int
+    input_token: int
+    max_output: float  # max |Y|
+    output_channel: int
+    output_token: int
+    expert: int | None = None  # the expert of the max output
+
+
+@dataclass
+class Candidate:
+    """A loud output Y[t, r] attributed to the one weight W[r, c] that contributes most to it."""
+
+    layer: int
+    expert: int | None
+    out_channel: int  # r
+    token: int  # t
+    output_activation: float  # Y[t, r], signed
+    in_channel: int  # c = argmax_j |W[r, j] * X[t, j]|
+    weight: float  # W[r, c]
+    input_activation: float  # X[t, c]
+    share: float  # W[r, c] * X[t, c] / Y[t, r]: how much of the output this one weight explains
+    row_ratio: float  # |Y[t, r]| / median_j |Y[t, j]|: does one channel stand out, or the whole token?
+    residual: float = 0.0  # the residual stream h[t, r] entering the layer, signed
+
+
+@dataclass
+class SuperWeight:
+    """One super weight: W[out_channel, in_channel] of a layer's MLP output projection."""
+
+    layer: int
+    expert: int | None
+    out_channel: int
+    in_channel: int
+    tensor: str
+    index: list[int]
+    weight: float
+    input_activation: float
+    output_activation: float
+    token: int
+    spike_ratio: float
+    input_ratio: float
+    row_ratio: float
+    share: float
+
+
+@dataclass
+class Detection:
+    """Everything a scan found, in plain data."""
+
+    super_weights: list[SuperWeight]
+    layers: list[LayerPeak]
+    rejected: list[dict] = field(default_factory=list)
+    rounds: int = 0
+    truncated: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TOP_K = 8  # candidate output channels kept per layer and pass
+
+
+def _analyse(layer, x, y, w_row, expert=None) -> tuple[LayerPeak, list[Candidate]]:
+    """Peaks and top candidates of one projection. x: (T, I), y: (T, H); w_row(r) -> (I,) row of W."""
+    x, y = x.float(), y.float()
+    t_in, c_in = divmod(int(x.abs().argmax()), x.shape[1])
+    t_out, r_out = divmod(int(y.abs().argmax()), y.shape[1])
+    peak = LayerPeak(layer, float(x[t_in, c_in].abs()), c_in, t_in, float(y[t_out, r_out].abs()), r_out, t_out, expert)
+    token_median = y.abs().median(dim=1).values.clamp_min(1e-30)  # (T,)
+    loudest, tokens = y.abs().max(dim=0)  # per output channel: (H,), (H,)
+    candidates = []
+    for r in loudest.topk(min(TOP_K, y.shape[1])).indices.tolist():
+        t = int(tokens[r])
+        contrib = w_row(r).float() * x[t]  # (I,)
+        c = int(contrib.abs().argmax())
+        out = float(y[t, r])
+        candidates.append(Candidate(
+            layer=layer, expert=expert, out_channel=r, token=t, output_activation=out, in_channel=c,
+            weight=float(w_row(r)[c]), input_activation=float(x[t, c]),
+            share=float(contrib[c]) / out if out else 0.0, row_ratio=abs(out) / float(token_median[t]),
+        ))
+    return peak, candidates
+
+
+class Detector:
+    """Runs the passes over a StreamingModel and finds its super weights.
+
+    Args:
+        model: the streaming model (weights on disk until needed).
+        config: thresholds and prompt.
+    """
+
+    def __init__(self, model: StreamingModel, config: DetectConfig):
+        self.sm = model
+        self.config = config
+        self.peaks: list[LayerPeak | None] = [None] * model.num_layers
+        self.candidates: list[list[Candidate]] = [[] for _ in range(model.num_layers)]
+        self.inputs: list[tuple | None] = [None] * model.num_layers  # (args, kwargs) each layer got
+        self._hooks = []
+        self.cancellers: set[tuple] = set()
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        for i, layer in enumerate(self.sm.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._enter(i), with_kwargs=True))
+            self._hooks.append(layer.register_forward_hook(self._leave(i)))
+            proj = self.sm.out_proj_module(i)
+            if self.sm.out_proj.kind == "experts":
+                self._hooks.append(proj.register_forward_hook(self._record_experts(i), with_kwargs=True))
+            else:
+                self._hooks.append(proj.register_forward_hook(self._record_dense(i)))
+
+    def _detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def _enter(self, i):
+        def hook(module, args, kwargs):
+            self.inputs[i] = (args, kwargs)
+            self.sm.load_layer(i)
+        return hook
+
+    def _leave(self, i):
+        def hook(module, args, output):
+            self.sm.free_layer(i)
+        return hook
+
+    def _record_dense(self, i):
+        conv = self.sm.out_proj.kind == "conv1d"
+
+        def hook(module, args, output):
+            w = module.weight
+            w_row = (lambda r: w[:, r]) if conv else (lambda r: w[r])
+            x, y = args[0].reshape(-1, args[0].shape[-1]), output.reshape(-1, output.shape[-1])
+            self._record(i, *_analyse(i, x, y, w_row))
+        return hook
+
+    def _record_experts(self, i):
+        def hook(module, args, kwargs, output):
+            hidden, index, weights = _expert_inputs(args, kwargs)
+            self._record(i, *_analyse_experts(i, module, hidden, index, weights, output))
+        return hook
+
+    def _record(self, i: int, peak: LayerPeak, candidates: list[Candidate]) -> None:
+        """Keep a layer's analysis, noting the residual stream each candidate adds to."""
+        args, kwargs = self.inputs[i]
+        residual = (args[0] if args else kwargs["hidden_states"]).reshape(-1, self.sm.hidden_size)  # (T, H)
+        for cand in candidates:
+            cand.residual = float(residual[cand.token, cand.out_channel])
+        self.peaks[i], self.candidates[i] = peak, candidates
+
+    # -- passes ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_pass(self, input_ids: torch.Tensor) -> None:
+        """Run the base model's own forward; hooks stream layers and record every layer's inputs."""
+        self.sm.base_model(input_ids=input_ids, use_cache=False)
+
+    @torch.no_grad()
+    def replay(self, start: int) -> None:
+        """Re-run layers start.. from the recorded input of `start` (earlier layers are unchanged)."""
+        args, kwargs = self.inputs[start]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        for i in range(start, self.sm.num_layers):
+            args, kwargs = self.inputs[i]
+            if args:
+                out = self.sm.layers[i](hidden, *args[1:], **kwargs)
+            else:
+                out = self.sm.layers[i](**{**kwargs, "hidden_states": hidden})
+            hidden = out[0] if isinstance(out, tuple) else out
+
+    # -- detection ------------------------------------------------------------------------------
+
+    def run(self, input_ids: torch.Tensor) -> Detection:
+        """Find all super weights: the earliest qualifying spike first, removing each and re-running."""
+        self._attach()
+        try:
+            self.first_pass(input_ids)
+            first = list(self.peaks)
+            # Judged in the original model: removing an earlier super weight leaves a canceller
+            # with nothing to cancel, and it would then look like a creator.
+            self.cancellers = {(c.layer, c.expert, c.out_channel) for cs in self.candidates for c in cs
+                               if _cancels(c)}
+            found, rejected, seen = [], [], set()
+            rounds, truncated = 0, True
+            while rounds < self.config.max_rounds:
+                rounds += 1
+                pick = self._next_super_weight(seen, rejected)
+                if pick is None:
+                    truncated = False
+                    break
+                found.append(self._remove(*pick))
+                self.replay(pick[0].layer)
+        finally:
+            self._detach()
+            self.sm.edits.clear()  # restore: later loads read the original weights again
+        return Detection(found, first, rejected, rounds, truncated)
+
+    def _next_super_weight(self, seen: set, rejected: list) -> tuple[Candidate, float, float] | None:
+        """The earliest spiking candidate that meets every criterion; spikes that fail are logged once."""
+        cfg = self.config
+        median_out = statistics.median(p.max_output for p in self.peaks) or 1e-30
+        median_in = statistics.median(p.max_input for p in self.peaks) or 1e-30
+        for layer in range(self.sm.num_layers):
+            for cand in self.candidates[layer]:
+                spike = abs(cand.output_activation) / median_out
+                if spike < cfg.spike_ratio:
+                    break  # candidates are sorted loudest first
+                in_ratio = abs(cand.input_activation) / median_in
+                reasons = [
+                    why for failed, why in (
+                        (cand.row_ratio < cfg.row_ratio, "diffuse: the whole token is loud, not one channel"),
+                        (abs(cand.share) < cfg.min_share, "no single weight explains the output"),
+                        (in_ratio < cfg.input_ratio, "quiet input: a large weight alone"),
+                        ((cand.layer, cand.expert, cand.out_channel) in self.cancellers or _cancels(cand),
+                         "cancels: opposes a residual activation that is already massive"),
+                    ) if failed
+                ]
+                if not reasons:
+                    return cand, spike, in_ratio
+                key = (cand.layer, cand.expert, cand.out_channel, cand.in_channel)
+                if key not in seen:
+                    seen.add(key)
+                    rejected.append({**asdict(cand), "spike_ratio": spike, "input_ratio": in_ratio,
+                                     "reason": "; ".join(reasons)})
+        return None
+
+    def _remove(self, cand: Candidate, spike: float, in_ratio: float) -> SuperWeight:
+        """Record `cand`'s weight as a super weight and zero it for the following passes."""
+        r, c, e = cand.out_channel, cand.in_channel, cand.expert
+        kind = self.sm.out_proj.kind
+        position = (e, r, c) if kind == "experts" else (c, r) if kind == "conv1d" else (r, c)
+        self.sm.edits.setdefault(cand.layer, []).append((position, 0.0))
+        tensor, index = self.sm.stored_location(cand.layer, r, c, e)
+        logger.info("layer %d%s: super weight [%d, %d] = %.4g drives %.4g (x%.0f the median layer's peak)",
+                    cand.layer, f" expert {e}" if e is not None else "", r, c, cand.weight,
+                    cand.output_activation, spike)
+        return SuperWeight(
+            layer=cand.layer, expert=e, out_channel=r, in_channel=c, tensor=tensor, index=index,
+            weight=cand.weight, input_activation=cand.input_activation,
+            output_activation=cand.output_activation, token=cand.token,
+            spike_ratio=spike, input_ratio=in_ratio, row_ratio=cand.row_ratio, share=cand.share,
+        )
+
+
+def _cancels(cand: Candidate) -> bool:
+    """True when the output pushes against a residual value that is already of its own order."""
+    return cand.residual * cand.output_activation < 0 and abs(cand.residual) >= 0.25 * abs(cand.output_activation)
+
+
+def _expert_inputs(args, kwargs):
+    """(hidden (N, H), top_k_index (N, k), top_k_weights (N, k)) passed to a fused experts module."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args) + [kwargs[n] for n in names[len(args):]]
+    return values[0], values[1], values[2]
+
+
+def _analyse_experts(layer, module, hidden, top_k_index, top_k_weights, output):
+    """Recompute each routed expert's down projection (before routing weights) and analyse it.
+
+    The recomputation follows the fused-experts definition (gate_up -> act(gate) * up -> down); it
+    is checked against the module's own output so a different expert layout fails loudly.
+    """
+    rebuilt = torch.zeros_like(output, dtype=torch.float32)
+    peak, candidates = None, []
+    for e in torch.unique(top_k_index).tolist():
+        token_pos, k_pos = torch.where(top_k_index == e)
+        gate, up = F.linear(hidden[token_pos], module.gate_up_proj[e]).chunk(2, dim=-1)
+        x = module.act_fn(gate) * up  # (tokens routed to e, I)
+        y = F.linear(x, module.down_proj[e])  # (tokens routed to e, H)
+        rebuilt.index_add_(0, token_pos, y.float() * top_k_weights[token_pos, k_pos, None].float())
+        p, cands = _analyse(layer, x, y, lambda r, e=e: module.down_proj[e][r], expert=e)
+        p.input_token, p.output_token = int(token_pos[p.input_token]), int(token_pos[p.output_token])
+        for cand in cands:
+            cand.token = int(token_pos[cand.token])
+        candidates += cands
+        peak = p if peak is None else _merge_peaks(peak, p)
+    scale = float(output.float().abs().max()) or 1.0
+    if float((rebuilt - output.float()).abs().max()) > 1e-2 * scale:
+        raise UnsupportedArchitecture(f"{type(module).__name__}: recomputed experts disagree with the module")
+    candidates.sort(key=lambda c: -abs(c.output_activation))
+    return peak, candidates[:TOP_K]
+
+
+def _merge_peaks(a: LayerPeak, b: LayerPeak) -> LayerPeak:
+    """One layer's peaks over two experts: the loudest output and the loudest input."""
+    out = b if b.max_output > a.max_output else a
+    inp = b if b.max_input > a.max_input else a
+    return LayerPeak(a.layer, inp.max_input, inp.input_channel, inp.input_token,
+                     out.max_output, out.output_channel, out.output_token, out.expert)
