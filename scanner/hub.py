@@ -1,0 +1,126 @@
+"""Resolve a SOURCE (local folder, Hub repo id, or built-in example) to a local checkpoint folder.
+
+Hub access goes through huggingface_hub, so HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN and the normal
+cache all apply. A Hub checkpoint is pinned to its commit sha before anything is downloaded, and
+only the files a scan needs are fetched (never pickle weights). A local folder's revision is a
+content hash of its config and weights.
+"""
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2  # huggingface_hub 2.x's HTTP client: its transport errors are not HfHubHTTPError
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from .config import CHECKPOINT_PATTERNS, PICKLE_SUFFIXES
+from .errors import CorruptCheckpoint, HubError, SourceNotFound, UnsafeCheckpoint
+from .examples import example_checkpoint
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_PREFIX = "example:"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A source made local."""
+
+    source: str  # as the user gave it
+    path: Path  # the checkpoint folder
+    repo_id: str | None  # the Hub repo, None for local folders and examples
+    revision: str | None  # the Hub commit sha; None until a local folder is hashed
+
+
+def resolve(source: str, *, revision: str | None = None, endpoint: str | None = None,
+            token: str | None = None, cache_dir: Path | None = None) -> Resolved:
+    """Make `source` available as a local folder.
+
+    Args:
+        source: a checkpoint folder, `owner/name` on the Hub, or `example:NAME`.
+        revision: branch, tag or sha on the Hub (default "main"); ignored for folders.
+        endpoint: the Hub to use (default HF_ENDPOINT or huggingface.co).
+        token: a Hub token (default HF_TOKEN / the cached login).
+        cache_dir: the Hub cache (default HF_HUB_CACHE).
+
+    Returns:
+        The Resolved source. Hub checkpoints carry their commit sha.
+    """
+    if source.startswith(EXAMPLE_PREFIX):
+        return Resolved(source, example_checkpoint(source[len(EXAMPLE_PREFIX):]), None, None)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceNotFound(f"{source}: not a folder; give the checkpoint folder that holds config.json")
+        return Resolved(source, path.resolve(), None, None)
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise SourceNotFound(f"{source}: no such folder, and not a Hub repo id (owner/name)") from None
+    if source.startswith((".", "/", "~")):
+        raise SourceNotFound(f"{source}: no such folder")
+    return _download(source, revision or "main", endpoint=endpoint, token=token, cache_dir=cache_dir)
+
+
+def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Resolved:
+    """Pin `revision` to a sha, refuse repos without safetensors, and fetch only what a scan reads."""
+    where = f"{repo_id}@{revision}"
+    try:
+        try:
+            info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+        except OfflineModeIsEnabled:
+            info = None  # HF_HUB_OFFLINE=1: the cache alone decides
+        if info is not None:
+            _refuse_unsafe(where, [s.rfilename for s in info.siblings or []])
+            revision = info.sha
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, endpoint=endpoint,
+            token=token, cache_dir=cache_dir, local_files_only=info is None,
+        )
+    except GatedRepoError:
+        raise HubError(f"{where}: gated repo; accept its terms on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise SourceNotFound(f"{where}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise SourceNotFound(f"{where}: no such revision") from None
+    except LocalEntryNotFoundError:
+        raise HubError(f"{where}: not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)") from None
+    except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
+        raise HubError(f"{where}: Hub request failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    folder = Path(folder)
+    logger.info("%s resolved to %s", where, folder)
+    return Resolved(repo_id, folder, repo_id, folder.name)  # snapshot folders are named by commit sha
+
+
+def _refuse_unsafe(where: str, files: list[str]) -> None:
+    """Raise unless the repo has safetensors weights."""
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise UnsafeCheckpoint(
+            f"{where}: only pickle weights ({', '.join(pickles[:3])}); superweight reads safetensors only "
+            "and never unpickles"
+        )
+    raise CorruptCheckpoint(f"{where}: no .safetensors weights in the repo")
+
+
+def content_hash(files: list[Path], root: Path) -> str:
+    """sha256 over the names and sha256s of `files` (relative to `root`): a local folder's revision."""
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        with open(file, "rb") as f:
+            file_digest = hashlib.file_digest(f, "sha256").hexdigest()  # releases the GIL while hashing
+        digest.update(f"{file.relative_to(root)}\0{file_digest}\n".encode())
+    return digest.hexdigest()

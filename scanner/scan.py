@@ -1,0 +1,112 @@
+"""Scan one source end to end: resolve it, stream it through the detector, return a plain dict."""
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import DetectConfig
+from .detect import Detector
+from .hub import content_hash, resolve
+from .loader import StreamingModel, find_weight_files
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """How to scan; the defaults are the embedded ones."""
+
+    device: str = "auto"  # "auto": the first CUDA GPU if there is one, else the CPU
+    dtype: str = "auto"  # "auto": the checkpoint's dtype (float16 is computed in float32 on CPU)
+    revision: str | None = None
+    trust_remote_code: bool = False
+    endpoint: str | None = None
+    detect: DetectConfig = field(default_factory=DetectConfig)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def prompt_ids(path: Path, prompt: str, config) -> tuple[list[int], list[str] | None]:
+    """Token ids of `prompt` with the checkpoint's own tokenizer (no remote code).
+
+    Without a usable tokenizer the ids are the prompt's UTF-8 bytes modulo the vocabulary size,
+    after the config's BOS token: deterministic, and good enough, since the super activation does
+    not depend on the prompt's wording (see README).
+    """
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            ids = tokenizer(prompt)["input_ids"]
+            return ids, tokenizer.convert_ids_to_tokens(ids)
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            logger.warning("%s: tokenizer unusable (%s); using byte ids", path, e)
+    vocab = config.get_text_config().vocab_size
+    bos = getattr(config.get_text_config(), "bos_token_id", None)
+    ids = ([bos] if isinstance(bos, int) and 0 <= bos < vocab else []) + [b % vocab for b in prompt.encode()]
+    return ids, None
+
+
+def scan_source(source: str, options: ScanOptions = ScanOptions()) -> dict:
+    """Find the super weights of one checkpoint.
+
+    Args:
+        source: a local folder, a Hub repo id or `example:NAME`.
+        options: device, dtype, revision, thresholds.
+
+    Returns:
+        A JSON-ready dict: identity (source, repo_id, revision, model_type, ...), `super_weights`,
+        per-layer `layers` peaks of the first pass, `rejected` spikes with reasons, timing.
+
+    Raises:
+        ScanError: a subclass naming what is wrong with the source.
+    """
+    start = time.perf_counter()
+    resolved = resolve(source, revision=options.revision, endpoint=options.endpoint)
+    device = pick_device(options.device)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        revision = resolved.revision
+        hashing = None
+        if revision is None:  # a local folder: hash it while the scan runs
+            files = find_weight_files(resolved.path) + [resolved.path / "config.json"]
+            hashing = pool.submit(content_hash, files, resolved.path)
+        model = StreamingModel(resolved.path, device=str(device), dtype=DTYPES.get(options.dtype),
+                               trust_remote_code=options.trust_remote_code)
+        ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config)
+        input_ids = model.load_static(ids)
+        detection = Detector(model, options.detect).run(input_ids)
+        if hashing is not None:
+            revision = hashing.result()
+    tcfg = model.config.get_text_config()
+    return {
+        "source": source,
+        "repo_id": resolved.repo_id,
+        "revision": revision,
+        "path": str(resolved.path),
+        "model_type": tcfg.model_type,
+        "architecture": type(model.model).__name__,
+        "num_layers": model.num_layers,
+        "hidden_size": model.hidden_size,
+        "out_proj": f"{model.layers_prefix}.N.{model.out_proj.module_path}",
+        "dtype": str(model.checkpoint_dtype).removeprefix("torch."),
+        "compute_dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(device),
+        "prompt": options.detect.prompt,
+        "tokens": tokens if tokens is not None else ids,
+        **detection.to_dict(),
+        "criteria": asdict(options.detect),
+        "scanner_version": __version__,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
