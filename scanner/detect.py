@@ -49,6 +49,8 @@ class Candidate:
     share: float  # W[r, c] * X[t, c] / Y[t, r]: how much of the output this one weight explains
     row_ratio: float  # |Y[t, r]| / median_j |Y[t, j]|: does one channel stand out, or the whole token?
     residual: float = 0.0  # the residual stream h[t, r] entering the layer, signed
+    residual_ratio: float = 0.0  # |h[t, r]| / median_j |h[t, j]|: is the residual already massive there?
+    delta: float = 0.0  # what the whole layer adds to h[t, r] (post-norm archs rescale Y first)
 
 
 @dataclass
@@ -152,6 +154,9 @@ class Detector:
 
     def _leave(self, i):
         def hook(module, args, output):
+            out = (output[0] if isinstance(output, tuple) else output).reshape(-1, self.sm.hidden_size)  # (T, H)
+            for cand in self.candidates[i]:
+                cand.delta = float(out[cand.token, cand.out_channel]) - cand.residual
             self.sm.free_layer(i)
         return hook
 
@@ -174,9 +179,11 @@ class Detector:
     def _record(self, i: int, peak: LayerPeak, candidates: list[Candidate]) -> None:
         """Keep a layer's analysis, noting the residual stream each candidate adds to."""
         args, kwargs = self.inputs[i]
-        residual = (args[0] if args else kwargs["hidden_states"]).reshape(-1, self.sm.hidden_size)  # (T, H)
+        residual = (args[0] if args else kwargs["hidden_states"]).reshape(-1, self.sm.hidden_size).float()  # (T, H)
+        token_median = residual.abs().median(dim=1).values.clamp_min(1e-30)
         for cand in candidates:
             cand.residual = float(residual[cand.token, cand.out_channel])
+            cand.residual_ratio = abs(cand.residual) / float(token_median[cand.token])
         self.peaks[i], self.candidates[i] = peak, candidates
 
     # -- passes ---------------------------------------------------------------------------------
@@ -210,7 +217,7 @@ class Detector:
             # Judged in the original model: removing an earlier super weight leaves a canceller
             # with nothing to cancel, and it would then look like a creator.
             self.cancellers = {(c.layer, c.expert, c.out_channel) for cs in self.candidates for c in cs
-                               if _cancels(c)}
+                               if _cancels(c, self.config.row_ratio)}
             found, rejected, seen = [], [], set()
             rounds, truncated = 0, True
             while rounds < self.config.max_rounds:
@@ -242,7 +249,7 @@ class Detector:
                         (cand.row_ratio < cfg.row_ratio, "diffuse: the whole token is loud, not one channel"),
                         (abs(cand.share) < cfg.min_share, "no single weight explains the output"),
                         (in_ratio < cfg.input_ratio, "quiet input: a large weight alone"),
-                        ((cand.layer, cand.expert, cand.out_channel) in self.cancellers or _cancels(cand),
+                        ((cand.layer, cand.expert, cand.out_channel) in self.cancellers or _cancels(cand, cfg.row_ratio),
                          "cancels: opposes a residual activation that is already massive"),
                     ) if failed
                 ]
@@ -273,9 +280,16 @@ class Detector:
         )
 
 
-def _cancels(cand: Candidate) -> bool:
-    """True when the output pushes against a residual value that is already of its own order."""
-    return cand.residual * cand.output_activation < 0 and abs(cand.residual) >= 0.25 * abs(cand.output_activation)
+def _cancels(cand: Candidate, massive: float) -> bool:
+    """True when the layer pushes against a residual value that is already massive.
+
+    Massive means an outlier within its token's residual (`massive` times the median channel)
+    and of the order of the layer's own change. Judged in the residual stream's scale (the
+    layer's change, not the raw down_proj output), so post-norm architectures such as Gemma 2
+    and OLMo 2, whose MLP output is normalized before it is added, are judged like the others.
+    """
+    opposed = cand.residual * cand.delta < 0
+    return opposed and cand.residual_ratio >= massive and abs(cand.residual) >= 0.25 * abs(cand.delta)
 
 
 def _expert_inputs(args, kwargs):
