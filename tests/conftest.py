@@ -1,0 +1,36 @@
+"""Shared test setup: isolated homes and caches, no network, and the real SmolLM2 checkpoint."""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+# Before anything imports huggingface_hub or scanner.config (both read the environment at import).
+_TMP = tempfile.mkdtemp(prefix="superweight-tests-")
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+os.environ["SUPERWEIGHT_HOME"] = os.path.join(_TMP, "home")
+os.environ["HF_HOME"] = os.path.join(_TMP, "hf")  # never the user's cache
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a dead loopback port: no test reaches the real Hub
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("HF_TOKEN", None)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+from scanner.examples import convert_gguf, smollm2_gguf  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def smollm2(request) -> Path:
+    """The real SmolLM2-135M checkpoint as safetensors, converted once and kept in pytest's cache."""
+    dest = Path(request.config.cache.mkdir("smollm2-safetensors")) / "SmolLM2-135M-Instruct"
+    if not (dest / "model.safetensors").is_file():
+        convert_gguf(smollm2_gguf(), dest)
+    return dest

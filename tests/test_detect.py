@@ -1,0 +1,103 @@
+"""Detection on tiny random checkpoints of every supported family, with planted super weights."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from scanner.scan import scan_source
+from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, make_checkpoint
+
+
+def _decoy(layer, expert):
+    """A weight larger than any planted one, in a column whose input stays quiet."""
+    return Plant(layer, 33, 50, value=8.0, boost=1.0, expert=expert)
+
+
+def scenarios(expert):
+    return {
+        "one": ([Plant(3, 10, 20, expert=expert)], [_decoy(3, expert)]),
+        "two_in_one_layer": ([Plant(3, 10, 20, expert=expert), Plant(3, 40, 70, expert=expert)], [_decoy(3, expert)]),
+        "two_layers": ([Plant(2, 10, 20, expert=expert), Plant(5, 7, 99, expert=expert)], [_decoy(4, expert)]),
+        "none": ([], [_decoy(4, expert)]),
+    }
+
+
+CASES = [(arch, name) for arch in ARCHS for name in scenarios(None)]
+
+
+def coordinates(result):
+    return {(w["layer"], w["expert"], w["out_channel"], w["in_channel"]) for w in result["super_weights"]}
+
+
+@pytest.mark.parametrize("arch,scenario", CASES)
+def test_finds_exactly_the_planted_super_weights(tmp_path, arch, scenario):
+    expert = 1 if arch in MOE_ARCHS else None
+    plants, decoys = scenarios(expert)[scenario]
+    make_checkpoint(tmp_path, arch, plants + decoys)
+
+    result = scan_source(str(tmp_path))
+
+    assert coordinates(result) == {(p.layer, p.expert, p.row, p.col) for p in plants}
+    assert result["model_type"] == arch
+    assert result["num_layers"] == 8
+    assert not result["truncated"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral", "qwen3_moe", "phi3", "gpt_neox"])
+def test_reported_index_points_at_the_stored_weight(tmp_path, arch):
+    """`tensor` and `index` locate the weight in the checkpoint as stored (GPT-2 Conv1D is [col, row])."""
+    expert = 1 if arch in MOE_ARCHS else None
+    make_checkpoint(tmp_path, arch, [Plant(3, 10, 20, value=2.75, expert=expert)])
+
+    (weight,) = scan_source(str(tmp_path))["super_weights"]
+
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        stored = f.get_tensor(weight["tensor"])
+    assert stored[tuple(weight["index"])].item() == pytest.approx(2.75)
+    assert weight["weight"] == pytest.approx(2.75)
+    expected_index = [20, 10] if arch == "gpt2" else [10, 20]
+    assert weight["index"] == expected_index
+
+
+def test_super_weight_fields_and_layers(tmp_path):
+    make_checkpoint(tmp_path, "llama", [Plant(3, 10, 20)])
+
+    result = scan_source(str(tmp_path))
+
+    (w,) = result["super_weights"]
+    assert w["token"] == 0  # the plant is aimed at the first token, like real super activations
+    assert abs(w["output_activation"]) > 50 * abs(w["weight"])  # it is driven by a large input
+    assert w["input_activation"] * w["weight"] * w["output_activation"] > 0  # signs agree
+    assert len(result["layers"]) == 8
+    loudest = max(result["layers"], key=lambda p: p["max_output"])
+    assert (loudest["layer"], loudest["output_channel"], loudest["input_channel"]) == (3, 10, 20)
+    assert len(result["revision"]) == 64  # sha256 content hash of a local folder
+
+
+def test_decoy_alone_is_rejected_with_a_reason(tmp_path):
+    """A very large weight on a quiet input spikes, but is not a super weight."""
+    make_checkpoint(tmp_path, "llama", [Plant(4, 33, 50, value=40.0, boost=1.0)])
+
+    result = scan_source(str(tmp_path))
+
+    assert result["super_weights"] == []
+    reasons = {(r["layer"], r["out_channel"], r["in_channel"]): r["reason"] for r in result["rejected"]}
+    assert "quiet input" in reasons[(4, 33, 50)]
+
+
+def test_bfloat16_checkpoint_scans_in_its_own_dtype(tmp_path):
+    make_checkpoint(tmp_path, "llama", [Plant(3, 10, 20)], dtype=torch.bfloat16)
+
+    result = scan_source(str(tmp_path))
+
+    assert (result["dtype"], result["compute_dtype"]) == ("bfloat16", "bfloat16")
+    assert coordinates(result) == {(3, None, 10, 20)}
+
+
+def test_content_hash_changes_with_the_weights(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_checkpoint(a, "llama", [Plant(3, 10, 20)])
+    make_checkpoint(b, "llama", [Plant(3, 10, 21)])
+
+    assert scan_source(str(a))["revision"] == scan_source(str(a))["revision"]
+    assert scan_source(str(a))["revision"] != scan_source(str(b))["revision"]

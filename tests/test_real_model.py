@@ -1,0 +1,78 @@
+"""The real SmolLM2-135M model: its super weight is found, and it matters (perplexity x10+)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from scanner.scan import scan_source
+
+TEXT = Path(__file__).parent / "data" / "GPL-3.txt"
+TOKENS, CONTEXT = 2048, 512
+
+
+@pytest.fixture(scope="module")
+def scanned(smollm2):
+    return scan_source(str(smollm2))
+
+
+@pytest.fixture(scope="module")
+def model(smollm2):
+    return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def text_ids(smollm2):
+    return AutoTokenizer.from_pretrained(smollm2)(TEXT.read_text(), return_tensors="pt")["input_ids"][:, :TOKENS]
+
+
+@torch.no_grad()
+def perplexity(model, ids) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, ids.shape[1], CONTEXT):
+        chunk = ids[:, start : start + CONTEXT]
+        nll += model(chunk, labels=chunk).loss.item() * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def ppl_without(model, ids, layer, row, col) -> float:
+    weight = model.model.layers[layer].mlp.down_proj.weight
+    saved = weight[row, col].item()
+    weight.data[row, col] = 0.0
+    try:
+        return perplexity(model, ids)
+    finally:
+        weight.data[row, col] = saved
+
+
+def test_finds_the_super_weight_of_smollm2(scanned):
+    first = scanned["super_weights"][0]
+    assert (first["layer"], first["out_channel"], first["in_channel"]) == (11, 507, 1229)
+    assert first["tensor"] == "model.layers.11.mlp.down_proj.weight" and first["index"] == [507, 1229]
+    assert first["weight"] == pytest.approx(5.8757, abs=1e-3)
+    assert first["token"] == 0
+    assert first["spike_ratio"] > 300  # hundreds of times the median layer's peak
+    assert scanned["tokens"][0] == "Apple"  # the checkpoint's own tokenizer read the prompt
+
+
+def test_late_opposite_spike_is_not_reported(scanned):
+    """Layers 28-29 spike in channel 507 with the opposite sign: they cancel, they do not create."""
+    assert all(w["layer"] < 20 for w in scanned["super_weights"])
+    late = [r for r in scanned["rejected"] if r["layer"] == 28 and r["out_channel"] == 507]
+    assert late and "cancels" in late[0]["reason"]
+
+
+def test_zeroing_the_super_weight_breaks_the_model(scanned, model, text_ids):
+    base = perplexity(model, text_ids)
+    first = scanned["super_weights"][0]
+    broken = ppl_without(model, text_ids, first["layer"], first["out_channel"], first["in_channel"])
+    assert broken / base > 10
+
+
+def test_zeroing_the_rejected_late_spike_changes_little(scanned, model, text_ids):
+    late = next(r for r in scanned["rejected"] if r["layer"] == 28 and r["out_channel"] == 507)
+    base = perplexity(model, text_ids)
+    assert ppl_without(model, text_ids, 28, 507, late["in_channel"]) / base < 1.1
