@@ -1,0 +1,98 @@
+"""The `superweight` CLI as a whole: help, the JSON contract, the table, the example source."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from scanner import __version__
+from superweight.cli import cli
+from tests.checkpoints import Plant, make_checkpoint
+
+SUPER_WEIGHT_FIELDS = {"layer", "expert", "out_channel", "in_channel", "tensor", "index", "weight",
+                       "input_activation", "output_activation", "token"}
+LAYER_FIELDS = {"layer", "max_input", "input_channel", "input_token", "max_output", "output_channel", "output_token"}
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_has_help(name):
+    result = CliRunner().invoke(cli, [name, "--help"])
+    assert result.exit_code == 0
+    assert cli.commands[name].help and cli.commands[name].help.split("\n")[0] in result.output
+
+
+def test_version():
+    assert CliRunner().invoke(cli, ["--version"]).output == f"superweight, version {__version__}\n"
+
+
+def test_scan_requires_a_source():
+    result = CliRunner().invoke(cli, ["scan"])
+    assert result.exit_code == 2 and "Missing argument 'SOURCES...'" in result.output
+
+
+def test_json_prints_one_object_per_checkpoint(tmp_path):
+    a = make_checkpoint(tmp_path / "a", "llama", [Plant(3, 10, 20)])
+    b = make_checkpoint(tmp_path / "b", "gpt2", [])
+
+    result = CliRunner().invoke(cli, ["scan", str(a), str(b), "--json"])
+
+    assert result.exit_code == 0, result.stderr
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    for obj in (first, second):
+        assert {"source", "revision", "model_type", "num_layers", "super_weights", "layers"} <= obj.keys()
+        assert len(obj["layers"]) == obj["num_layers"] == 8
+        assert all(LAYER_FIELDS <= layer.keys() for layer in obj["layers"])
+    assert (first["source"], first["model_type"], second["model_type"]) == (str(a), "llama", "gpt2")
+    (w,) = first["super_weights"]
+    assert SUPER_WEIGHT_FIELDS <= w.keys()
+    assert second["super_weights"] == []
+
+
+def test_table_output(tmp_path):
+    path = make_checkpoint(tmp_path, "llama", [Plant(3, 10, 20)])
+
+    result = CliRunner().invoke(cli, ["scan", str(path)])
+
+    assert result.exit_code == 0
+    header, columns, row = result.stdout.splitlines()[:3]
+    assert header.startswith(f"{path}  llama, 8 layers, float32, revision ")
+    assert columns.split()[:4] == ["layer", "expert", "row", "col"]
+    assert row.split()[:4] == ["3", "-", "10", "20"]
+    assert row.endswith("model.layers.3.mlp.down_proj.weight[10, 20]")
+
+
+def test_table_says_when_there_is_no_super_weight(tmp_path):
+    path = make_checkpoint(tmp_path, "qwen2", [])
+    result = CliRunner().invoke(cli, ["scan", str(path)])
+    assert result.exit_code == 0
+    assert "no super weight (loudest layer:" in result.stdout
+
+
+def test_spike_ratio_option_is_applied(tmp_path):
+    path = make_checkpoint(tmp_path, "llama", [Plant(3, 10, 20)])
+    result = CliRunner().invoke(cli, ["scan", str(path), "--json", "--spike-ratio", "1e9"])
+    obj = json.loads(result.stdout)
+    assert obj["criteria"]["spike_ratio"] == 1e9 and obj["super_weights"] == []
+
+
+def test_example_source_scans_the_real_model(smollm2, monkeypatch):
+    """example:smollm2 resolves to the converted checkpoint under SUPERWEIGHT_HOME."""
+    home = smollm2.parent.parent / "home"
+    (home / "examples").mkdir(parents=True, exist_ok=True)
+    link = home / "examples" / "smollm2"
+    if not link.exists():
+        link.symlink_to(smollm2)
+    monkeypatch.setattr("scanner.examples.SUPERWEIGHT_HOME", home)
+
+    result = CliRunner().invoke(cli, ["scan", "example:smollm2", "--json"])
+
+    assert result.exit_code == 0, result.stderr
+    obj = json.loads(result.stdout)
+    assert obj["source"] == "example:smollm2"
+    assert (obj["super_weights"][0]["layer"], obj["super_weights"][0]["out_channel"]) == (11, 507)
+
+
+def test_unknown_example():
+    result = CliRunner().invoke(cli, ["scan", "example:nope"])
+    assert result.exit_code == 1
+    assert result.stderr == "Error: example:nope: unknown example; known: smollm2\n"

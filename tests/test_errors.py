@@ -1,0 +1,180 @@
+"""Untrusted and broken input: one-line errors naming the input, non-zero exits, nothing unpickled."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from superweight.cli import cli
+from tests.checkpoints import Plant, make_checkpoint
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["scan", *map(str, args)])
+
+
+def assert_one_line_error(result, *fragments, code=1):
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+class Boom:
+    """Unpickling this writes a marker file: proof that a pickle was (or was not) loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def good(tmp_path):
+    return make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
+
+
+def test_missing_path(tmp_path):
+    assert_one_line_error(run(tmp_path / "nope"), str(tmp_path / "nope"), "no such folder")
+
+
+def test_a_file_is_not_a_checkpoint(good):
+    assert_one_line_error(run(good / "config.json"), "not a folder")
+
+
+def test_missing_config(good):
+    (good / "config.json").unlink()
+    assert_one_line_error(run(good), str(good), "no config.json")
+
+
+def test_config_that_is_not_json(good):
+    (good / "config.json").write_text("{not json")
+    assert_one_line_error(run(good), "config.json", "not valid JSON")
+
+
+def test_pickle_only_checkpoint_is_refused_without_unpickling(tmp_path, good):
+    marker = tmp_path / "unpickled"
+    for f in good.glob("*.safetensors"):
+        f.unlink()
+    with open(good / "pytorch_model.bin", "wb") as f:
+        pickle.dump(Boom(str(marker)), f)
+
+    assert_one_line_error(run(good), "only pickle weights (pytorch_model.bin)", "never unpickles")
+    assert not marker.exists()
+
+
+def test_pickle_beside_safetensors_is_ignored(tmp_path, good):
+    marker = tmp_path / "unpickled"
+    with open(good / "pytorch_model.bin", "wb") as f:
+        pickle.dump(Boom(str(marker)), f)
+
+    result = run(good, "--json")
+
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["super_weights"][0]["layer"] == 3
+    assert not marker.exists()
+
+
+def test_remote_code_is_refused_unless_trusted(good):
+    config = json.loads((good / "config.json").read_text())
+    config.update(model_type="my_custom_llm", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (good / "config.json").write_text(json.dumps(config))
+
+    assert_one_line_error(run(good), "custom code", "--trust-remote-code")
+    trusted = run(good, "--trust-remote-code")
+    assert trusted.exit_code == 1  # transformers now looks for the code, which is not there
+    assert "custom code" not in trusted.stderr
+
+
+def test_auto_map_of_a_native_architecture_uses_the_native_code(good):
+    config = json.loads((good / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.Custom"}
+    (good / "config.json").write_text(json.dumps(config))
+
+    assert run(good).exit_code == 0
+
+
+def test_unknown_architecture(good):
+    config = json.loads((good / "config.json").read_text())
+    config["model_type"] = "no_such_family"
+    (good / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run(good), "'no_such_family'", "unknown to transformers")
+
+
+def test_architecture_without_a_causal_lm_or_mlp(tmp_path):
+    make_checkpoint(tmp_path / "moe", "qwen3_moe", [])
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    config.update(model_type="qwen2_moe", shared_expert_intermediate_size=64)
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run(tmp_path / "moe"), "shared dense expert")
+
+
+def test_truncated_safetensors(good):
+    path = good / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run(good), str(path), "not a readable safetensors file")
+
+
+def test_corrupt_safetensors_header(good):
+    path = good / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+    assert_one_line_error(run(good), str(path), "not a readable safetensors file")
+
+
+def rewrite(path, change):
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_shape_that_disagrees_with_the_config(good):
+    name = "model.layers.2.mlp.down_proj.weight"
+    rewrite(good / "model.safetensors", lambda t: t.__setitem__(name, t[name][:, :64].contiguous()))
+    assert_one_line_error(run(good), name, "has shape [64, 64]", "config implies [64, 128]")
+
+
+def test_missing_tensor(good):
+    rewrite(good / "model.safetensors", lambda t: t.pop("model.layers.6.self_attn.q_proj.weight"))
+    assert_one_line_error(run(good), "lacks 1 tensor", "model.layers.6.self_attn.q_proj.weight")
+
+
+def test_quantized_tensor_is_refused(good):
+    name = "model.layers.1.mlp.down_proj.weight"
+    rewrite(good / "model.safetensors", lambda t: t.__setitem__(name, t[name].to(torch.int8)))
+    assert_one_line_error(run(good), name, "dtype I8", "unquantized")
+
+
+def test_shard_index_naming_a_missing_shard(good):
+    (good / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00002.safetensors"}}))
+    assert_one_line_error(run(good), "missing: model-00002.safetensors")
+
+
+def test_one_bad_source_does_not_stop_the_others(tmp_path, good):
+    result = run(tmp_path / "nope", good, "--json")
+
+    assert result.exit_code == 3
+    failed, ok = [json.loads(line) for line in result.stdout.splitlines()]
+    assert failed["status"] == "failed" and "no such folder" in failed["error"]
+    assert ok["status"] == "ok" and ok["super_weights"][0]["layer"] == 3
+    assert result.stderr.count("Error: ") == 1
+
+
+def test_traceback_only_with_superweight_debug(tmp_path):
+    env = {**os.environ, "SUPERWEIGHT_DEBUG": "1"}
+    missing = str(tmp_path / "nope")
+    proc = subprocess.run([sys.executable, "-m", "superweight.cli", "scan", missing],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and f"Error: {missing}: no such folder" in proc.stderr
