@@ -118,10 +118,12 @@ class Detector:
     Args:
         model: the streaming model (weights on disk until needed).
         config: thresholds and prompt.
+        on_layer: optional callback, called with the index of each layer as it is loaded.
     """
 
-    def __init__(self, model: StreamingModel, config: DetectConfig):
+    def __init__(self, model: StreamingModel, config: DetectConfig, *, on_layer=None):
         self.sm = model
+        self.on_layer = on_layer  # called with each layer index as it is loaded (progress display)
         self.config = config
         self.peaks: list[LayerPeak | None] = [None] * model.num_layers
         self.candidates: list[list[Candidate]] = [[] for _ in range(model.num_layers)]
@@ -150,6 +152,8 @@ class Detector:
         def hook(module, args, kwargs):
             self.inputs[i] = (args, kwargs)
             self.sm.load_layer(i)
+            if self.on_layer is not None:
+                self.on_layer(i)
         return hook
 
     def _leave(self, i):

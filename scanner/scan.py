@@ -59,12 +59,13 @@ def prompt_ids(path: Path, prompt: str, config) -> tuple[list[int], list[str] | 
     return ids, None
 
 
-def scan_source(source: str, options: ScanOptions = ScanOptions()) -> dict:
+def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=None) -> dict:
     """Find the super weights of one checkpoint.
 
     Args:
         source: a local folder, a Hub repo id or `example:NAME`.
         options: device, dtype, revision, thresholds.
+        on_layer: optional callback `(layer_index, num_layers)` for each decoder layer loaded.
 
     Returns:
         A JSON-ready dict: identity (source, repo_id, revision, model_type, ...), `super_weights`,
@@ -86,7 +87,8 @@ def scan_source(source: str, options: ScanOptions = ScanOptions()) -> dict:
                                trust_remote_code=options.trust_remote_code)
         ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config)
         input_ids = model.load_static(ids)
-        detection = Detector(model, options.detect).run(input_ids)
+        progress = (lambda i: on_layer(i, model.num_layers)) if on_layer else None
+        detection = Detector(model, options.detect, on_layer=progress).run(input_ids)
         if hashing is not None:
             revision = hashing.result()
     tcfg = model.config.get_text_config()

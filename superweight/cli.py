@@ -6,8 +6,10 @@ but some sources failed.
 
 import json
 import logging
+import os
 import sys
 import traceback
+from contextlib import contextmanager
 
 import click
 
@@ -47,7 +49,9 @@ def cli(verbose: int) -> None:
 @click.option("--prompt", default=_DEFAULTS.prompt, show_default=True, help="The one prompt of the forward pass.")
 @click.option("--spike-ratio", type=float, default=_DEFAULTS.spike_ratio, show_default=True,
               help="A layer spikes at this many times the median layer's peak |down_proj output|.")
-def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio) -> None:
+@click.option("--progress/--no-progress", default=None,
+              help="Count layers on stderr (default: when stderr is a terminal and HF_HUB_DISABLE_PROGRESS_BARS is unset).")
+def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio, progress) -> None:
     """Scan checkpoints for super weights.
 
     SOURCE is a local checkpoint folder, a Hugging Face Hub repo id (owner/name), or
@@ -58,10 +62,13 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
     detect = DetectConfig(prompt=prompt, spike_ratio=spike_ratio)
     options = ScanOptions(device=device, dtype=dtype, revision=revision,
                           trust_remote_code=trust_remote_code, detect=detect)
+    if progress is None:
+        progress = sys.stderr.isatty() and not os.getenv("HF_HUB_DISABLE_PROGRESS_BARS")
     failed = 0
     for source in sources:
         try:
-            result = scan_source(source, options)
+            with _layer_counter(source, enabled=progress) as on_layer:
+                result = scan_source(source, options, on_layer=on_layer)
         except Exception as e:  # one bad source must not stop the others
             failed += 1
             message = _explain(source, e)
@@ -75,6 +82,22 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
             click.echo(format_table(result))
     if failed:
         sys.exit(1 if failed == len(sources) else EXIT_SOME_FAILED)
+
+
+@contextmanager
+def _layer_counter(source: str, *, enabled: bool):
+    """A stderr counter of decoder layers streamed for one source (passes after the first add up)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=source, unit="layer", leave=False, file=sys.stderr) as bar:
+        def on_layer(index: int, num_layers: int) -> None:
+            bar.total = max(bar.total or 0, num_layers, bar.n + 1)
+            bar.update(1)
+
+        yield on_layer
 
 
 def _explain(source: str, error: Exception) -> str:

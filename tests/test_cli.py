@@ -96,3 +96,15 @@ def test_unknown_example():
     result = CliRunner().invoke(cli, ["scan", "example:nope"])
     assert result.exit_code == 1
     assert result.stderr == "Error: example:nope: unknown example; known: smollm2\n"
+
+
+def test_progress_counts_layers_on_stderr_only(tmp_path):
+    path = make_checkpoint(tmp_path, "llama", [Plant(5, 10, 20)])
+
+    shown = CliRunner().invoke(cli, ["scan", str(path), "--json", "--progress"])
+    quiet = CliRunner().invoke(cli, ["scan", str(path), "--json", "--no-progress"])
+
+    assert shown.exit_code == quiet.exit_code == 0
+    assert "11/11" in shown.stderr  # 8 layers, then layers 5..7 again after the removal
+    assert quiet.stderr == ""
+    assert json.loads(shown.stdout)["super_weights"] == json.loads(quiet.stdout)["super_weights"]
