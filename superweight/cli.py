@@ -92,7 +92,8 @@ def _layer_counter(source: str, *, enabled: bool):
         return
     from tqdm.auto import tqdm
 
-    with tqdm(desc=source, unit="layer", leave=False, file=sys.stderr) as bar:
+    # mininterval=0: draw every layer (hundreds at most), so the count shown is always current
+    with tqdm(desc=source, unit="layer", leave=False, file=sys.stderr, mininterval=0) as bar:
         def on_layer(index: int, num_layers: int) -> None:
             bar.total = max(bar.total or 0, num_layers, bar.n + 1)
             bar.update(1)
