@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's HTTP client: its transport errors are not HfHubHTTPError
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -83,7 +83,8 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Res
             info = None  # HF_HUB_OFFLINE=1: the cache alone decides
         if info is not None:
             _refuse_unsafe(where, [s.rfilename for s in info.siblings or []])
-            revision = info.sha
+        # Ask for the revision as given (not info.sha) so the cache records refs/<revision> and a
+        # later offline scan can find it; the snapshot folder's name is the commit actually fetched.
         folder = snapshot_download(
             repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, endpoint=endpoint,
             token=token, cache_dir=cache_dir, local_files_only=info is None,
@@ -97,7 +98,11 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Res
     except LocalEntryNotFoundError:
         raise HubError(f"{where}: not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)") from None
     except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
-        raise HubError(f"{where}: Hub request failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HubError(
+            f"{where}: Hub request to {endpoint or constants.ENDPOINT} failed ({reason}); "
+            "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache"
+        ) from e
     folder = Path(folder)
     logger.info("%s resolved to %s", where, folder)
     return Resolved(repo_id, folder, repo_id, folder.name)  # snapshot folders are named by commit sha
