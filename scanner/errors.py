@@ -31,3 +31,7 @@ class CorruptCheckpoint(ScanError):
 
 class HubError(ScanError):
     """The Hub could not give us the checkpoint (network, auth, missing revision)."""
+
+
+class DeviceUnavailable(ScanError):
+    """The requested device does not exist on this machine."""

@@ -11,6 +11,7 @@ import torch
 from . import __version__
 from .config import DetectConfig
 from .detect import Detector
+from .errors import DeviceUnavailable
 from .hub import content_hash, resolve
 from .loader import StreamingModel, find_weight_files
 
@@ -32,9 +33,18 @@ class ScanOptions:
 
 
 def pick_device(device: str) -> torch.device:
+    """The torch device for `device` ("auto", "cpu", "cuda", "cuda:N"), checked to exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise DeviceUnavailable(f"--device {device}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (chosen.index or 0) >= count:
+            raise DeviceUnavailable(f"--device {device}: this machine has {count} CUDA device(s); use --device cpu")
+    return chosen
 
 
 def prompt_ids(path: Path, prompt: str, config) -> tuple[list[int], list[str] | None]:
@@ -75,8 +85,8 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         ScanError: a subclass naming what is wrong with the source.
     """
     start = time.perf_counter()
-    resolved = resolve(source, revision=options.revision, endpoint=options.endpoint)
     device = pick_device(options.device)
+    resolved = resolve(source, revision=options.revision, endpoint=options.endpoint)
     with ThreadPoolExecutor(max_workers=1) as pool:
         revision = resolved.revision
         hashing = None

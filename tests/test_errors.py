@@ -178,3 +178,12 @@ def test_traceback_only_with_superweight_debug(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and f"Error: {missing}: no such folder" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_a_gpu(good):
+    assert_one_line_error(run(good, "--device", "cuda"), "--device cuda", "0 CUDA device(s)", "--device cpu")
+
+
+def test_device_that_is_not_a_device(good):
+    assert_one_line_error(run(good, "--device", "toaster"), "--device toaster: not a device name")
