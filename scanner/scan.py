@@ -1,5 +1,6 @@
 """Scan one source end to end: resolve it, stream it through the detector, return a plain dict."""
 
+import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,9 +51,10 @@ def pick_device(device: str) -> torch.device:
 def prompt_ids(path: Path, prompt: str, config) -> tuple[list[int], list[str] | None]:
     """Token ids of `prompt` with the checkpoint's own tokenizer (no remote code).
 
-    Without a usable tokenizer the ids are the prompt's UTF-8 bytes modulo the vocabulary size,
-    after the config's BOS token: deterministic, and good enough, since the super activation does
-    not depend on the prompt's wording (see README).
+    Without a usable tokenizer each word of the prompt becomes one id (its sha256 modulo the
+    vocabulary size), after the config's BOS token: deterministic, about as many tokens as a real
+    tokenizer gives, spread over the vocabulary rather than on the low byte-fallback ids, and good
+    enough, since the super activation does not depend on the prompt's wording (see README).
     """
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
@@ -65,8 +67,8 @@ def prompt_ids(path: Path, prompt: str, config) -> tuple[list[int], list[str] | 
             logger.warning("%s: tokenizer unusable (%s); using byte ids", path, e)
     vocab = config.get_text_config().vocab_size
     bos = getattr(config.get_text_config(), "bos_token_id", None)
-    ids = ([bos] if isinstance(bos, int) and 0 <= bos < vocab else []) + [b % vocab for b in prompt.encode()]
-    return ids, None
+    words = [int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "big") % vocab for w in prompt.split()]
+    return ([bos] if isinstance(bos, int) and 0 <= bos < vocab else []) + words, None
 
 
 def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=None) -> dict:

@@ -64,8 +64,9 @@ def plant(model, plants: list[Plant]) -> None:
     """Plant super weights (and decoys, with boost=1) into `model` in place, in layer order.
 
     For each plant the prompt is run up to the layer, and the input rows of channel `col` are aimed
-    along the MLP input of the first token (for an expert: the first token routed to it), so that
-    channel is loud there, as real super activations are on the first token.
+    along the MLP input of the first token, so that channel is loud there, as real super
+    activations are on the first token. For an expert, the router is aimed the same way so the
+    first token is routed to it.
     """
     tcfg = model.config.get_text_config()
     _, layers = find_decoder_layers(model.base_model, tcfg.num_hidden_layers)
@@ -74,10 +75,11 @@ def plant(model, plants: list[Plant]) -> None:
     for p in sorted(plants, key=lambda p: p.layer):
         mlp = layers[p.layer].get_submodule(spec.module_path.rpartition(".")[0])
         proj = layers[p.layer].get_submodule(spec.module_path)
-        direction = _first_token_input(model, proj if spec.kind == "experts" else mlp, ids, p.expert)
+        direction = _first_token_input(model, proj if spec.kind == "experts" else mlp, ids)
         with torch.no_grad():
             if spec.kind == "experts":
                 proj.down_proj[p.expert, p.row, p.col] = p.value
+                mlp.gate.weight[p.expert] = direction * 10.0  # token 0 is routed to this expert
                 if p.boost != 1:
                     inter = proj.down_proj.shape[2]
                     proj.gate_up_proj[p.expert, [p.col, inter + p.col]] = direction * p.boost
@@ -88,18 +90,13 @@ def plant(model, plants: list[Plant]) -> None:
                 _aim_inputs(mlp, proj, p.col, direction * p.boost)
 
 
-def _first_token_input(model, module, ids, expert) -> torch.Tensor:
-    """Unit vector of the first (routed) token's input to `module` when the model reads `ids`."""
+def _first_token_input(model, module, ids) -> torch.Tensor:
+    """Unit vector of the first token's input to `module` when the model reads `ids`."""
     seen = {}
 
     def hook(mod, args, kwargs):
-        hidden = (args[0] if args else kwargs["hidden_states"]).reshape(-1, args[0].shape[-1] if args else
-                                                                         kwargs["hidden_states"].shape[-1])
-        token = 0
-        if expert is not None:
-            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            token = int(torch.where((index == expert).any(-1))[0][0])
-        seen["h"] = hidden[token].detach().clone()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen["h"] = hidden.reshape(-1, hidden.shape[-1])[0].detach().clone()
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
