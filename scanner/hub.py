@@ -7,7 +7,9 @@ content hash of its config and weights.
 """
 
 import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +123,46 @@ def _refuse_unsafe(where: str, files: list[str]) -> None:
     raise CorruptCheckpoint(f"{where}: no .safetensors weights in the repo")
 
 
-def content_hash(files: list[Path], root: Path) -> str:
-    """sha256 over the names and sha256s of `files` (relative to `root`): a local folder's revision."""
+def content_hash(files: list[Path], root: Path, *, cache: Path | None = None) -> str:
+    """sha256 over the names and sha256s of `files` (relative to `root`): a local folder's revision.
+
+    Args:
+        files: the files that define the checkpoint (config and weights).
+        root: the folder the names are taken relative to.
+        cache: a JSON file of per-file digests keyed by path, size, mtime and inode (as git's index
+            does), so a folder that has not changed is not read again; None to always read.
+    """
+    known = _read_digests(cache)
     digest = hashlib.sha256()
     for file in sorted(files):
-        with open(file, "rb") as f:
-            file_digest = hashlib.file_digest(f, "sha256").hexdigest()  # releases the GIL while hashing
-        digest.update(f"{file.relative_to(root)}\0{file_digest}\n".encode())
+        stat = file.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        entry = known.get(str(file))
+        if entry is None or entry.get("stamp") != stamp:
+            with open(file, "rb") as f:
+                entry = {"stamp": stamp, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}  # releases the GIL
+            known[str(file)] = entry
+        digest.update(f"{file.relative_to(root)}\0{entry['sha256']}\n".encode())
+    _write_digests(cache, known)
     return digest.hexdigest()
+
+
+def _read_digests(cache: Path | None) -> dict:
+    if cache is None or not cache.is_file():
+        return {}
+    try:
+        known = json.loads(cache.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        logger.warning("%s: unreadable digest cache, starting afresh", cache)
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_digests(cache: Path | None, known: dict) -> None:
+    """Write aside, then rename: a reader never sees half a file, and the last writer wins."""
+    if cache is None:
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, sort_keys=True))
+    tmp.replace(cache)

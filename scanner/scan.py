@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import DetectConfig
+from .config import SUPERWEIGHT_HOME, DetectConfig
 from .detect import Detector
 from .errors import DeviceUnavailable
 from .hub import content_hash, resolve
@@ -18,6 +18,7 @@ from .loader import StreamingModel, find_weight_files
 
 logger = logging.getLogger(__name__)
 
+DIGEST_CACHE = "file-digests.json"  # per-file sha256s of local checkpoints, under SUPERWEIGHT_HOME
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -94,7 +95,7 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         hashing = None
         if revision is None:  # a local folder: hash it while the scan runs
             files = find_weight_files(resolved.path) + [resolved.path / "config.json"]
-            hashing = pool.submit(content_hash, files, resolved.path)
+            hashing = pool.submit(content_hash, files, resolved.path, cache=SUPERWEIGHT_HOME / DIGEST_CACHE)
         model = StreamingModel(resolved.path, device=str(device), dtype=DTYPES.get(options.dtype),
                                trust_remote_code=options.trust_remote_code)
         ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config)
