@@ -182,8 +182,7 @@ class Detector:
 
     def _record(self, i: int, peak: LayerPeak, candidates: list[Candidate]) -> None:
         """Keep a layer's analysis, noting the residual stream each candidate adds to."""
-        args, kwargs = self.inputs[i]
-        residual = (args[0] if args else kwargs["hidden_states"]).reshape(-1, self.sm.hidden_size).float()  # (T, H)
+        residual = _hidden(*self.inputs[i]).reshape(-1, self.sm.hidden_size).float()  # (T, H)
         token_median = residual.abs().median(dim=1).values.clamp_min(1e-30)
         for cand in candidates:
             cand.residual = float(residual[cand.token, cand.out_channel])
@@ -200,8 +199,7 @@ class Detector:
     @torch.no_grad()
     def replay(self, start: int) -> None:
         """Re-run layers start.. from the recorded input of `start` (earlier layers are unchanged)."""
-        args, kwargs = self.inputs[start]
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = _hidden(*self.inputs[start])
         for i in range(start, self.sm.num_layers):
             args, kwargs = self.inputs[i]
             if args:
@@ -282,6 +280,11 @@ class Detector:
             output_activation=cand.output_activation, token=cand.token,
             spike_ratio=spike, input_ratio=in_ratio, row_ratio=cand.row_ratio, share=cand.share,
         )
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer was called with (positionally or by keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _cancels(cand: Candidate, massive: float) -> bool:
