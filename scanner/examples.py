@@ -66,9 +66,12 @@ def convert_gguf(gguf_file: Path, dest: Path) -> Path:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "source": gguf_file.name})
+    # One metadata key only: safetensors writes the metadata map in random order, and the example's
+    # revision (a content hash) must be the same on every machine.
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)  # where the package happens to be installed: not part of the model
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(dest, ignore_errors=True)

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from scanner import __version__
+from scanner.examples import convert_gguf, smollm2_gguf
 from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
 
@@ -108,3 +109,16 @@ def test_progress_counts_layers_on_stderr_only(tmp_path):
     assert "11/11" in shown.stderr  # 8 layers, then layers 5..7 again after the removal
     assert quiet.stderr == ""
     assert json.loads(shown.stdout)["super_weights"] == json.loads(quiet.stdout)["super_weights"]
+
+
+def test_example_conversion_does_not_depend_on_where_it_was_installed(smollm2):
+    """The converted config names no install path, so the example's revision is the same everywhere."""
+    text = (smollm2 / "config.json").read_text()
+    assert "_name_or_path" not in json.loads(text) and "site-packages" not in text
+
+
+def test_example_conversion_is_reproducible(smollm2, tmp_path):
+    """Converting the GGUF again gives the same bytes, so example:smollm2 has one revision everywhere."""
+    again = convert_gguf(smollm2_gguf(), tmp_path / "again")
+    for name in ("model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (smollm2 / name).read_bytes()
