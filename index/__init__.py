@@ -1,4 +1,5 @@
 """The published index: DuckDB catalog, scan ledger, catalog.parquet export and publishing.
 
-Built on the scanner's result dicts; see the catalog issue. Nothing here yet.
+catalog.py holds the DuckDB catalog and its deterministic Parquet export. The ledger, the
+`query`/`export`/`download`/`publish` commands and the literature import are still to come.
 """

@@ -1,0 +1,165 @@
+"""The catalog: finished scans in a DuckDB file, and their export as catalog.parquet.
+
+Only one process writes a catalog (DuckDB holds a file lock); workers hand it scan results and it
+writes each in one transaction keyed by (repo_id, revision, scanner_version), so re-scanning a key
+replaces its rows. A scan that found nothing is a `scans` row with `super_weight_count = 0`; a
+failed scan is never written here (the ledger records failures), and a model never scanned has no row.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from .errors import CatalogLocked
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS scans (
+    repo_id VARCHAR NOT NULL,
+    revision VARCHAR NOT NULL,
+    scanner_version VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,              -- 'scan' or 'literature'
+    model_type VARCHAR,
+    num_layers INTEGER,
+    dtype VARCHAR,
+    scanned_at TIMESTAMP,
+    super_weight_count INTEGER NOT NULL,  -- 0: scanned, none found
+    PRIMARY KEY (repo_id, revision, scanner_version)
+);
+CREATE TABLE IF NOT EXISTS super_weights (
+    repo_id VARCHAR NOT NULL,
+    revision VARCHAR NOT NULL,
+    scanner_version VARCHAR NOT NULL,
+    ordinal INTEGER NOT NULL,             -- order found (scans) or listed (literature)
+    layer INTEGER NOT NULL,
+    expert INTEGER,
+    tensor VARCHAR,
+    out_channel INTEGER NOT NULL,
+    in_channel INTEGER NOT NULL,
+    "index" INTEGER[],
+    weight DOUBLE,
+    input_activation DOUBLE,
+    output_activation DOUBLE,
+    spike_ratio DOUBLE,
+    note VARCHAR,
+    PRIMARY KEY (repo_id, revision, scanner_version, ordinal)
+);
+CREATE OR REPLACE VIEW catalog AS
+SELECT s.repo_id, s.revision, s.model_type, s.num_layers, w.layer, w.expert, w.tensor,
+       w.out_channel, w.in_channel, w."index", w.weight, w.input_activation, w.output_activation,
+       w.spike_ratio, s.dtype, s.source, w.note, s.scanner_version, s.scanned_at
+FROM scans s LEFT JOIN super_weights w USING (repo_id, revision, scanner_version);
+"""
+
+# Stable row order of the export: by model, then as found.
+_EXPORT_ORDER = "repo_id, revision, scanner_version, source, layer NULLS FIRST, expert NULLS FIRST, out_channel, in_channel"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """catalog.json: what a published catalog.parquet is."""
+
+    file: str
+    sha256: str
+    rows: int
+    schema_version: int
+    created: str  # ISO 8601, UTC
+
+
+class Catalog:
+    """A catalog database file, opened for writing (one process) or read-only (any number).
+
+    Args:
+        path: the DuckDB file; created with the schema when missing (writers only).
+        read_only: open without taking the writer's lock.
+    """
+
+    def __init__(self, path: Path, *, read_only: bool = False):
+        self.path = Path(path)
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise CatalogLocked(
+                    f"{self.path}: another process is writing this catalog; wait for it or use --catalog"
+                ) from None
+            raise
+        if not read_only:
+            self.con.execute(_SCHEMA)
+            self.con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def record_scan(self, result: dict, *, scanned_at: datetime | None = None) -> None:
+        """Write one finished scan (a `scanner.scan.scan_source` result), replacing its key's rows."""
+        key = [result.get("repo_id") or result["source"], result["revision"], result["scanner_version"]]
+        scan = [*key, "scan", result["model_type"], result["num_layers"], result["dtype"],
+                scanned_at or datetime.now(UTC).replace(tzinfo=None), len(result["super_weights"])]
+        weights = [
+            [*key, i, w["layer"], w["expert"], w["tensor"], w["out_channel"], w["in_channel"], w["index"],
+             w["weight"], w["input_activation"], w["output_activation"], w["spike_ratio"], None]
+            for i, w in enumerate(result["super_weights"])
+        ]
+        self._replace(key, scan, weights)
+
+    def _replace(self, key: list, scan: list, weights: list[list]) -> None:
+        """Delete `key`'s rows and insert the new ones, in one transaction."""
+        self.con.begin()
+        try:
+            for table in ("super_weights", "scans"):
+                self.con.execute(f"DELETE FROM {table} WHERE repo_id = ? AND revision = ? AND scanner_version = ?", key)
+            self.con.execute("INSERT INTO scans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", scan)
+            if weights:
+                self.con.executemany(
+                    "INSERT INTO super_weights VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", weights
+                )
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
+
+    def export(self, out: Path) -> Manifest:
+        """Write catalog.parquet (zstd, stable row order) and catalog.json beside it, each atomically.
+
+        Each file is written aside and renamed into place, so a reader sees the old export or the
+        new one, never half of one; the manifest is renamed last.
+        """
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        self.con.execute("SET threads = 1")  # one writer thread: the same catalog gives the same bytes
+        escaped = str(tmp).replace("'", "''")
+        self.con.execute(
+            f"COPY (SELECT * FROM catalog ORDER BY {_EXPORT_ORDER}) TO '{escaped}' (FORMAT parquet, COMPRESSION zstd)"
+        )
+        self.con.execute("RESET threads")
+        rows = self.con.execute("SELECT count(*) FROM catalog").fetchone()[0]
+        manifest = Manifest(out.name, _sha256(tmp), rows, SCHEMA_VERSION,
+                            datetime.now(UTC).isoformat(timespec="seconds"))
+        tmp.replace(out)
+        manifest_path = out.with_suffix(".json")
+        tmp_manifest = manifest_path.with_name(f".{manifest_path.name}.{os.getpid()}.tmp")
+        tmp_manifest.write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+        tmp_manifest.replace(manifest_path)
+        return manifest
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

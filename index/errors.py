@@ -1,0 +1,9 @@
+"""Named errors raised by the index; the CLI turns each into a one-line message."""
+
+
+class IndexStoreError(Exception):
+    """Base class: the catalog or ledger cannot do what was asked, for a reason we can explain."""
+
+
+class CatalogLocked(IndexStoreError):
+    """Another process holds the catalog's writer lock."""
