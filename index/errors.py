@@ -7,3 +7,7 @@ class IndexStoreError(Exception):
 
 class CatalogLocked(IndexStoreError):
     """Another process holds the catalog's writer lock."""
+
+
+class LedgerUnavailable(IndexStoreError):
+    """The ledger database cannot be opened or migrated."""

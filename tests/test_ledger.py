@@ -1,0 +1,105 @@
+"""The scan ledger on a real SQLite file and a real PostgreSQL server (CI starts one: .ci/postgres)."""
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+
+from index.errors import LedgerUnavailable
+from index.ledger import Ledger
+
+
+def postgres_base_url() -> str:
+    url = os.getenv("SUPERWEIGHT_TEST_POSTGRES_URL")
+    if url:
+        return url
+    if os.getenv("CI"):
+        pytest.fail("CI must run the PostgreSQL ledger tests: .ci/run exports SUPERWEIGHT_TEST_POSTGRES_URL")
+    pytest.skip("no PostgreSQL here: eval \"$(.ci/postgres DIR)\" to run these (CI always does)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path):
+    """A fresh, empty ledger database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+        return
+    base = make_url(postgres_base_url())
+    name = f"ledger_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as con:
+        con.execute(text(f'CREATE DATABASE "{name}"'))
+    yield base.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as con:
+        con.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def ledger(ledger_url):
+    ledger = Ledger(ledger_url)
+    yield ledger
+    ledger.close()
+
+
+def test_an_attempt_is_recorded_from_start_to_end(ledger):
+    record_id = ledger.start("org/model", "main", "0.1.0", worker="host-1")
+    (running,) = ledger.records()
+    assert (running["state"], running["attempts"], running["worker"]) == ("running", 1, "host-1")
+    assert running["started_at"] is not None and running["finished_at"] is None
+
+    ledger.finish(record_id, "succeeded", revision="a" * 40, bytes_read=123_456)
+
+    (done,) = ledger.records()
+    assert (done["revision"], done["state"], done["bytes_read"], done["error"]) == ("a" * 40, "succeeded", 123_456, None)
+    assert done["finished_at"] >= done["started_at"]
+
+
+def test_a_failure_keeps_its_reason_and_a_retry_counts_as_an_attempt(ledger):
+    first = ledger.start("org/model", "main", "0.1.0", worker="host-1")
+    ledger.finish(first, "failed", revision="b" * 40, error="org/model@main: Hub request failed (timeout)")
+    assert ledger.records(state="failed")[0]["error"].endswith("(timeout)")
+
+    again = ledger.start("org/model", "main", "0.1.0", worker="host-2")
+    ledger.finish(again, "succeeded", revision="b" * 40)
+
+    (record,) = ledger.records()  # the retry folded into the row of the resolved revision
+    assert (record["state"], record["attempts"], record["worker"], record["error"]) == ("succeeded", 2, "host-2", None)
+    assert ledger.records(state="failed") == []
+
+
+def test_refused_is_its_own_state(ledger):
+    record_id = ledger.start("org/pickles", "main", "0.1.0", worker="w")
+    ledger.finish(record_id, "refused", error="only pickle weights")
+    assert [r["state"] for r in ledger.records()] == ["refused"]
+    with pytest.raises(ValueError, match="not 'done'"):
+        ledger.finish(record_id, "done")
+
+
+def test_scanner_versions_are_separate_rows(ledger):
+    for version in ("0.1.0", "0.2.0"):
+        ledger.finish(ledger.start("org/model", "c" * 40, version, worker="w"), "succeeded")
+    assert sorted(r["scanner_version"] for r in ledger.records()) == ["0.1.0", "0.2.0"]
+
+
+def test_schema_comes_from_migrations_and_reopening_keeps_data(ledger_url):
+    first = Ledger(ledger_url)
+    first.finish(first.start("org/model", "main", "0.1.0", worker="w"), "succeeded")
+    first.close()
+
+    again = Ledger(ledger_url)
+    assert len(again.records()) == 1
+    with again.engine.connect() as con:
+        assert con.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+    assert {"scans", "alembic_version"} <= set(inspect(again.engine).get_table_names())
+    again.close()
+
+
+def test_an_unreachable_ledger_is_a_one_line_error_without_the_password():
+    with pytest.raises(LedgerUnavailable) as caught:
+        Ledger("postgresql+psycopg://scanner:s3cret@127.0.0.1:9/ledger")
+    message = str(caught.value)
+    assert message.startswith("postgresql+psycopg://scanner:***@127.0.0.1:9/ledger: cannot open the ledger (")
+    assert "s3cret" not in message and "\n" not in message
