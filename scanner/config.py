@@ -11,6 +11,7 @@ SUPERWEIGHT_HOME = Path(
     os.getenv("SUPERWEIGHT_HOME", Path(os.getenv("XDG_CACHE_HOME", Path.home() / ".cache")) / "superweight")
 )
 DEBUG = os.getenv("SUPERWEIGHT_DEBUG", "") not in ("", "0")
+CATALOG_FILE = "catalog.duckdb"  # under SUPERWEIGHT_HOME unless --catalog
 
 # Files a scan needs from a checkpoint; everything else in a repo is left alone.
 CHECKPOINT_PATTERNS = [

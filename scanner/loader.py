@@ -39,6 +39,7 @@ from .errors import CorruptCheckpoint, MissingConfig, RemoteCodeRefused, UnsafeC
 logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class StreamingModel:
         self.conversions = get_model_conversion_mapping(self.model)
         self._plan_keys()
         self.edits: dict[int, list[tuple[tuple[int, ...], float]]] = {}  # layer -> [(index, value)]
+        self.bytes_read = 0  # tensor bytes read from the checkpoint, replays included
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -253,6 +255,7 @@ class StreamingModel:
                 info, _ = convert_and_load_state_dict_in_model(self.model, state, load_config)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise CorruptCheckpoint(f"{self.path}: reading {keys[0]} failed ({_first_line(e)})") from e
+        self.bytes_read += sum(_numel(self.tensors[k].shape) * DTYPE_BYTES[self.tensors[k].dtype] for k in keys)
         if info.mismatched_keys or info.conversion_errors:
             raise CorruptCheckpoint(
                 f"{self.path}: tensors do not fit the model: {info.mismatched_keys or info.conversion_errors}"
@@ -275,6 +278,7 @@ class StreamingModel:
         with safe_open(info.file, framework="pt", device="cpu") as f:
             table = f.get_slice(self.embed_key)
             weight = torch.cat([table[i : i + 1] for i in rows])  # (len(rows), hidden)
+        self.bytes_read += weight.numel() * DTYPE_BYTES[info.dtype]
         embed = self.model.get_input_embeddings()
         embed.weight = nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
         remap = {token: i for i, token in enumerate(rows)}

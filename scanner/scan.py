@@ -123,5 +123,6 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         **detection.to_dict(),
         "criteria": asdict(options.detect),
         "scanner_version": __version__,
+        "bytes_read": model.bytes_read,
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -9,12 +9,14 @@ import logging
 import os
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
 
 import click
 
 from scanner import __version__
-from scanner.config import DEBUG, DetectConfig
+from scanner.config import CATALOG_FILE, DEBUG, SUPERWEIGHT_HOME, DetectConfig
 from scanner.errors import ScanError
 
 EXIT_SOME_FAILED = 3
@@ -51,7 +53,12 @@ def cli(verbose: int) -> None:
               help="A layer spikes at this many times the median layer's peak |down_proj output|.")
 @click.option("--progress/--no-progress", default=None,
               help="Count layers on stderr (default: when stderr is a terminal and HF_HUB_DISABLE_PROGRESS_BARS is unset).")
-def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio, progress) -> None:
+@click.option("--record/--no-record", default=True, show_default=True,
+              help="Write each attempt to the ledger and each finished scan to the catalog.")
+@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
+def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio, progress, record,
+         catalog_path) -> None:
     """Scan checkpoints for super weights.
 
     SOURCE is a local checkpoint folder, a Hugging Face Hub repo id (owner/name), or
@@ -64,24 +71,73 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
                           trust_remote_code=trust_remote_code, detect=detect)
     if progress is None:
         progress = sys.stderr.isatty() and not os.getenv("HF_HUB_DISABLE_PROGRESS_BARS")
-    failed = 0
-    for source in sources:
-        try:
-            with _layer_counter(source, enabled=progress) as on_layer:
-                result = scan_source(source, options, on_layer=on_layer)
-        except Exception as e:  # one bad source must not stop the others
-            failed += 1
-            message = _explain(source, e)
-            click.echo(f"Error: {message}", err=True)
-            if as_json:
-                click.echo(json.dumps({"source": source, "status": "failed", "error": message}))
-            continue
-        if as_json:
-            click.echo(json.dumps({"status": "ok", **result}))
-        else:
-            click.echo(format_table(result))
+    with ExitStack() as stores:
+        run = scan_source
+        if record:
+            from index.record import scan_and_record
+
+            catalog, ledger = _open_stores(stores, catalog_path)
+            run = partial(scan_and_record, catalog=catalog, ledger=ledger)
+        failed = sum(not _scan_one(run, source, options, as_json=as_json, progress=progress) for source in sources)
     if failed:
         sys.exit(1 if failed == len(sources) else EXIT_SOME_FAILED)
+
+
+def _open_stores(stores: ExitStack, catalog_path: Path | None):
+    """The catalog writer and the ledger, closed with `stores`; their errors become one-line messages."""
+    from index.catalog import Catalog
+    from index.errors import IndexStoreError
+    from index.ledger import Ledger, default_url
+
+    try:
+        catalog = stores.enter_context(Catalog(catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE))
+        ledger = Ledger(default_url(SUPERWEIGHT_HOME))
+    except IndexStoreError as e:
+        raise click.ClickException(str(e)) from None
+    stores.callback(ledger.close)
+    return catalog, ledger
+
+
+def _scan_one(run, source: str, options, *, as_json: bool, progress: bool) -> bool:
+    """Scan (and maybe record) one source and print it; False when it failed."""
+    try:
+        with _layer_counter(source, enabled=progress) as on_layer:
+            result = run(source, options, on_layer=on_layer)
+    except Exception as e:  # one bad source must not stop the others
+        message = _explain(source, e)
+        click.echo(f"Error: {message}", err=True)
+        if as_json:
+            click.echo(json.dumps({"source": source, "status": "failed", "error": message}))
+        return False
+    if as_json:
+        click.echo(json.dumps({"status": "ok", **result}))
+    else:
+        click.echo(format_table(result))
+    return True
+
+
+@cli.command(name="ledger")
+@click.option("--state", type=click.Choice(["queued", "running", "succeeded", "failed", "refused"]),
+              help="Only records in this state.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per record.")
+def ledger_command(state, as_json) -> None:
+    """Show the scan ledger: what was scanned, when, and why it failed."""
+    from index.errors import IndexStoreError
+    from index.ledger import Ledger, default_url
+
+    try:
+        ledger = Ledger(default_url(SUPERWEIGHT_HOME))
+    except IndexStoreError as e:
+        raise click.ClickException(str(e)) from None
+    records = ledger.records(state=state)
+    ledger.close()
+    for r in records:
+        if as_json:
+            click.echo(json.dumps(r, default=str))
+        else:
+            when = r["finished_at"] or r["started_at"]
+            click.echo(f"{r['state']:<9} {r['attempts']:>3}  {when:%Y-%m-%d %H:%M}  {r['repo_id']}@{r['revision'][:12]}"
+                       + (f"  {r['error']}" if r["error"] else ""))
 
 
 @contextmanager

@@ -68,3 +68,10 @@ def test_removed_weights_are_restored_after_detection(streamed):
     assert model.edits == {}
     model.load_layer(5)
     assert model.out_proj_weight(5)[10, 20].item() == pytest.approx(2.5)
+
+
+def test_bytes_read_counts_the_layers_read_and_replayed(streamed):
+    model, detection, loads, *_ = streamed
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.layers[0].parameters())
+    static = model.bytes_read - len(loads) * layer_bytes  # the final norm and the prompt's embedding rows
+    assert 0 < static < layer_bytes // 10

@@ -1,0 +1,88 @@
+"""`superweight scan` records every attempt in the ledger and every finished scan in the catalog."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from superweight.cli import cli
+from tests.checkpoints import Plant, make_checkpoint
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty SUPERWEIGHT_HOME for this test (the CLI reads it at import, so patch the module)."""
+    home = tmp_path / "home"
+    monkeypatch.setattr("superweight.cli.SUPERWEIGHT_HOME", home)
+    monkeypatch.delenv("SUPERWEIGHT_LEDGER_URL", raising=False)
+    return home
+
+
+def catalog_rows(path):
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute("SELECT repo_id, layer, out_channel, in_channel FROM catalog ORDER BY layer").fetchall()
+
+
+def ledger(*args):
+    result = CliRunner().invoke(cli, ["ledger", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_success_failure_and_refusal_are_each_recorded(tmp_path, home):
+    good = make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((good / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+
+    result = CliRunner().invoke(cli, ["scan", str(good), str(tmp_path / "missing"), str(pickled), "--json"])
+
+    assert result.exit_code == 3
+    scanned = json.loads(result.stdout.splitlines()[0])
+    assert catalog_rows(home / "catalog.duckdb") == [(str(good), 3, 10, 20)]  # only the success
+    states = {r["repo_id"]: r for r in ledger()}
+    assert states[str(good)]["state"] == "succeeded"
+    assert states[str(good)]["revision"] == scanned["revision"]
+    assert states[str(good)]["bytes_read"] == scanned["bytes_read"] > 0
+    assert states[str(tmp_path / "missing")]["state"] == "failed"
+    assert "no such folder" in states[str(tmp_path / "missing")]["error"]
+    assert states[str(pickled)]["state"] == "refused"
+    assert "only pickle weights" in states[str(pickled)]["error"]
+    assert [r["repo_id"] for r in ledger("--state", "refused")] == [str(pickled)]
+
+
+def test_rescanning_replaces_and_counts_attempts(tmp_path, home):
+    good = make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
+    for _ in range(2):
+        assert CliRunner().invoke(cli, ["scan", str(good)]).exit_code == 0
+    assert catalog_rows(home / "catalog.duckdb") == [(str(good), 3, 10, 20)]
+    (record,) = ledger()
+    assert (record["state"], record["attempts"]) == ("succeeded", 2)
+
+
+def test_no_record_writes_nothing(tmp_path, home):
+    good = make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
+    assert CliRunner().invoke(cli, ["scan", str(good), "--no-record"]).exit_code == 0
+    assert not (home / "catalog.duckdb").exists() and not (home / "ledger.sqlite").exists()
+
+
+def test_a_second_writer_is_told_and_the_catalog_is_kept(tmp_path, home):
+    good = make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
+    catalog = tmp_path / "held.duckdb"
+    assert CliRunner().invoke(cli, ["scan", str(good), "--catalog", str(catalog)]).exit_code == 0
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(catalog)!r}); "
+                               "print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(cli, ["scan", str(good), "--catalog", str(catalog)])
+    finally:
+        holder.communicate("", timeout=30)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {catalog}: another process is writing this catalog; wait for it or use --catalog\n"
+    assert catalog_rows(catalog) == [(str(good), 3, 10, 20)]
