@@ -138,7 +138,7 @@ class Detector:
             self._hooks.append(layer.register_forward_pre_hook(self._enter(i), with_kwargs=True))
             self._hooks.append(layer.register_forward_hook(self._leave(i)))
             proj = self.sm.out_proj_module(i)
-            if self.sm.out_proj.kind == "experts":
+            if self.sm.out_projs[i].kind == "experts":
                 self._hooks.append(proj.register_forward_hook(self._record_experts(i), with_kwargs=True))
             else:
                 self._hooks.append(proj.register_forward_hook(self._record_dense(i)))
@@ -165,7 +165,7 @@ class Detector:
         return hook
 
     def _record_dense(self, i):
-        conv = self.sm.out_proj.kind == "conv1d"
+        conv = self.sm.out_projs[i].kind == "conv1d"
 
         def hook(module, args, output):
             w = module.weight
@@ -267,7 +267,7 @@ class Detector:
     def _remove(self, cand: Candidate, spike: float, in_ratio: float) -> SuperWeight:
         """Record `cand`'s weight as a super weight and zero it for the following passes."""
         r, c, e = cand.out_channel, cand.in_channel, cand.expert
-        kind = self.sm.out_proj.kind
+        kind = self.sm.out_projs[cand.layer].kind
         position = (e, r, c) if kind == "experts" else (c, r) if kind == "conv1d" else (r, c)
         self.sm.edits.setdefault(cand.layer, []).append((position, 0.0))
         tensor, index = self.sm.stored_location(cand.layer, r, c, e)

@@ -1,6 +1,12 @@
 """Named errors raised by the scanner; the CLI turns each into a one-line message."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its class name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class ScanError(Exception):
     """Base class: a checkpoint could not be scanned, for a reason we can explain."""
 
@@ -35,3 +41,7 @@ class HubError(ScanError):
 
 class DeviceUnavailable(ScanError):
     """The requested device does not exist on this machine."""
+
+
+class InvalidPrompt(ScanError):
+    """The prompt gives no tokens, or more than the model has positions for."""

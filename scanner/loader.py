@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import math
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -34,10 +35,18 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .arch import OutProj, find_decoder_layers, find_out_proj, text_config
 from .config import PICKLE_SUFFIXES
-from .errors import CorruptCheckpoint, MissingConfig, RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture
+from .errors import (
+    CorruptCheckpoint,
+    MissingConfig,
+    RemoteCodeRefused,
+    UnsafeCheckpoint,
+    UnsupportedArchitecture,
+    first_line,
+)
 
 logger = logging.getLogger(__name__)
 
+MIN_LAYERS = 3  # with fewer, the median layer is itself one of the spikes
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
@@ -78,7 +87,7 @@ def load_config(path: Path, *, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code and not native)
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise MissingConfig(f"{config_file}: transformers cannot read it ({_first_line(e)})") from e
+        raise MissingConfig(f"{config_file}: transformers cannot read it ({first_line(e)})") from e
 
 
 def find_weight_files(path: Path) -> list[Path]:
@@ -117,7 +126,7 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
                     tensor = f.get_slice(name)
                     tensors[name] = TensorInfo(file, tensor.get_dtype(), tuple(tensor.get_shape()))
         except (SafetensorError, OSError) as e:
-            raise CorruptCheckpoint(f"{file}: not a readable safetensors file ({_first_line(e)})") from e
+            raise CorruptCheckpoint(f"{file}: not a readable safetensors file ({first_line(e)})") from e
     return tensors
 
 
@@ -137,27 +146,32 @@ class StreamingModel:
         self.device = torch.device(device)
         self.config = load_config(path, trust_remote_code=trust_remote_code)
         self.tensors = read_headers(find_weight_files(path))
-        self.checkpoint_dtype = _majority_dtype(self.tensors)
+        self.checkpoint_dtype = _majority_dtype(self.tensors, path)
         if dtype is None and self.device.type == "cpu" and self.checkpoint_dtype == torch.float16:
             dtype = torch.float32  # CPU float16 kernels are slow and partly missing
         self.dtype = dtype or self.checkpoint_dtype
-        transformers.utils.logging.disable_progress_bar()
         try:
             with init_empty_weights(include_buffers=False):
                 self.model = AutoModelForCausalLM.from_config(
                     self.config, dtype=self.dtype, trust_remote_code=trust_remote_code
                 )
         except ValueError as e:
-            raise UnsupportedArchitecture(f"{path}: no causal-LM class for this config ({_first_line(e)})") from e
+            raise UnsupportedArchitecture(f"{path}: no causal-LM class for this config ({first_line(e)})") from e
         self.model.eval()
         _move_buffers(self.model, self.device)
         tcfg = text_config(self.config)
         self.hidden_size = tcfg.hidden_size
         self.num_layers = tcfg.num_hidden_layers
+        if self.num_layers < MIN_LAYERS:
+            raise UnsupportedArchitecture(
+                f"{path}: {self.num_layers} decoder layer(s); a spike is measured against the median "
+                f"layer, which needs at least {MIN_LAYERS}"
+            )
         self.base_model = self.model.base_model
-        layers_path, self.layers = find_decoder_layers(self.base_model, self.num_layers)
+        _, self.layers = find_decoder_layers(self.base_model, self.num_layers)
         self.layers_prefix = _module_path(self.model, self.layers)
-        self.out_proj: OutProj = find_out_proj(self.layers[0], self.hidden_size)
+        # Per layer: some models mix dense and expert MLPs (Qwen3-MoE mlp_only_layers, DeepSeek).
+        self.out_projs: list[OutProj] = [find_out_proj(layer, self.hidden_size) for layer in self.layers]
         self.conversions = get_model_conversion_mapping(self.model)
         self._plan_keys()
         self.edits: dict[int, list[tuple[tuple[int, ...], float]]] = {}  # layer -> [(index, value)]
@@ -183,6 +197,7 @@ class StreamingModel:
         self.embed_key: str | None = None
         self.other_keys: list[str] = []
         self.key_target: dict[str, str] = {}
+        head_key = None
         sources: dict[str, list[str]] = {}
         converted: set[str] = set()  # targets built by a converter (e.g. experts merged into one tensor)
         for key in sorted(self.tensors, key=dot_natural_key):
@@ -193,6 +208,8 @@ class StreamingModel:
                 logger.debug("%s: checkpoint tensor %s is not used by the model", self.path, key)
                 continue
             if head_path and target.startswith(head_path + ".") and target != f"{embed_path}.weight":
+                if target == f"{head_path}.weight":
+                    head_key = key
                 continue  # the LM head is never needed to find super weights
             self.key_target[key] = target
             sources.setdefault(target, []).append(key)
@@ -205,11 +222,18 @@ class StreamingModel:
                 self.embed_key = key
             else:
                 self.other_keys.append(key)
-        self._check_against_skeleton(meta, sources, converted, layer_re, embed_path)
+        if self.embed_key is None and head_key is not None and text_config(self.config).tie_word_embeddings:
+            self.embed_key = head_key  # tied weights stored under the head's name: the same matrix
+            sources[f"{embed_path}.weight"] = [head_key]
+        self._check_against_skeleton(meta, sources, converted, head_path, embed_path)
 
-    def _check_against_skeleton(self, meta, sources, converted, layer_re, embed_path) -> None:
-        """Raise CorruptCheckpoint unless every needed weight is present with the right shape and dtype."""
-        needed = [name for name in meta if layer_re.match(name)] + [f"{embed_path}.weight"]
+    def _check_against_skeleton(self, meta, sources, converted, head_path, embed_path) -> None:
+        """Raise CorruptCheckpoint unless every needed weight is present with the right shape and dtype.
+
+        Needed: every parameter of the model but the LM head (tied weights count once).
+        """
+        needed = [name for name, _ in self.model.named_parameters()
+                  if not (head_path and name.startswith(head_path + ".")) or name == f"{embed_path}.weight"]
         missing = [name for name in needed if name not in sources]
         if missing:
             raise CorruptCheckpoint(
@@ -226,8 +250,8 @@ class StreamingModel:
             expected = tuple(meta[target].shape)
             stored = [self.tensors[k].shape for k in keys]
             if target in converted:  # merged (experts) or split (fused qkv): sizes must add up
-                total = sum(_numel(s) for s in stored)
-                ok = total % _numel(expected) == 0
+                total = sum(math.prod(s) for s in stored)
+                ok = total % math.prod(expected) == 0
             else:
                 ok = stored == [expected]
             if not ok:
@@ -248,14 +272,19 @@ class StreamingModel:
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
                 state[key] = handles[file].get_slice(key)
-            load_config = LoadStateDictConfig(
+            settings = LoadStateDictConfig(
                 weight_mapping=self.conversions, dtype=self.dtype, device_map={"": self.device}
             )
+            bars = transformers.utils.logging.is_progress_bar_enabled()
+            transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar, once per layer
             try:
-                info, _ = convert_and_load_state_dict_in_model(self.model, state, load_config)
+                info, _ = convert_and_load_state_dict_in_model(self.model, state, settings)
             except (SafetensorError, OSError, RuntimeError) as e:
-                raise CorruptCheckpoint(f"{self.path}: reading {keys[0]} failed ({_first_line(e)})") from e
-        self.bytes_read += sum(_numel(self.tensors[k].shape) * DTYPE_BYTES[self.tensors[k].dtype] for k in keys)
+                raise CorruptCheckpoint(f"{self.path}: reading {keys[0]} failed ({first_line(e)})") from e
+            finally:
+                if bars:
+                    transformers.utils.logging.enable_progress_bar()
+        self.bytes_read += sum(math.prod(self.tensors[k].shape) * DTYPE_BYTES[self.tensors[k].dtype] for k in keys)
         if info.mismatched_keys or info.conversion_errors:
             raise CorruptCheckpoint(
                 f"{self.path}: tensors do not fit the model: {info.mismatched_keys or info.conversion_errors}"
@@ -281,6 +310,8 @@ class StreamingModel:
         self.bytes_read += weight.numel() * DTYPE_BYTES[info.dtype]
         embed = self.model.get_input_embeddings()
         embed.weight = nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
+        if getattr(embed, "padding_idx", None) is not None:
+            embed.padding_idx = None  # it indexes the full table (and only matters for gradients)
         remap = {token: i for i, token in enumerate(rows)}
         return torch.tensor([[remap[t] for t in token_ids]], device=self.device)
 
@@ -303,24 +334,26 @@ class StreamingModel:
     # -- the MLP output projection --------------------------------------------------------------
 
     def out_proj_module(self, index: int) -> nn.Module:
-        return self.layers[index].get_submodule(self.out_proj.module_path)
+        return self.layers[index].get_submodule(self.out_projs[index].module_path)
 
     def out_proj_weight(self, index: int) -> torch.Tensor:
-        return getattr(self.out_proj_module(index), self.out_proj.param_name)
+        return getattr(self.out_proj_module(index), self.out_projs[index].param_name)
 
     def out_proj_name(self, index: int) -> str:
         """The model parameter name of layer `index`'s out projection weight."""
-        return f"{self.layers_prefix}.{index}.{self.out_proj.module_path}.{self.out_proj.param_name}"
+        spec = self.out_projs[index]
+        return f"{self.layers_prefix}.{index}.{spec.module_path}.{spec.param_name}"
 
     def stored_location(self, layer: int, row: int, col: int, expert: int | None) -> tuple[str, list[int]]:
         """Checkpoint tensor name and index holding W[row, col] of a layer (and expert) as stored."""
         target = self.out_proj_name(layer)
         keys = sorted((k for k, t in self.key_target.items() if t == target), key=dot_natural_key)
-        if self.out_proj.kind == "experts":
+        kind = self.out_projs[layer].kind
+        if kind == "experts":
             if len(keys) == 1:  # stored fused, as transformers keeps it in memory
                 return keys[0], [expert, row, col]
             return keys[expert], [row, col]  # one tensor per expert, merged in expert order
-        if self.out_proj.kind == "conv1d":
+        if kind == "conv1d":
             return keys[0], [col, row]  # GPT-2 Conv1D stores (in, out)
         return keys[0], [row, col]
 
@@ -340,14 +373,14 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
-def _majority_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype:
+def _majority_dtype(tensors: dict[str, TensorInfo], path: Path) -> torch.dtype:
     """The float dtype that holds the most parameters (norms are sometimes kept in F32)."""
     counts: dict[str, int] = {}
     for info in tensors.values():
-        counts[info.dtype] = counts.get(info.dtype, 0) + _numel(info.shape)
+        counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
     floats = {k: v for k, v in counts.items() if k in FLOAT_DTYPES}
     if not floats:
-        raise CorruptCheckpoint(f"no float tensors (dtypes {sorted(counts)}); quantized checkpoints are not supported")
+        raise CorruptCheckpoint(f"{path}: no float tensors (dtypes {sorted(counts)}); quantized checkpoints are not supported")
     return FLOAT_DTYPES[max(floats, key=floats.get)]
 
 
@@ -364,15 +397,3 @@ def _module_path(root: nn.Module, target: nn.Module) -> str:
         if module is target:
             return name
     raise UnsupportedArchitecture(f"{type(target).__name__} is not part of {type(root).__name__}")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

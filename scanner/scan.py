@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -12,7 +13,7 @@ import torch
 from . import __version__
 from .config import SUPERWEIGHT_HOME, DetectConfig
 from .detect import Detector
-from .errors import DeviceUnavailable
+from .errors import DeviceUnavailable, InvalidPrompt
 from .hub import content_hash, resolve
 from .loader import StreamingModel, find_weight_files
 
@@ -42,6 +43,8 @@ def pick_device(device: str) -> torch.device:
         chosen = torch.device(device)
     except RuntimeError:
         raise DeviceUnavailable(f"--device {device}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise DeviceUnavailable(f"--device {device}: only cpu and cuda devices are supported")
     if chosen.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (chosen.index or 0) >= count:
@@ -65,11 +68,21 @@ def prompt_ids(path: Path, prompt: str, config) -> tuple[list[int], list[str] | 
             ids = tokenizer(prompt)["input_ids"]
             return ids, tokenizer.convert_ids_to_tokens(ids)
         except (ValueError, OSError, KeyError, TypeError) as e:
-            logger.warning("%s: tokenizer unusable (%s); using byte ids", path, e)
+            logger.warning("%s: tokenizer unusable (%s); using one id per word", path, e)
     vocab = config.get_text_config().vocab_size
     bos = getattr(config.get_text_config(), "bos_token_id", None)
     words = [int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "big") % vocab for w in prompt.split()]
     return ([bos] if isinstance(bos, int) and 0 <= bos < vocab else []) + words, None
+
+
+def check_prompt(path: Path, ids: list[int], config) -> None:
+    """Raise InvalidPrompt unless the prompt has between 1 and the model's maximum positions of tokens."""
+    tcfg = config.get_text_config()
+    limit = getattr(tcfg, "max_position_embeddings", None) or getattr(tcfg, "n_positions", None)
+    if not ids:
+        raise InvalidPrompt(f"{path}: the prompt gives no tokens; pass a --prompt with words in it")
+    if limit and len(ids) > limit:
+        raise InvalidPrompt(f"{path}: the prompt has {len(ids)} tokens, more than the model's {limit} positions")
 
 
 def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=None) -> dict:
@@ -90,20 +103,25 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
     start = time.perf_counter()
     device = pick_device(options.device)
     resolved = resolve(source, revision=options.revision, endpoint=options.endpoint)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    pool, stop = ThreadPoolExecutor(max_workers=1), threading.Event()
+    try:
         revision = resolved.revision
         hashing = None
         if revision is None:  # a local folder: hash it while the scan runs
             files = find_weight_files(resolved.path) + [resolved.path / "config.json"]
-            hashing = pool.submit(content_hash, files, resolved.path, cache=SUPERWEIGHT_HOME / DIGEST_CACHE)
+            hashing = pool.submit(content_hash, files, resolved.path, cache=SUPERWEIGHT_HOME / DIGEST_CACHE, stop=stop)
         model = StreamingModel(resolved.path, device=str(device), dtype=DTYPES.get(options.dtype),
                                trust_remote_code=options.trust_remote_code)
         ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config)
+        check_prompt(resolved.path, ids, model.config)
         input_ids = model.load_static(ids)
         progress = (lambda i: on_layer(i, model.num_layers)) if on_layer else None
         detection = Detector(model, options.detect, on_layer=progress).run(input_ids)
         if hashing is not None:
             revision = hashing.result()
+    finally:
+        stop.set()  # a failed scan does not wait for the hash of the whole checkpoint
+        pool.shutdown(wait=True)
     tcfg = model.config.get_text_config()
     return {
         "source": source,
@@ -114,7 +132,7 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         "architecture": type(model.model).__name__,
         "num_layers": model.num_layers,
         "hidden_size": model.hidden_size,
-        "out_proj": f"{model.layers_prefix}.N.{model.out_proj.module_path}",
+        "out_proj": sorted({f"{model.layers_prefix}.N.{p.module_path}" for p in model.out_projs}),
         "dtype": str(model.checkpoint_dtype).removeprefix("torch."),
         "compute_dtype": str(model.dtype).removeprefix("torch."),
         "device": str(device),

@@ -28,9 +28,9 @@ ARCH_CONFIGS = {
     "qwen3": {"head_dim": 16},
     "gemma": {"head_dim": 16},
     "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16},
-    "phi3": {"pad_token_id": 0},
+    "phi3": {"pad_token_id": 200},  # real Phi-3 and OLMo-2 pad ids lie far beyond the prompt's rows
     "olmo": {},
-    "olmo2": {},
+    "olmo2": {"pad_token_id": 250},
     "gpt_neox": {"rotary_pct": 0.25},
     "gpt2": {"n_embd": 64, "n_inner": 128, "n_layer": 8, "n_head": 4, "n_positions": 128},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
@@ -70,9 +70,9 @@ def plant(model, plants: list[Plant]) -> None:
     """
     tcfg = model.config.get_text_config()
     _, layers = find_decoder_layers(model.base_model, tcfg.num_hidden_layers)
-    spec = find_out_proj(layers[0], tcfg.hidden_size)
     ids = torch.tensor([prompt_ids(Path("/nonexistent"), DEFAULT_PROMPT, model.config)[0]])
     for p in sorted(plants, key=lambda p: p.layer):
+        spec = find_out_proj(layers[p.layer], tcfg.hidden_size)
         mlp = layers[p.layer].get_submodule(spec.module_path.rpartition(".")[0])
         proj = layers[p.layer].get_submodule(spec.module_path)
         direction = _first_token_input(model, proj if spec.kind == "experts" else mlp, ids)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from scanner.scan import scan_source
 from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, make_checkpoint
@@ -101,3 +102,27 @@ def test_content_hash_changes_with_the_weights(tmp_path):
 
     assert scan_source(str(a))["revision"] == scan_source(str(a))["revision"]
     assert scan_source(str(a))["revision"] != scan_source(str(b))["revision"]
+
+
+def test_layers_with_different_mlps(tmp_path):
+    """Qwen3-MoE with a dense first layer (mlp_only_layers): each layer's projection is found on its own."""
+    make_checkpoint(tmp_path, "qwen3_moe", [Plant(0, 10, 20), Plant(3, 7, 99, expert=1)], mlp_only_layers=[0])
+
+    result = scan_source(str(tmp_path))
+
+    assert coordinates(result) == {(0, None, 10, 20), (3, 1, 7, 99)}
+    tensors = {w["layer"]: (w["tensor"], w["index"]) for w in result["super_weights"]}
+    assert tensors[0] == ("model.layers.0.mlp.down_proj.weight", [10, 20])
+    assert tensors[3] == ("model.layers.3.mlp.experts.1.down_proj.weight", [7, 99])
+    assert result["out_proj"] == ["model.layers.N.mlp.down_proj", "model.layers.N.mlp.experts"]
+
+
+def test_tied_checkpoint_that_stores_only_the_head(tmp_path):
+    """Tied embeddings saved under lm_head.weight (transformers loads these) are the embedding."""
+    make_checkpoint(tmp_path, "llama", [Plant(3, 10, 20)], tie_word_embeddings=True)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+    assert coordinates(scan_source(str(tmp_path))) == {(3, None, 10, 20)}

@@ -90,9 +90,8 @@ def test_remote_code_is_refused_unless_trusted(good):
     (good / "config.json").write_text(json.dumps(config))
 
     assert_one_line_error(run(good), "custom code", "--trust-remote-code")
-    trusted = run(good, "--trust-remote-code")
-    assert trusted.exit_code == 1  # transformers now looks for the code, which is not there
-    assert "custom code" not in trusted.stderr
+    # Trusted, transformers now looks for the repo's code, which is not there: a different error.
+    assert_one_line_error(run(good, "--trust-remote-code"), "config.json: transformers cannot read it")
 
 
 def test_auto_map_of_a_native_architecture_uses_the_native_code(good):
@@ -100,7 +99,9 @@ def test_auto_map_of_a_native_architecture_uses_the_native_code(good):
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.Custom"}
     (good / "config.json").write_text(json.dumps(config))
 
-    assert run(good).exit_code == 0
+    result = run(good, "--json")
+    assert result.exit_code == 0
+    assert [(w["layer"], w["out_channel"], w["in_channel"]) for w in json.loads(result.stdout)["super_weights"]] == [(3, 10, 20)]
 
 
 def test_unknown_architecture(good):
@@ -110,7 +111,7 @@ def test_unknown_architecture(good):
     assert_one_line_error(run(good), "'no_such_family'", "unknown to transformers")
 
 
-def test_architecture_without_a_causal_lm_or_mlp(tmp_path):
+def test_moe_with_a_shared_expert_is_refused(tmp_path):
     make_checkpoint(tmp_path / "moe", "qwen3_moe", [])
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     config.update(model_type="qwen2_moe", shared_expert_intermediate_size=64)
@@ -187,3 +188,26 @@ def test_cuda_device_without_a_gpu(good):
 
 def test_device_that_is_not_a_device(good):
     assert_one_line_error(run(good, "--device", "toaster"), "--device toaster: not a device name")
+
+
+def test_missing_final_norm(good):
+    rewrite(good / "model.safetensors", lambda t: t.pop("model.norm.weight"))
+    assert_one_line_error(run(good), "lacks 1 tensor", "model.norm.weight")
+
+
+def test_too_few_layers(tmp_path):
+    path = make_checkpoint(tmp_path / "two", "llama", [], num_hidden_layers=2)
+    assert_one_line_error(run(path), "2 decoder layer(s)", "at least 3")
+
+
+def test_empty_prompt_without_bos(tmp_path):
+    path = make_checkpoint(tmp_path / "gpt2", "gpt2", [], bos_token_id=None)
+    assert_one_line_error(run(path, "--prompt", " "), "the prompt gives no tokens")
+
+
+def test_prompt_longer_than_the_model(good):
+    assert_one_line_error(run(good, "--prompt", "word " * 200), "the prompt has 201 tokens", "128 positions")  # BOS + 200 words
+
+
+def test_device_that_is_not_supported(good):
+    assert_one_line_error(run(good, "--device", "meta"), "--device meta: only cpu and cuda devices are supported")
