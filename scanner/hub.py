@@ -6,15 +6,17 @@ only the files a scan needs are fetched (never pickle weights). A local folder's
 content hash of its config and weights.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's HTTP client: its transport errors are not HfHubHTTPError
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -27,7 +29,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .config import CHECKPOINT_PATTERNS, PICKLE_SUFFIXES
-from .errors import CorruptCheckpoint, HubError, SourceNotFound, UnsafeCheckpoint
+from .errors import CorruptCheckpoint, HubError, SourceNotFound, UnsafeCheckpoint, first_line
 from .examples import example_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -70,8 +72,6 @@ def resolve(source: str, *, revision: str | None = None, endpoint: str | None = 
         validate_repo_id(source)
     except HFValidationError:
         raise SourceNotFound(f"{source}: no such folder, and not a Hub repo id (owner/name)") from None
-    if source.startswith((".", "/", "~")):
-        raise SourceNotFound(f"{source}: no such folder")
     return _download(source, revision or "main", endpoint=endpoint, token=token, cache_dir=cache_dir)
 
 
@@ -83,12 +83,14 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Res
             info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
         except OfflineModeIsEnabled:
             info = None  # HF_HUB_OFFLINE=1: the cache alone decides
+        patterns = CHECKPOINT_PATTERNS
         if info is not None:
-            _refuse_unsafe(where, [s.rfilename for s in info.siblings or []])
+            patterns = _needed_files(where, repo_id, [s.rfilename for s in info.siblings or []], revision=info.sha,
+                                     endpoint=endpoint, token=token, cache_dir=cache_dir)
         # Ask for the revision as given (not info.sha) so the cache records refs/<revision> and a
         # later offline scan can find it; the snapshot folder's name is the commit actually fetched.
         folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, endpoint=endpoint,
+            repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint,
             token=token, cache_dir=cache_dir, local_files_only=info is None,
         )
     except GatedRepoError:
@@ -100,14 +102,37 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Res
     except LocalEntryNotFoundError:
         raise HubError(f"{where}: not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)") from None
     except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise HubError(
             f"{where}: Hub request to {endpoint or constants.ENDPOINT} failed ({reason}); "
             "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache"
         ) from e
     folder = Path(folder)
+    if info is not None and folder.name != info.sha:
+        raise HubError(f"{where}: moved from {info.sha[:12]} to {folder.name[:12]} while downloading; scan again")
     logger.info("%s resolved to %s", where, folder)
     return Resolved(repo_id, folder, repo_id, folder.name)  # snapshot folders are named by commit sha
+
+
+def _needed_files(where: str, repo_id: str, files: list[str], *, revision: str, endpoint, token,
+                  cache_dir) -> list[str]:
+    """Exactly the files a scan reads: config, tokenizer, and the weights the loader will use.
+
+    Refuses repos without safetensors weights. With a shard index only the shards it names are
+    fetched (Mistral repos also ship a consolidated.safetensors of the same weights).
+    """
+    _refuse_unsafe(where, files)
+    wanted = [f for f in CHECKPOINT_PATTERNS if "*" not in f and f in files]
+    if "model.safetensors.index.json" in files:
+        index = hf_hub_download(repo_id, "model.safetensors.index.json", revision=revision, endpoint=endpoint,
+                                token=token, cache_dir=cache_dir)
+        with open(index) as f:
+            wanted += sorted(set(json.load(f)["weight_map"].values()))
+    elif "model.safetensors" in files:
+        wanted.append("model.safetensors")
+    else:
+        wanted += [f for f in files if f.endswith(".safetensors") and "/" not in f]
+    return wanted
 
 
 def _refuse_unsafe(where: str, files: list[str]) -> None:
@@ -123,27 +148,41 @@ def _refuse_unsafe(where: str, files: list[str]) -> None:
     raise CorruptCheckpoint(f"{where}: no .safetensors weights in the repo")
 
 
-def content_hash(files: list[Path], root: Path, *, cache: Path | None = None) -> str:
+def content_hash(files: list[Path], root: Path, *, cache: Path | None = None,
+                 stop: threading.Event | None = None) -> str | None:
     """sha256 over the names and sha256s of `files` (relative to `root`): a local folder's revision.
 
     Args:
         files: the files that define the checkpoint (config and weights).
         root: the folder the names are taken relative to.
-        cache: a JSON file of per-file digests keyed by path, size, mtime and inode (as git's index
-            does), so a folder that has not changed is not read again; None to always read.
+        cache: a JSON file of per-file digests keyed by path, size, mtime, ctime and inode (as
+            git's index does), so a folder that has not changed is not read again; None to always read.
+        stop: when set, hashing ends early and returns None (the scan it served has failed).
     """
     known = _read_digests(cache)
     digest = hashlib.sha256()
     for file in sorted(files):
         stat = file.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
         entry = known.get(str(file))
         if entry is None or entry.get("stamp") != stamp:
-            with open(file, "rb") as f:
-                entry = {"stamp": stamp, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}  # releases the GIL
-            known[str(file)] = entry
+            file_sha = _file_sha256(file, stop)
+            if file_sha is None:
+                return None
+            entry = known[str(file)] = {"stamp": stamp, "sha256": file_sha}
         digest.update(f"{file.relative_to(root)}\0{entry['sha256']}\n".encode())
     _write_digests(cache, known)
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path, stop: threading.Event | None, chunk: int = 8 << 20) -> str | None:
+    """sha256 of a file in 8 MiB reads (hashlib releases the GIL on each), or None once `stop` is set."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if stop is not None and stop.is_set():
+                return None
+            digest.update(block)
     return digest.hexdigest()
 
 
@@ -162,7 +201,12 @@ def _write_digests(cache: Path | None, known: dict) -> None:
     """Write aside, then rename: a reader never sees half a file, and the last writer wins."""
     if cache is None:
         return
-    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, sort_keys=True))
-    tmp.replace(cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known, sort_keys=True))
+        tmp.replace(cache)
+    except OSError as e:  # a cache is an optimization: never fail a finished scan over it
+        logger.warning("%s: cannot write the digest cache (%s)", cache, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)

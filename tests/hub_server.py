@@ -7,7 +7,8 @@ Face Hub: olah" for the keys and quirks (always pass a revision, offline = true)
 Repos:
     testorg/tiny-llama          two commits: Plant(3, 10, 20), then Plant(5, 7, 99); main also
                                 holds a stray pytorch_model.bin and README.md a scan must not fetch
-    testorg/tiny-llama-sharded  one commit: Plant(3, 10, 20), saved in shards with an index
+    testorg/tiny-llama-sharded  one commit: Plant(3, 10, 20), saved in shards with an index, plus a
+                                consolidated.safetensors a scan must not fetch
     testorg/pickle-only         config.json and pytorch_model.bin, no safetensors
 """
 
@@ -104,6 +105,9 @@ def build_mirrors(mirrors: Path) -> None:
 
     sharded = models / "testorg" / "tiny-llama-sharded"
     sharded_checkpoint(sharded, [FIRST_PLANT])
+    # Mistral repos also ship the original weights as one consolidated.safetensors: a scan of the
+    # HF layout must fetch only the shards its index names.
+    shutil.copy(sorted(sharded.glob("model-*.safetensors"))[0], sharded / "consolidated.safetensors")
     commit_folder(sharded, "sharded tiny llama")
 
     pickle_only = models / "testorg" / "pickle-only"

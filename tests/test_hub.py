@@ -66,8 +66,9 @@ def test_scan_a_sharded_checkpoint(local_hub):
     assert result["revision"] == local_hub.sha(SHARDED)
     files = {p.name for p in Path(result["path"]).iterdir()}
     shards = {f for f in files if f.endswith(".safetensors")}
-    assert len(shards) > 1
+    assert len(shards) > 1 and "consolidated.safetensors" in local_hub.git_files(SHARDED)
     assert files == {"config.json", "model.safetensors.index.json", *shards}
+    assert "consolidated.safetensors" not in files
     assert coordinates(result) == planted(FIRST_PLANT)
 
 
