@@ -17,7 +17,7 @@ import click
 
 from scanner import __version__
 from scanner.config import CATALOG_FILE, DEBUG, SUPERWEIGHT_HOME, DetectConfig
-from scanner.errors import ScanError
+from scanner.errors import ScanError, first_line
 
 EXIT_SOME_FAILED = 3
 _DEFAULTS = DetectConfig()
@@ -34,7 +34,7 @@ def _setup_logging(verbose: int) -> None:
 
 @click.group()
 @click.version_option(__version__, prog_name="superweight")
-@click.option("-v", "--verbose", count=True, help="-v for progress, -vv for debug logs (stderr).")
+@click.option("-v", "--verbose", count=True, help="-v for info logs, -vv for debug logs (stderr).")
 def cli(verbose: int) -> None:
     """Find the super weights of LLM checkpoints (arXiv 2411.07191)."""
     _setup_logging(verbose)
@@ -164,8 +164,7 @@ def _explain(source: str, error: Exception) -> str:
     if isinstance(error, ScanError):
         return str(error)
     hint = "" if DEBUG else " (set SUPERWEIGHT_DEBUG=1 for the traceback)"
-    text = str(error).strip().splitlines()
-    return f"{source}: unexpected {type(error).__name__}: {text[0] if text else ''}{hint}"
+    return f"{source}: unexpected {type(error).__name__}: {first_line(error)}{hint}"
 
 
 def format_table(result: dict) -> str:

@@ -76,13 +76,11 @@ def test_spike_ratio_option_is_applied(tmp_path):
     assert obj["criteria"]["spike_ratio"] == 1e9 and obj["super_weights"] == []
 
 
-def test_example_source_scans_the_real_model(smollm2, monkeypatch):
+def test_example_source_scans_the_real_model(smollm2, monkeypatch, tmp_path):
     """example:smollm2 resolves to the converted checkpoint under SUPERWEIGHT_HOME."""
-    home = smollm2.parent.parent / "home"
-    (home / "examples").mkdir(parents=True, exist_ok=True)
-    link = home / "examples" / "smollm2"
-    if not link.exists():
-        link.symlink_to(smollm2)
+    home = tmp_path / "home"
+    (home / "examples").mkdir(parents=True)
+    (home / "examples" / "smollm2").symlink_to(smollm2)  # converted once per session already
     monkeypatch.setattr("scanner.examples.SUPERWEIGHT_HOME", home)
 
     result = CliRunner().invoke(cli, ["scan", "example:smollm2", "--json"])
