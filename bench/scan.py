@@ -8,7 +8,9 @@ One run does everything:
    safetensors shards) with one planted super weight (tests.checkpoints.plant), unless --out-dir
    already holds one from an earlier run. Generation is timed separately and is not compared.
 2. Measures three modes, each in a fresh process, interleaved (scan, full, floor, scan, ...):
-   - scan:  the real CLI, `superweight scan CKPT --json`; must report the planted coordinate.
+   - scan:  the real CLI, `superweight scan CKPT --json --no-record`; must report the planted
+            coordinate. (Recording into the catalog and ledger adds a constant ~1 s and ~85 MB of
+            imports, whatever the model's size.)
    - full:  the naive detector: `from_pretrained` in bfloat16, forward hooks on every layer's
             mlp.down_proj, one forward pass over the scanner's own prompt ids; the layer and row of
             the largest |output| and the column of the largest |input| there must be the plant.
@@ -269,7 +271,9 @@ def command(mode: str, checkpoint: Path) -> list[str]:
     if mode == "scan":
         cli = Path(sys.executable).parent / "superweight"
         base = [str(cli)] if cli.is_file() else [sys.executable, "-m", "superweight.cli"]
-        return [*base, "scan", str(checkpoint), "--json"]
+        # --no-record: the scan itself; recording adds a constant import of DuckDB, SQLAlchemy and
+        # Alembic (about 1 s and 85 MB, whatever the model's size), not part of this comparison.
+        return [*base, "scan", str(checkpoint), "--json", "--no-record"]
     return [sys.executable, str(Path(__file__).resolve()), "--measure", mode, "--checkpoint", str(checkpoint)]
 
 
