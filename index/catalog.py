@@ -118,6 +118,18 @@ class Catalog:
         ]
         self._replace(key, scan, weights)
 
+    def record_literature(self, models: dict[str, list[dict]]) -> None:
+        """Write published coordinates (see index.literature) as `source = 'literature'` rows."""
+        from .literature import LITERATURE_VERSION
+
+        for repo_id, weights in models.items():
+            key = [repo_id, "", LITERATURE_VERSION]
+            scan = [*key, "literature", None, None, None, None, len(weights)]
+            rows = [[*key, i, w["layer"], w["expert"], None, w["out_channel"], w["in_channel"],
+                     [w["out_channel"], w["in_channel"]], None, None, None, None, w["note"]]
+                    for i, w in enumerate(weights)]
+            self._replace(key, scan, rows)
+
     def _replace(self, key: list, scan: list, weights: list[list]) -> None:
         """Delete `key`'s rows and insert the new ones, in one transaction."""
         self.con.begin()
