@@ -116,6 +116,27 @@ def _scan_one(run, source: str, options, *, as_json: bool, progress: bool) -> bo
     return True
 
 
+@cli.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("catalog.parquet"),
+              show_default=True, help="Where to write; catalog.json goes beside it.")
+@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
+def export(out, catalog_path) -> None:
+    """Write catalog.parquet and its catalog.json manifest."""
+    from index.catalog import Catalog
+    from index.errors import IndexStoreError
+
+    path = catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE
+    if not path.is_file():
+        raise click.ClickException(f"{path}: no catalog yet; run 'superweight scan' first")
+    try:
+        with Catalog(path, read_only=True) as catalog:
+            manifest = catalog.export(out)
+    except IndexStoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{out}: {manifest.rows} rows, sha256 {manifest.sha256}")
+
+
 @cli.command(name="ledger")
 @click.option("--state", type=click.Choice(["queued", "running", "succeeded", "failed", "refused"]),
               help="Only records in this state.")

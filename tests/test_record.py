@@ -1,5 +1,6 @@
 """`superweight scan` records every attempt in the ledger and every finished scan in the catalog."""
 
+import hashlib
 import json
 import pickle
 import subprocess
@@ -86,3 +87,23 @@ def test_a_second_writer_is_told_and_the_catalog_is_kept(tmp_path, home):
     assert result.exit_code == 1
     assert result.stderr == f"Error: {catalog}: another process is writing this catalog; wait for it or use --catalog\n"
     assert catalog_rows(catalog) == [(str(good), 3, 10, 20)]
+
+
+def test_export_writes_the_parquet_and_its_manifest(tmp_path, home):
+    good = make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
+    assert CliRunner().invoke(cli, ["scan", str(good)]).exit_code == 0
+    out = tmp_path / "pub" / "catalog.parquet"
+
+    result = CliRunner().invoke(cli, ["export", "--out", str(out)])
+
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "pub" / "catalog.json").read_text())
+    assert result.stdout == f"{out}: 1 rows, sha256 {manifest['sha256']}\n"
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == manifest["sha256"]
+    assert duckdb.sql(f"SELECT repo_id, layer, out_channel, in_channel FROM '{out}'").fetchall() == [(str(good), 3, 10, 20)]
+
+
+def test_export_without_a_catalog(tmp_path, home):
+    result = CliRunner().invoke(cli, ["export", "--out", str(tmp_path / "c.parquet")])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {home / 'catalog.duckdb'}: no catalog yet; run 'superweight scan' first\n"
