@@ -11,3 +11,7 @@ class CatalogLocked(IndexStoreError):
 
 class LedgerUnavailable(IndexStoreError):
     """The ledger database cannot be opened or migrated."""
+
+
+class QueryRefused(IndexStoreError):
+    """A query that would write, or that DuckDB cannot run."""

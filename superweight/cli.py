@@ -137,6 +137,41 @@ def export(out, catalog_path) -> None:
     click.echo(f"{out}: {manifest.rows} rows, sha256 {manifest.sha256}")
 
 
+@cli.command()
+@click.argument("sql")
+@click.option("--from", "source", metavar="PATH_OR_URL", help="Query this catalog.parquet instead of the local catalog.")
+@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
+@click.option("--csv", "as_csv", is_flag=True, help="Comma-separated values with a header.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per row.")
+def query(sql, source, catalog_path, as_csv, as_json) -> None:
+    """Run read-only SQL over the views `catalog` and `scans` (the ledger)."""
+    import csv
+
+    from index.errors import IndexStoreError
+    from index.ledger import default_url
+    from index.query import open_session, run_query
+
+    try:
+        con = open_session(catalog=catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE, parquet=source,
+                           ledger_url=default_url(SUPERWEIGHT_HOME))
+        columns, rows = run_query(con, sql)
+    except IndexStoreError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(dict(zip(columns, row)), default=str))
+    elif as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        cells = [columns] + [["" if v is None else str(v) for v in row] for row in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+        for r in cells:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
 @cli.command(name="ledger")
 @click.option("--state", type=click.Choice(["queued", "running", "succeeded", "failed", "refused"]),
               help="Only records in this state.")

@@ -107,3 +107,35 @@ def test_export_without_a_catalog(tmp_path, home):
     result = CliRunner().invoke(cli, ["export", "--out", str(tmp_path / "c.parquet")])
     assert result.exit_code == 1
     assert result.stderr == f"Error: {home / 'catalog.duckdb'}: no catalog yet; run 'superweight scan' first\n"
+
+
+def test_query_reads_the_catalog_and_the_ledger(tmp_path, home):
+    good = make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
+    CliRunner().invoke(cli, ["scan", str(good), str(tmp_path / "missing")])
+
+    table = CliRunner().invoke(cli, ["query", "SELECT layer, out_channel, in_channel FROM catalog"])
+    as_csv = CliRunner().invoke(cli, ["query", "SELECT repo_id, state FROM scans ORDER BY repo_id", "--csv"])
+    as_json = CliRunner().invoke(cli, ["query", "SELECT count(*) AS n FROM scans WHERE state = 'failed'", "--json"])
+
+    assert table.stdout.splitlines() == ["layer  out_channel  in_channel", "3      10           20"]
+    assert as_csv.stdout == f"repo_id,state\n{good},succeeded\n{tmp_path / 'missing'},failed\n"
+    assert json.loads(as_json.stdout) == {"n": 1}
+
+
+def test_query_from_an_exported_parquet(tmp_path, home):
+    good = make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
+    CliRunner().invoke(cli, ["scan", str(good)])
+    out = tmp_path / "catalog.parquet"
+    CliRunner().invoke(cli, ["export", "--out", str(out)])
+
+    result = CliRunner().invoke(cli, ["query", "SELECT \"index\" FROM catalog", "--from", str(out), "--json"])
+
+    assert json.loads(result.stdout) == {"index": [10, 20]}
+
+
+@pytest.mark.parametrize("sql", ["DELETE FROM catalog", "CREATE TABLE x (a INT)", "SELECT 1; DROP VIEW catalog",
+                                 "COPY catalog TO '/tmp/x.csv'", "ATTACH '/tmp/other.db'"])
+def test_query_refuses_writes(tmp_path, home, sql):
+    result = CliRunner().invoke(cli, ["query", sql])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: query: only one read-only SELECT is accepted, not ")
