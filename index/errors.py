@@ -15,3 +15,11 @@ class LedgerUnavailable(IndexStoreError):
 
 class QueryRefused(IndexStoreError):
     """A query that would write, or that DuckDB cannot run."""
+
+
+class DownloadFailed(IndexStoreError):
+    """A published catalog or its manifest could not be fetched."""
+
+
+class ChecksumMismatch(IndexStoreError):
+    """A downloaded catalog.parquet does not match the sha256 of its manifest."""

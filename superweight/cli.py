@@ -172,6 +172,28 @@ def query(sql, source, catalog_path, as_csv, as_json) -> None:
             click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
+@cli.command()
+@click.argument("source", required=False)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="The local copy to replace (default: $SUPERWEIGHT_HOME/catalog.parquet).")
+def download(source, out) -> None:
+    """Fetch a published catalog.parquet, verify its sha256, replace the local copy.
+
+    SOURCE is a folder or path, an http(s) URL of catalog.parquet, or hf://datasets/OWNER/NAME
+    (default: $SUPERWEIGHT_INDEX_URL or the project's published location).
+    """
+    from index.errors import IndexStoreError
+    from index.publish import DEFAULT_INDEX
+    from index.publish import download as fetch
+
+    dest = out or SUPERWEIGHT_HOME / "catalog.parquet"
+    try:
+        manifest = fetch(source or DEFAULT_INDEX, dest)
+    except IndexStoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{dest}: {manifest.get('rows')} rows, sha256 {manifest['sha256']}")
+
+
 @cli.command(name="ledger")
 @click.option("--state", type=click.Choice(["queued", "running", "succeeded", "failed", "refused"]),
               help="Only records in this state.")
