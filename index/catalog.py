@@ -107,10 +107,14 @@ class Catalog:
         self.close()
 
     def record_scan(self, result: dict, *, scanned_at: datetime | None = None) -> None:
-        """Write one finished scan (a `scanner.scan.scan_source` result), replacing its key's rows."""
+        """Write one finished scan (a `scanner.scan.scan_source` result), replacing its key's rows.
+
+        `scanned_at` defaults to the result's own, then to now (UTC).
+        """
         key = [result.get("repo_id") or result["source"], result["revision"], result["scanner_version"]]
+        when = scanned_at or (datetime.fromisoformat(result["scanned_at"]) if result.get("scanned_at") else None)
         scan = [*key, "scan", result["model_type"], result["num_layers"], result["dtype"],
-                scanned_at or datetime.now(UTC).replace(tzinfo=None), len(result["super_weights"])]
+                when or datetime.now(UTC).replace(tzinfo=None), len(result["super_weights"])]
         weights = [
             [*key, i, w["layer"], w["expert"], w["tensor"], w["out_channel"], w["in_channel"], w["index"],
              w["weight"], w["input_activation"], w["output_activation"], w["spike_ratio"], None]

@@ -4,6 +4,7 @@ import hashlib
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,6 +102,7 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         ScanError: a subclass naming what is wrong with the source.
     """
     start = time.perf_counter()
+    scanned_at = datetime.now(UTC).replace(microsecond=0, tzinfo=None).isoformat()
     device = pick_device(options.device)
     resolved = resolve(source, revision=options.revision, endpoint=options.endpoint)
     pool, stop = ThreadPoolExecutor(max_workers=1), threading.Event()
@@ -141,6 +143,7 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         **detection.to_dict(),
         "criteria": asdict(options.detect),
         "scanner_version": __version__,
+        "scanned_at": scanned_at,  # UTC
         "bytes_read": model.bytes_read,
         "seconds": round(time.perf_counter() - start, 3),
     }

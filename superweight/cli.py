@@ -194,6 +194,17 @@ def download(source, out) -> None:
     click.echo(f"{dest}: {manifest.get('rows')} rows, sha256 {manifest['sha256']}")
 
 
+@cli.command(name="build-index")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("catalog.parquet"),
+              show_default=True, help="Where to write; catalog.json goes beside it.")
+def build_index_command(out) -> None:
+    """Rebuild catalog.parquet from the literature and the committed scans."""
+    from index.build import build_index
+
+    manifest = build_index(out)
+    click.echo(f"{out}: {manifest.rows} rows, sha256 {manifest.sha256}")
+
+
 @cli.command(name="ledger")
 @click.option("--state", type=click.Choice(["queued", "running", "succeeded", "failed", "refused"]),
               help="Only records in this state.")

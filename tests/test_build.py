@@ -1,0 +1,36 @@
+"""The committed catalog.parquet is what `superweight build-index` makes from the repo, and the
+committed scan of the real model is what a scan gives today."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from index.build import build_index, read_scans
+from scanner.scan import scan_source
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_committed_catalog_equals_a_fresh_build(tmp_path):
+    manifest = build_index(tmp_path / "catalog.parquet")
+
+    assert (tmp_path / "catalog.parquet").read_bytes() == (ROOT / "catalog.parquet").read_bytes(), (
+        "catalog.parquet is stale: run `superweight build-index` and commit it with catalog.json")
+    committed = json.loads((ROOT / "catalog.json").read_text())
+    assert (committed["sha256"], committed["rows"]) == (manifest.sha256, manifest.rows)
+
+
+def test_committed_scan_of_smollm2_is_reproduced(smollm2):
+    (committed,) = [r for r in read_scans() if r["source"] == "example:smollm2"]
+
+    fresh = scan_source(str(smollm2))
+
+    assert fresh["revision"] == committed["revision"]  # the conversion is byte-for-byte reproducible
+    assert fresh["scanner_version"] == committed["scanner_version"], (
+        "a new scanner version: rescan with `superweight scan example:smollm2 --json --no-record`")
+    for new, old in zip(fresh["super_weights"], committed["super_weights"], strict=True):
+        assert (new["layer"], new["out_channel"], new["in_channel"], new["tensor"], new["index"]) == (
+            old["layer"], old["out_channel"], old["in_channel"], old["tensor"], old["index"])
+        assert new["weight"] == old["weight"]  # read from the file
+        assert new["output_activation"] == pytest.approx(old["output_activation"], rel=1e-3)
