@@ -23,11 +23,6 @@ class OutProj:
     kind: str  # "linear": W is (out, in); "conv1d": W is (in, out), GPT-2 style; "experts": W is (E, out, in)
 
 
-def text_config(config):
-    """The config that describes the decoder (multimodal configs nest it)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def find_decoder_layers(base_model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
     """Return (path, layers) of the one ModuleList of the base model with `num_layers` blocks."""
     found = [

@@ -33,7 +33,7 @@ from transformers.core_model_loading import (
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .arch import OutProj, find_decoder_layers, find_out_proj, text_config
+from .arch import OutProj, find_decoder_layers, find_out_proj
 from .config import PICKLE_SUFFIXES
 from .errors import (
     CorruptCheckpoint,
@@ -145,7 +145,8 @@ class StreamingModel:
         self.path = path = Path(path)
         self.device = torch.device(device)
         self.config = load_config(path, trust_remote_code=trust_remote_code)
-        self.tensors = read_headers(find_weight_files(path))
+        self.weight_files = find_weight_files(path)
+        self.tensors = read_headers(self.weight_files)
         self.checkpoint_dtype = _majority_dtype(self.tensors, path)
         if dtype is None and self.device.type == "cpu" and self.checkpoint_dtype == torch.float16:
             dtype = torch.float32  # CPU float16 kernels are slow and partly missing
@@ -159,7 +160,7 @@ class StreamingModel:
             raise UnsupportedArchitecture(f"{path}: no causal-LM class for this config ({first_line(e)})") from e
         self.model.eval()
         _move_buffers(self.model, self.device)
-        tcfg = text_config(self.config)
+        tcfg = self.config.get_text_config()  # multimodal configs nest the decoder's
         self.hidden_size = tcfg.hidden_size
         self.num_layers = tcfg.num_hidden_layers
         if self.num_layers < MIN_LAYERS:
@@ -222,7 +223,7 @@ class StreamingModel:
                 self.embed_key = key
             else:
                 self.other_keys.append(key)
-        if self.embed_key is None and head_key is not None and text_config(self.config).tie_word_embeddings:
+        if self.embed_key is None and head_key is not None and self.config.get_text_config().tie_word_embeddings:
             self.embed_key = head_key  # tied weights stored under the head's name: the same matrix
             sources[f"{embed_path}.weight"] = [head_key]
         self._check_against_skeleton(meta, sources, converted, head_path, embed_path)

@@ -16,7 +16,7 @@ from .config import SUPERWEIGHT_HOME, DetectConfig
 from .detect import Detector
 from .errors import DeviceUnavailable, InvalidPrompt
 from .hub import content_hash, resolve
-from .loader import StreamingModel, find_weight_files
+from .loader import StreamingModel
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +107,12 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
     resolved = resolve(source, revision=options.revision, endpoint=options.endpoint)
     pool, stop = ThreadPoolExecutor(max_workers=1), threading.Event()
     try:
-        revision = resolved.revision
-        hashing = None
-        if revision is None:  # a local folder: hash it while the scan runs
-            files = find_weight_files(resolved.path) + [resolved.path / "config.json"]
-            hashing = pool.submit(content_hash, files, resolved.path, cache=SUPERWEIGHT_HOME / DIGEST_CACHE, stop=stop)
         model = StreamingModel(resolved.path, device=str(device), dtype=DTYPES.get(options.dtype),
                                trust_remote_code=options.trust_remote_code)
+        revision, hashing = resolved.revision, None
+        if revision is None:  # a local folder: hash it while the layers stream
+            files = model.weight_files + [resolved.path / "config.json"]
+            hashing = pool.submit(content_hash, files, resolved.path, cache=SUPERWEIGHT_HOME / DIGEST_CACHE, stop=stop)
         ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config)
         check_prompt(resolved.path, ids, model.config)
         input_ids = model.load_static(ids)
