@@ -6,7 +6,6 @@ replaces its rows. A scan that found nothing is a `scans` row with `super_weight
 failed scan is never written here (the ledger records failures), and a model never scanned has no row.
 """
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -14,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+
+from scanner.hub import file_sha256
 
 from .errors import CatalogLocked
 
@@ -166,7 +167,7 @@ class Catalog:
         )
         self.con.execute("RESET threads")
         rows = self.con.execute("SELECT count(*) FROM catalog").fetchone()[0]
-        manifest = Manifest(out.name, _sha256(tmp), rows, SCHEMA_VERSION,
+        manifest = Manifest(out.name, file_sha256(tmp), rows, SCHEMA_VERSION,
                             datetime.now(UTC).isoformat(timespec="seconds"))
         tmp.replace(out)
         manifest_path = out.with_suffix(".json")
@@ -175,7 +176,3 @@ class Catalog:
         tmp_manifest.replace(manifest_path)
         return manifest
 
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

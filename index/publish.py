@@ -5,7 +5,6 @@ A source is a folder or file path, an http(s) URL of catalog.parquet, or hf://da
 from beside catalog.parquet.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
 from scanner.errors import first_line
+from scanner.hub import file_sha256
 
 from .errors import ChecksumMismatch, DownloadFailed
 
@@ -46,8 +46,7 @@ def download(source: str, dest: Path) -> dict:
             expected = manifest["sha256"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise DownloadFailed(f"{source}: {MANIFEST} is not a catalog manifest ({e})") from None
-        with open(parquet, "rb") as f:
-            actual = hashlib.file_digest(f, "sha256").hexdigest()
+        actual = file_sha256(parquet)
         if actual != expected:
             raise ChecksumMismatch(
                 f"{source}: {PARQUET} has sha256 {actual[:16]}..., its manifest says {expected[:16]}...; "

@@ -166,7 +166,7 @@ def content_hash(files: list[Path], root: Path, *, cache: Path | None = None,
         stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
         entry = known.get(str(file))
         if entry is None or entry.get("stamp") != stamp:
-            file_sha = _file_sha256(file, stop)
+            file_sha = file_sha256(file, stop)
             if file_sha is None:
                 return None
             entry = known[str(file)] = {"stamp": stamp, "sha256": file_sha}
@@ -175,7 +175,7 @@ def content_hash(files: list[Path], root: Path, *, cache: Path | None = None,
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path, stop: threading.Event | None, chunk: int = 256 << 10) -> str | None:
+def file_sha256(path: Path, stop: threading.Event | None = None, chunk: int = 256 << 10) -> str | None:
     """sha256 of a file, or None once `stop` is set.
 
     256 KiB reads into one reused buffer stay in the CPU cache: 0.79 s per GB here, against 1.16 s
