@@ -160,12 +160,14 @@ class Catalog:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        self.con.execute("SET threads = 1")  # one writer thread: the same catalog gives the same bytes
         escaped = str(tmp).replace("'", "''")
-        self.con.execute(
-            f"COPY (SELECT * FROM catalog ORDER BY {_EXPORT_ORDER}) TO '{escaped}' (FORMAT parquet, COMPRESSION zstd)"
-        )
-        self.con.execute("RESET threads")
+        self.con.execute("SET threads = 1")  # one writer thread: the same catalog gives the same bytes
+        try:
+            self.con.execute(
+                f"COPY (SELECT * FROM catalog ORDER BY {_EXPORT_ORDER}) TO '{escaped}' (FORMAT parquet, COMPRESSION zstd)"
+            )
+        finally:
+            self.con.execute("RESET threads")
         rows = self.con.execute("SELECT count(*) FROM catalog").fetchone()[0]
         manifest = Manifest(out.name, file_sha256(tmp), rows, SCHEMA_VERSION,
                             datetime.now(UTC).isoformat(timespec="seconds"))

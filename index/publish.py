@@ -39,8 +39,8 @@ def download(source: str, dest: Path) -> dict:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
         parquet, manifest_file = Path(tmp) / PARQUET, Path(tmp) / MANIFEST
-        _fetch(source, PARQUET, parquet)
-        _fetch(source, MANIFEST, manifest_file)
+        fetch(source, PARQUET, parquet)
+        fetch(source, MANIFEST, manifest_file)
         try:
             manifest = json.loads(manifest_file.read_text())
             expected = manifest["sha256"]
@@ -57,7 +57,7 @@ def download(source: str, dest: Path) -> dict:
     return manifest
 
 
-def _fetch(source: str, name: str, target: Path) -> None:
+def fetch(source: str, name: str, target: Path) -> None:
     """Copy file `name` of `source` (folder, file beside it, URL, or hf://datasets/...) to `target`."""
     try:
         if source.startswith("hf://datasets/"):

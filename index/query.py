@@ -1,12 +1,11 @@
 """Read-only SQL over the index: a view `catalog` (catalog.parquet's columns) and a view `scans` (the ledger).
 
 Queries run in an in-memory DuckDB session in which the catalog database is attached read-only (or
-a catalog.parquet is read directly) and the ledger's rows are copied in. Only one SELECT or EXPLAIN
+a catalog.parquet is read: a local file directly, a URL or hf://datasets/... fetched first) and the ledger's rows are copied in. Only one SELECT or EXPLAIN
 statement is accepted: the index cannot be changed through a query.
 """
 
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import duckdb
@@ -14,6 +13,7 @@ from sqlalchemy import DateTime, Integer
 
 from .errors import QueryRefused
 from .ledger import Ledger, ScanRecord
+from .publish import PARQUET, fetch
 
 _READ = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -23,10 +23,7 @@ def open_session(*, catalog: Path | None = None, parquet: str | None = None,
     """An in-memory session with the `catalog` view (from `catalog` or `parquet`) and the `scans` view."""
     con = duckdb.connect()
     if parquet is not None:
-        try:  # a view cannot take a prepared parameter, hence the quoted literal
-            con.execute(f"CREATE VIEW catalog AS SELECT * FROM read_parquet('{_quote(_local(parquet))}')")
-        except duckdb.Error as e:
-            raise QueryRefused(f"{parquet}: not a readable catalog.parquet ({str(e).splitlines()[0]})") from None
+        _read_parquet(con, parquet)
     elif catalog is not None and catalog.is_file():
         con.execute(f"ATTACH '{_quote(catalog)}' AS stored (READ_ONLY)")
         con.execute("CREATE VIEW catalog AS SELECT * FROM stored.catalog")
@@ -61,16 +58,18 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list
         raise QueryRefused(f"query: {str(e).splitlines()[0]}") from None
 
 
-def _local(path_or_url: str) -> str:
-    """A local path for a catalog.parquet given as a path or an http(s) URL (downloaded once)."""
-    if not path_or_url.startswith(("http://", "https://")):
-        return path_or_url
-    target = Path(tempfile.mkdtemp(prefix="superweight-query-")) / "catalog.parquet"
+def _read_parquet(con: duckdb.DuckDBPyConnection, source: str) -> None:
+    """The view (a local file) or table (fetched: URL, hf://datasets/...) `catalog` from a catalog.parquet."""
     try:
-        urllib.request.urlretrieve(path_or_url, target)  # noqa: S310 (http/https only, checked above)
-    except OSError as e:
-        raise QueryRefused(f"{path_or_url}: cannot fetch it ({e})") from None
-    return str(target)
+        if Path(source).exists():  # a view cannot take a prepared parameter, hence the quoted literal
+            con.execute(f"CREATE VIEW catalog AS SELECT * FROM read_parquet('{_quote(source)}')")
+            return
+        with tempfile.TemporaryDirectory(prefix="superweight-query-") as tmp:
+            local = Path(tmp) / PARQUET
+            fetch(source, PARQUET, local)  # the download command's fetch: paths, http(s), hf://datasets
+            con.execute(f"CREATE TABLE catalog AS SELECT * FROM read_parquet('{_quote(local)}')")
+    except duckdb.Error as e:
+        raise QueryRefused(f"{source}: not a readable catalog.parquet ({str(e).splitlines()[0]})") from None
 
 
 def _duck_type(sql_type) -> str:

@@ -74,3 +74,10 @@ def test_the_cli_downloads_and_reports(published, tmp_path):
     assert result.exit_code == 0, result.output
     sha = hashlib.sha256(dest.read_bytes()).hexdigest()
     assert result.stdout == f"{dest}: 47 rows, sha256 {sha}\n"
+
+
+def test_query_from_a_url_reads_it_through_the_same_fetch(http_server):
+    result = CliRunner().invoke(cli, ["query", "SELECT count(*) AS n FROM catalog WHERE source = 'literature'",
+                                      "--from", f"{http_server}/catalog.parquet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"n": 47}
