@@ -17,6 +17,7 @@ import click
 
 from scanner import __version__
 from scanner.config import CATALOG_FILE, DEBUG, SUPERWEIGHT_HOME, DetectConfig
+from index.errors import IndexStoreError
 from scanner.errors import ScanError, first_line
 
 EXIT_SOME_FAILED = 3
@@ -32,7 +33,18 @@ def _setup_logging(verbose: int) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-@click.group()
+class _Cli(click.Group):
+    """The command group; index errors (a locked catalog, an unreachable ledger, a refused query,
+    a bad download) become one-line messages here, for every command at once."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except IndexStoreError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Cli)
 @click.version_option(__version__, prog_name="superweight")
 @click.option("-v", "--verbose", count=True, help="-v for info logs, -vv for debug logs (stderr).")
 def cli(verbose: int) -> None:
@@ -84,16 +96,12 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
 
 
 def _open_stores(stores: ExitStack, catalog_path: Path | None):
-    """The catalog writer and the ledger, closed with `stores`; their errors become one-line messages."""
+    """The catalog writer and the ledger, closed with `stores`."""
     from index.catalog import Catalog
-    from index.errors import IndexStoreError
     from index.ledger import Ledger, default_url
 
-    try:
-        catalog = stores.enter_context(Catalog(catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE))
-        ledger = Ledger(default_url(SUPERWEIGHT_HOME))
-    except IndexStoreError as e:
-        raise click.ClickException(str(e)) from None
+    catalog = stores.enter_context(Catalog(catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE))
+    ledger = Ledger(default_url(SUPERWEIGHT_HOME))
     stores.callback(ledger.close)
     return catalog, ledger
 
@@ -124,17 +132,13 @@ def _scan_one(run, source: str, options, *, as_json: bool, progress: bool) -> bo
 def export(out, catalog_path) -> None:
     """Write catalog.parquet and its catalog.json manifest."""
     from index.catalog import Catalog
-    from index.errors import IndexStoreError
 
     path = catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE
     if not path.is_file():
         raise click.ClickException(f"{path}: no catalog yet; run 'superweight scan' first")
-    try:
-        with Catalog(path, read_only=True) as catalog:
-            manifest = catalog.export(out)
-    except IndexStoreError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"{out}: {manifest.rows} rows, sha256 {manifest.sha256}")
+    with Catalog(path, read_only=True) as catalog:
+        manifest = catalog.export(out)
+    _report(out, manifest.rows, manifest.sha256)
 
 
 @cli.command()
@@ -148,16 +152,12 @@ def query(sql, source, catalog_path, as_csv, as_json) -> None:
     """Run read-only SQL over the views `catalog` and `scans` (the ledger)."""
     import csv
 
-    from index.errors import IndexStoreError
     from index.ledger import default_url
     from index.query import open_session, run_query
 
-    try:
-        con = open_session(catalog=catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE, parquet=source,
-                           ledger_url=default_url(SUPERWEIGHT_HOME))
-        columns, rows = run_query(con, sql)
-    except IndexStoreError as e:
-        raise click.ClickException(str(e)) from None
+    con = open_session(catalog=catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE, parquet=source,
+                       ledger_url=default_url(SUPERWEIGHT_HOME))
+    columns, rows = run_query(con, sql)
     if as_json:
         for row in rows:
             click.echo(json.dumps(dict(zip(columns, row)), default=str))
@@ -182,16 +182,12 @@ def download(source, out) -> None:
     SOURCE is a folder or path, an http(s) URL of catalog.parquet, or hf://datasets/OWNER/NAME
     (default: $SUPERWEIGHT_INDEX_URL or the project's published location).
     """
-    from index.errors import IndexStoreError
     from index.publish import DEFAULT_INDEX
     from index.publish import download as fetch
 
     dest = out or SUPERWEIGHT_HOME / "catalog.parquet"
-    try:
-        manifest = fetch(source or DEFAULT_INDEX, dest)
-    except IndexStoreError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"{dest}: {manifest.get('rows')} rows, sha256 {manifest['sha256']}")
+    manifest = fetch(source or DEFAULT_INDEX, dest)
+    _report(dest, manifest.get("rows"), manifest["sha256"])
 
 
 @cli.command(name="build-index")
@@ -202,7 +198,7 @@ def build_index_command(out) -> None:
     from index.build import build_index
 
     manifest = build_index(out)
-    click.echo(f"{out}: {manifest.rows} rows, sha256 {manifest.sha256}")
+    _report(out, manifest.rows, manifest.sha256)
 
 
 @cli.command(name="ledger")
@@ -211,13 +207,9 @@ def build_index_command(out) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per record.")
 def ledger_command(state, as_json) -> None:
     """Show the scan ledger: what was scanned, when, and why it failed."""
-    from index.errors import IndexStoreError
     from index.ledger import Ledger, default_url
 
-    try:
-        ledger = Ledger(default_url(SUPERWEIGHT_HOME))
-    except IndexStoreError as e:
-        raise click.ClickException(str(e)) from None
+    ledger = Ledger(default_url(SUPERWEIGHT_HOME))
     records = ledger.records(state=state)
     ledger.close()
     for r in records:
@@ -227,6 +219,11 @@ def ledger_command(state, as_json) -> None:
             when = r["finished_at"] or r["started_at"]
             click.echo(f"{r['state']:<9} {r['attempts']:>3}  {when:%Y-%m-%d %H:%M}  {r['repo_id']}@{r['revision'][:12]}"
                        + (f"  {r['error']}" if r["error"] else ""))
+
+
+def _report(path: Path, rows: int, sha256: str) -> None:
+    """What export, download and build-index wrote."""
+    click.echo(f"{path}: {rows} rows, sha256 {sha256}")
 
 
 @contextmanager
