@@ -119,6 +119,11 @@ def _aim_inputs(mlp: nn.Module, proj: nn.Module, col: int, row: torch.Tensor) ->
             module.weight[col] = row
 
 
+def coordinates(result: dict) -> set[tuple]:
+    """(layer, expert, row, col) of each super weight a scan reported."""
+    return {(w["layer"], w["expert"], w["out_channel"], w["in_channel"]) for w in result["super_weights"]}
+
+
 def make_checkpoint(path: Path, arch: str, plants: list[Plant] = (), *, seed: int = 0,
                     dtype: torch.dtype = torch.float32, **overrides) -> Path:
     """Write a seeded tiny `arch` checkpoint with `plants` to `path` via save_pretrained."""

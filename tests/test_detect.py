@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from scanner.scan import scan_source
-from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, make_checkpoint
+from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, coordinates, make_checkpoint
 
 
 def _decoy(layer, expert):
@@ -24,10 +24,6 @@ def scenarios(expert):
 
 
 CASES = [(arch, name) for arch in ARCHS for name in scenarios(None)]
-
-
-def coordinates(result):
-    return {(w["layer"], w["expert"], w["out_channel"], w["in_channel"]) for w in result["super_weights"]}
 
 
 @pytest.mark.parametrize("arch,scenario", CASES)

@@ -15,16 +15,13 @@ import pytest
 from scanner.errors import HubError, SourceNotFound, UnsafeCheckpoint
 from scanner.hub import resolve
 from scanner.scan import ScanOptions, scan_source
+from tests.checkpoints import coordinates
 from tests.hub_server import FIRST_PLANT, LATEST_PLANT, local_hub, olah_server  # noqa: F401 (fixture)
 
 TINY = "testorg/tiny-llama"
 SHARDED = "testorg/tiny-llama-sharded"
 CLI = str(Path(sys.executable).with_name("superweight"))  # the installed console script
 CLI_TIMEOUT = 120  # seconds; a run costs 5-8 s here, most of it importing torch
-
-
-def coordinates(result: dict) -> set[tuple]:
-    return {(w["layer"], w["expert"], w["out_channel"], w["in_channel"]) for w in result["super_weights"]}
 
 
 def planted(p) -> set[tuple]:
