@@ -59,6 +59,30 @@ SELECT s.repo_id, s.revision, s.model_type, s.num_layers, w.layer, w.expert, w.t
 FROM scans s LEFT JOIN super_weights w USING (repo_id, revision, scanner_version);
 """
 
+# The columns of the `catalog` view and of catalog.parquet, in order, with what each means; the
+# dataset card of a published index documents them from here.
+COLUMNS = {
+    "repo_id": "Hub id of the model (or the source as given, for folders and examples)",
+    "revision": "commit sha scanned (a content hash for folders; empty for literature rows)",
+    "model_type": "config.json model_type, e.g. llama",
+    "num_layers": "number of decoder layers",
+    "layer": "decoder layer holding the super weight (null: scanned, none found)",
+    "expert": "MoE expert index (null for dense MLPs)",
+    "tensor": "name of the MLP output projection tensor in the checkpoint",
+    "out_channel": "row: the residual channel the weight writes (the super activation's channel)",
+    "in_channel": "column: the intermediate channel the weight reads",
+    "index": "position in the stored tensor ([row, col]; [col, row] for GPT-2 Conv1D)",
+    "weight": "the super weight's value",
+    "input_activation": "the input that drives it on the detection prompt",
+    "output_activation": "the super activation it produces",
+    "spike_ratio": "the layer's peak absolute output over the median layer's",
+    "dtype": "dtype the checkpoint was scanned in",
+    "source": "'scan' (found by this scanner) or 'literature' (published coordinates)",
+    "note": "for literature rows, the source of the coordinates; 'UNCERTAIN: ' when unconfirmed",
+    "scanner_version": "superweight version that scanned it ('literature' for published rows)",
+    "scanned_at": "when it was scanned (UTC)",
+}
+
 # Stable row order of the export: by model, then as found.
 _EXPORT_ORDER = "repo_id, revision, scanner_version, source, layer NULLS FIRST, expert NULLS FIRST, out_channel, in_channel"
 

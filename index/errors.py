@@ -23,3 +23,7 @@ class DownloadFailed(IndexStoreError):
 
 class ChecksumMismatch(IndexStoreError):
     """A downloaded catalog.parquet does not match the sha256 of its manifest."""
+
+
+class PublishFailed(IndexStoreError):
+    """A catalog could not be published to its target."""

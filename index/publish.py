@@ -1,6 +1,9 @@
-"""Getting a published catalog.parquet: fetch it with its manifest, verify, replace the local copy.
+"""Publishing catalog.parquet, and getting a published one back.
 
-A source is a folder or file path, an http(s) URL of catalog.parquet, or hf://datasets/OWNER/NAME
+`publish` puts an export (catalog.parquet, its catalog.json manifest and a dataset card README.md
+that documents the columns) into a folder, or into a Hugging Face dataset repo in one commit.
+`download` fetches a published catalog.parquet with its manifest, verifies it and replaces the
+local copy. A source is a folder or file path, an http(s) URL of catalog.parquet, or hf://datasets/OWNER/NAME
 (through huggingface_hub, so HF_ENDPOINT, HF_TOKEN and the cache apply). catalog.json is fetched
 from beside catalog.parquet.
 """
@@ -10,20 +13,155 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's HTTP client
-from huggingface_hub import hf_hub_download
+import pyarrow.parquet as pq
+from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
 from scanner.errors import first_line
 from scanner.hub import file_sha256
 
-from .errors import ChecksumMismatch, DownloadFailed
+from .errors import ChecksumMismatch, DownloadFailed, PublishFailed
 
 # Where `superweight publish` pushes the index; overridable for mirrors.
 DEFAULT_INDEX = os.getenv("SUPERWEIGHT_INDEX_URL", "hf://datasets/superweight/index")
-PARQUET, MANIFEST = "catalog.parquet", "catalog.json"
+PARQUET, MANIFEST, CARD = "catalog.parquet", "catalog.json", "README.md"
+HUB_DATASETS = "hf://datasets/"
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where a catalog went: the target, the manifest published with it, and the Hub commit if any."""
+
+    target: str
+    manifest: dict
+    commit_url: str | None = None
+
+
+def publish(target: str, parquet: Path, *, endpoint: str | None = None, private: bool = False) -> Published:
+    """Publish the export `parquet` (with its manifest beside it) and a dataset card to `target`.
+
+    `target` is a folder (created if missing; each file is written aside and renamed, the manifest
+    last) or hf://datasets/OWNER/NAME: the dataset repo is created if missing (`private` then
+    applies) and the three files go up in one commit. The token comes only from HF_TOKEN in the
+    environment and is never shown, not even in an error.
+
+    Raises:
+        PublishFailed: the export does not match its manifest, the target is not a folder or a
+            dataset repo, there is no token, or the Hub refused.
+    """
+    manifest = _verified_manifest(Path(parquet))
+    if target.startswith(HUB_DATASETS):
+        return _publish_to_hub(target, Path(parquet), manifest, endpoint=endpoint, private=private)
+    if "://" in target:
+        raise PublishFailed(f"{target}: publish to a folder or to {HUB_DATASETS}OWNER/NAME")
+    return _publish_to_folder(target, Path(parquet), manifest)
+
+
+def _verified_manifest(parquet: Path) -> dict:
+    """The manifest beside `parquet` (as export writes it), checked against the file, renamed to PARQUET."""
+    manifest_path = parquet.with_suffix(".json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = manifest["sha256"]
+    except FileNotFoundError:
+        raise PublishFailed(f"{parquet}: no manifest {manifest_path.name} beside it; write both with 'superweight export'") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise PublishFailed(f"{manifest_path}: not a catalog manifest ({first_line(e)})") from None
+    if file_sha256(parquet) != expected:
+        raise PublishFailed(f"{parquet}: does not match the sha256 in {manifest_path.name}; export it again")
+    return {**manifest, "file": PARQUET}
+
+
+def _publish_to_folder(target: str, parquet: Path, manifest: dict) -> Published:
+    folder = Path(target)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".publish-") as tmp:
+            staged = Path(tmp)
+            shutil.copyfile(parquet, staged / PARQUET)
+            (staged / CARD).write_text(dataset_card(staged / PARQUET, manifest, where=str(folder)))
+            (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            for name in (PARQUET, CARD, MANIFEST):  # same folder: atomic renames, the manifest last
+                (staged / name).replace(folder / name)
+    except OSError as e:
+        raise PublishFailed(f"{target}: cannot publish here ({first_line(e)})") from None
+    return Published(str(folder), manifest)
+
+
+def _publish_to_hub(target: str, parquet: Path, manifest: dict, *, endpoint: str | None,
+                    private: bool) -> Published:
+    repo_id = target.removeprefix(HUB_DATASETS).strip("/")
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise PublishFailed(f"{target}: publishing to the Hub needs a write token in the HF_TOKEN environment variable")
+    card = dataset_card(parquet, manifest, where=target)
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        commit = api.create_commit(
+            repo_id,
+            repo_type="dataset",
+            operations=[
+                CommitOperationAdd(PARQUET, str(parquet)),
+                CommitOperationAdd(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode()),
+                CommitOperationAdd(CARD, card.encode()),
+            ],
+            commit_message=f"superweight index: {manifest['rows']} rows, sha256 {manifest['sha256'][:12]}",
+        )
+    except (OSError, ValueError, HfHubHTTPError, httpx2.HTTPError) as e:  # HTTP, network, offline, bad card
+        reason = first_line(e).replace(token, "***")
+        raise PublishFailed(f"{target}: upload failed ({reason})") from None
+    return Published(target, manifest, commit.commit_url)
+
+
+def dataset_card(parquet: Path, manifest: dict, *, where: str) -> str:
+    """The README.md of a published index: metadata, what it is, its columns, how to read it."""
+    from .catalog import COLUMNS
+
+    schema = pq.read_schema(parquet)
+    models = len(set(pq.read_table(parquet, columns=["repo_id"]).column("repo_id").to_pylist()))
+    rows = manifest["rows"]
+    size = "n<1K" if rows < 1_000 else "1K<n<10K" if rows < 10_000 else "10K<n<100K" if rows < 100_000 else "100K<n<1M"
+    data = DatasetCardData(
+        license="apache-2.0",
+        pretty_name="Super weights of open LLM checkpoints",
+        tags=["super-weight", "quantization", "pruning", "interpretability"],
+        size_categories=[size],
+        configs=[{"config_name": "default", "data_files": PARQUET}],
+    )
+    columns = "\n".join(f"| `{name}` | {schema.field(name).type} | {meaning} |" for name, meaning in COLUMNS.items())
+    body = f"""
+# Super weights of open LLM checkpoints
+
+Coordinates of the *super weights* of open model checkpoints: the few scalars in an MLP output
+projection (`mlp.down_proj`) whose removal destroys a model ("The Super Weight in Large Language
+Models", arXiv 2411.07191). Each row of `{PARQUET}` is one super weight, or one row with empty
+coordinates for a model that was scanned and has none. Rows with `source = 'scan'` were found by
+the `superweight` scanner in one forward pass of one prompt; rows with `source = 'literature'` are
+published coordinates, with their source in `note`.
+
+This snapshot: {rows} rows, {models} models, schema version {manifest['schema_version']},
+created {manifest['created']}; `{MANIFEST}` holds the sha256 of `{PARQUET}`
+(`{manifest['sha256']}`).
+
+## Columns
+
+| column | type | meaning |
+| --- | --- | --- |
+{columns}
+
+## Reading it
+
+```bash
+superweight download {where}
+superweight query "SELECT repo_id, layer, out_channel, in_channel FROM catalog WHERE layer IS NOT NULL" --from {where}
+```
+"""
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 def download(source: str, dest: Path) -> dict:

@@ -190,6 +190,37 @@ def download(source, out) -> None:
     _report(dest, manifest.get("rows"), manifest["sha256"])
 
 
+@cli.command()
+@click.argument("target")
+@click.option("--file", "parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Publish this export (catalog.parquet with its catalog.json) instead of exporting the local catalog.")
+@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
+@click.option("--private", is_flag=True, help="Create the dataset repo private, if it does not exist yet.")
+def publish(target, parquet, catalog_path, private) -> None:
+    """Publish catalog.parquet, catalog.json and a dataset card to a folder or a Hub dataset repo.
+
+    TARGET is a folder or hf://datasets/OWNER/NAME (one commit; the token comes from HF_TOKEN).
+    """
+    import tempfile
+
+    from index.catalog import Catalog
+    from index.publish import publish as publish_to
+
+    with tempfile.TemporaryDirectory(prefix="superweight-publish-") as tmp:
+        if parquet is None:
+            path = catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE
+            if not path.is_file():
+                raise click.ClickException(f"{path}: no catalog yet; run 'superweight scan' first")
+            parquet = Path(tmp) / "catalog.parquet"
+            with Catalog(path, read_only=True) as catalog:
+                catalog.export(parquet)
+        published = publish_to(target, parquet, private=private)
+    _report(published.target, published.manifest["rows"], published.manifest["sha256"])
+    if published.commit_url:
+        click.echo(f"commit {published.commit_url}")
+
+
 @cli.command(name="build-index")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("catalog.parquet"),
               show_default=True, help="Where to write; catalog.json goes beside it.")
@@ -221,8 +252,8 @@ def ledger_command(state, as_json) -> None:
                        + (f"  {r['error']}" if r["error"] else ""))
 
 
-def _report(path: Path, rows: int, sha256: str) -> None:
-    """What export, download and build-index wrote."""
+def _report(path: Path | str, rows: int, sha256: str) -> None:
+    """What export, download, publish and build-index wrote."""
     click.echo(f"{path}: {rows} rows, sha256 {sha256}")
 
 

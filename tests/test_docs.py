@@ -25,3 +25,10 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 def test_torch_is_pinned_in_the_package():
     assert '"torch==2.13.0"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_readme_documents_every_catalog_column_in_order():
+    from index.catalog import COLUMNS
+
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| view `catalog`"))
+    assert re.findall(r"`(\w+)`", row.split("the columns of catalog.parquet:")[1]) == list(COLUMNS)
