@@ -198,7 +198,7 @@ def download(source, out) -> None:
               help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
 @click.option("--private", is_flag=True, help="Create the dataset repo private, if it does not exist yet.")
 def publish(target, parquet, catalog_path, private) -> None:
-    """Publish catalog.parquet, catalog.json and a dataset card to a folder or a Hub dataset repo.
+    """Publish catalog.parquet, its manifest and a dataset card.
 
     TARGET is a folder or hf://datasets/OWNER/NAME (one commit; the token comes from HF_TOKEN).
     """
