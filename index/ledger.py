@@ -3,15 +3,23 @@
 One row per (repo_id, revision, scanner_version): its state (queued, running, succeeded, failed,
 refused), how many attempts it took, the last error, which worker ran it, when, and how many bytes
 it read. The schema is created and upgraded by Alembic migrations (index/migrations) on open.
+
+Crawls coordinate through leases: `claim` moves a queued or failed row (or a running one whose
+lease has expired) to running for one owner in a single conditional UPDATE, so of two crawls
+started at once exactly one gets each model. The owner renews its leases while it works; a crawl
+that is killed stops renewing, and its models become claimable when their leases expire.
 """
 
 import os
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import CheckConstraint, DateTime, Integer, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy import (
+    BigInteger, CheckConstraint, DateTime, Integer, String, Text, UniqueConstraint, and_, create_engine, or_, select,
+    update,
+)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -49,7 +57,9 @@ class ScanRecord(Base):
     worker: Mapped[str | None] = mapped_column(String(256))
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
-    bytes_read: Mapped[int | None] = mapped_column(Integer)
+    bytes_read: Mapped[int | None] = mapped_column(BigInteger)
+    lease_owner: Mapped[str | None] = mapped_column(String(256))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     def to_dict(self) -> dict:
         return {c.name: getattr(self, c.name) for c in self.__table__.columns}
@@ -112,6 +122,57 @@ class Ledger:
                     session.delete(record)
                     record = resolved
             record.state, record.error, record.bytes_read, record.finished_at = state, error, bytes_read, _now()
+            record.lease_owner = record.lease_expires_at = None
+
+    def state(self, repo_id: str, revision: str, scanner_version: str) -> str | None:
+        """The key's state, or None if it was never seen."""
+        with Session(self.engine) as session:
+            return session.scalar(select(ScanRecord.state).filter_by(
+                repo_id=repo_id, revision=revision, scanner_version=scanner_version))
+
+    def queue(self, repo_id: str, revision: str, scanner_version: str) -> None:
+        """Make sure the key has a row: a new one is queued; an existing one is left as it is."""
+        with Session(self.engine) as session, session.begin():
+            if session.scalar(select(ScanRecord.id).filter_by(
+                    repo_id=repo_id, revision=revision, scanner_version=scanner_version)) is None:
+                session.add(ScanRecord(repo_id=repo_id, revision=revision, scanner_version=scanner_version,
+                                       state="queued", attempts=0))
+
+    def claim(self, repo_id: str, revision: str, scanner_version: str, *, owner: str,
+              lease_seconds: float) -> int | None:
+        """Start an attempt if nobody else holds the key: returns its record id, or None.
+
+        Claimable: queued or failed rows, and running rows whose lease has expired. The check and
+        the change are one UPDATE, so concurrent claims cannot both succeed.
+        """
+        now = _now()
+        claimable = or_(ScanRecord.state.in_(("queued", "failed")),
+                        and_(ScanRecord.state == "running", ScanRecord.lease_expires_at < now))
+        with Session(self.engine) as session, session.begin():
+            record_id = session.scalar(
+                update(ScanRecord)
+                .where(ScanRecord.repo_id == repo_id, ScanRecord.revision == revision,
+                       ScanRecord.scanner_version == scanner_version, claimable)
+                .values(state="running", attempts=ScanRecord.attempts + 1, worker=owner, error=None,
+                        started_at=now, finished_at=None, lease_owner=owner,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds))
+                .returning(ScanRecord.id)
+            )
+        return record_id
+
+    def renew(self, owner: str, *, lease_seconds: float) -> int:
+        """Extend every running lease `owner` holds; returns how many."""
+        with Session(self.engine) as session, session.begin():
+            return session.execute(
+                update(ScanRecord).where(ScanRecord.lease_owner == owner, ScanRecord.state == "running")
+                .values(lease_expires_at=_now() + timedelta(seconds=lease_seconds))
+            ).rowcount
+
+    def release(self, record_id: int) -> None:
+        """Give a claimed key back unfinished (the crawl was interrupted): queued again, no lease."""
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(ScanRecord).where(ScanRecord.id == record_id, ScanRecord.state == "running")
+                            .values(state="queued", lease_owner=None, lease_expires_at=None, finished_at=_now()))
 
     def records(self, *, state: str | None = None) -> list[dict]:
         """All records, newest first, optionally only those in `state`."""

@@ -8,7 +8,13 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from index.errors import LedgerUnavailable
-from index.ledger import Ledger
+from index.ledger import MIGRATIONS, Ledger
+
+
+def migrations_head() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
 def postgres_base_url() -> str:
@@ -92,7 +98,7 @@ def test_schema_comes_from_migrations_and_reopening_keeps_data(ledger_url):
     again = Ledger(ledger_url)
     assert len(again.records()) == 1
     with again.engine.connect() as con:
-        assert con.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert con.execute(text("SELECT version_num FROM alembic_version")).scalar() == migrations_head()
     assert {"scans", "alembic_version"} <= set(inspect(again.engine).get_table_names())
     again.close()
 
@@ -103,3 +109,71 @@ def test_an_unreachable_ledger_is_a_one_line_error_without_the_password():
     message = str(caught.value)
     assert message.startswith("postgresql+psycopg://scanner:***@127.0.0.1:9/ledger: cannot open the ledger (")
     assert "s3cret" not in message and "\n" not in message
+
+
+# --- leases: how concurrent crawls share the ledger ----------------------------------------------
+
+KEY = ("org/model", "a" * 40, "0.1.0")
+
+
+def test_of_two_claims_exactly_one_wins(ledger_url):
+    one, two = Ledger(ledger_url), Ledger(ledger_url)  # two engines: two crawls
+    one.queue(*KEY)
+    two.queue(*KEY)  # queueing twice keeps one row
+    first = one.claim(*KEY, owner="crawl-1", lease_seconds=300)
+    second = two.claim(*KEY, owner="crawl-2", lease_seconds=300)
+    assert first is not None and second is None
+    (record,) = two.records()
+    assert (record["state"], record["attempts"], record["lease_owner"]) == ("running", 1, "crawl-1")
+    one.close()
+    two.close()
+
+
+def test_an_expired_lease_can_be_taken_over_and_a_finished_one_cannot(ledger_url):
+    ledger = Ledger(ledger_url)
+    ledger.queue(*KEY)
+    assert ledger.claim(*KEY, owner="killed-crawl", lease_seconds=-1) is not None  # already expired
+    record_id = ledger.claim(*KEY, owner="next-crawl", lease_seconds=300)
+    assert record_id is not None
+    ledger.finish(record_id, "succeeded", bytes_read=3_000_000_000)  # over 32 bits
+    assert ledger.claim(*KEY, owner="third", lease_seconds=300) is None
+    (record,) = ledger.records()
+    assert (record["state"], record["attempts"], record["bytes_read"]) == ("succeeded", 2, 3_000_000_000)
+    assert record["lease_owner"] is None and record["lease_expires_at"] is None
+    ledger.close()
+
+
+def test_renew_extends_and_release_gives_back(ledger_url):
+    ledger = Ledger(ledger_url)
+    ledger.queue(*KEY)
+    record_id = ledger.claim(*KEY, owner="crawl-1", lease_seconds=1)
+    before = ledger.records()[0]["lease_expires_at"]
+    assert ledger.renew("crawl-1", lease_seconds=600) == 1
+    assert ledger.renew("someone-else", lease_seconds=600) == 0
+    assert ledger.records()[0]["lease_expires_at"] > before
+    ledger.release(record_id)
+    (record,) = ledger.records()
+    assert (record["state"], record["lease_owner"]) == ("queued", None)
+    assert ledger.claim(*KEY, owner="crawl-2", lease_seconds=300) is not None
+    ledger.close()
+
+
+def test_a_ledger_made_by_migration_0001_upgrades_and_keeps_its_rows(ledger_url):
+    from alembic import command
+    from alembic.config import Config
+
+    engine = create_engine(ledger_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(text("INSERT INTO scans (repo_id, revision, scanner_version, state, attempts) "
+                                "VALUES ('org/old', 'b', '0.0.1', 'failed', 3)"))
+    engine.dispose()
+
+    ledger = Ledger(ledger_url)
+    (record,) = ledger.records()
+    assert (record["repo_id"], record["state"], record["attempts"], record["lease_owner"]) == ("org/old", "failed", 3, None)
+    assert ledger.claim("org/old", "b", "0.0.1", owner="crawl", lease_seconds=60) is not None  # failed: retried
+    ledger.close()
