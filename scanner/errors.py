@@ -39,6 +39,14 @@ class HubError(ScanError):
     """The Hub could not give us the checkpoint (network, auth, missing revision)."""
 
 
+class HubUnavailable(HubError):
+    """The Hub answered 429 or 5xx, timed out, or could not be reached: worth trying again later."""
+
+
+class ScanTimeout(ScanError):
+    """The scan ran past its time limit."""
+
+
 class DeviceUnavailable(ScanError):
     """The requested device does not exist on this machine."""
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .config import CHECKPOINT_PATTERNS, PICKLE_SUFFIXES
-from .errors import CorruptCheckpoint, HubError, SourceNotFound, UnsafeCheckpoint, first_line
+from .errors import CorruptCheckpoint, HubError, HubUnavailable, SourceNotFound, UnsafeCheckpoint, first_line
 from .examples import example_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -102,16 +103,43 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Res
     except LocalEntryNotFoundError:
         raise HubError(f"{where}: not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)") from None
     except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
-        reason = first_line(e)
-        raise HubError(
-            f"{where}: Hub request to {endpoint or constants.ENDPOINT} failed ({reason}); "
-            "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache"
-        ) from e
+        raise hub_error(where, e, endpoint=endpoint) from e
     folder = Path(folder)
     if info is not None and folder.name != info.sha:
         raise HubError(f"{where}: moved from {info.sha[:12]} to {folder.name[:12]} while downloading; scan again")
     logger.info("%s resolved to %s", where, folder)
     return Resolved(repo_id, folder, repo_id, folder.name)  # snapshot folders are named by commit sha
+
+
+TRANSIENT_STATUS = (429, 500, 502, 503, 504)
+
+
+def hub_error(where: str, error: Exception, *, endpoint: str | None) -> HubError:
+    """A one-line HubError for a failed Hub request: HubUnavailable when trying again may help."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    transient = isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError)) or status in TRANSIENT_STATUS
+    kind = HubUnavailable if transient else HubError
+    return kind(
+        f"{where}: Hub request to {endpoint or constants.ENDPOINT} failed ({first_line(error)}); "
+        "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache"
+    )
+
+
+def with_retries(call, *, attempts: int = 4, backoff: float = 2.0):
+    """Run `call()`, trying again after HubUnavailable with exponential backoff (backoff, 2x, 4x... seconds).
+
+    Raises:
+        The last HubUnavailable once `attempts` calls have failed; any other error at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return call()
+        except HubUnavailable as e:
+            if attempt == attempts - 1:
+                raise
+            delay = backoff * 2**attempt
+            logger.warning("%s; trying again in %.1f s (%d of %d)", first_line(e), delay, attempt + 2, attempts)
+            time.sleep(delay)
 
 
 def _needed_files(where: str, repo_id: str, files: list[str], *, revision: str, endpoint, token,

@@ -33,6 +33,7 @@ class ScanOptions:
     revision: str | None = None
     trust_remote_code: bool = False
     endpoint: str | None = None
+    cache_dir: Path | None = None  # where Hub downloads go (default: the Hub cache, HF_HUB_CACHE)
     detect: DetectConfig = field(default_factory=DetectConfig)
 
 
@@ -104,7 +105,8 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
     start = time.perf_counter()
     scanned_at = datetime.now(UTC).replace(microsecond=0, tzinfo=None).isoformat()
     device = pick_device(options.device)
-    resolved = resolve(source, revision=options.revision, endpoint=options.endpoint)
+    resolved = resolve(source, revision=options.revision, endpoint=options.endpoint, cache_dir=options.cache_dir)
+    resolved_at = time.perf_counter()
     pool, stop = ThreadPoolExecutor(max_workers=1), threading.Event()
     try:
         model = StreamingModel(resolved.path, device=str(device), dtype=DTYPES.get(options.dtype),
@@ -145,4 +147,5 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         "scanned_at": scanned_at,  # UTC
         "bytes_read": model.bytes_read,
         "seconds": round(time.perf_counter() - start, 3),
+        "download_seconds": round(resolved_at - start, 3),  # resolving: the Hub download, if any
     }
