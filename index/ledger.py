@@ -10,7 +10,9 @@ started at once exactly one gets each model. The owner renews its leases while i
 that is killed stops renewing, and its models become claimable when their leases expire.
 """
 
+import fcntl
 import os
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,9 +20,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
     BigInteger, CheckConstraint, DateTime, Integer, String, Text, UniqueConstraint, and_, create_engine, or_, select,
-    update,
+    text, update,
 )
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .errors import LedgerUnavailable
@@ -79,7 +81,7 @@ class Ledger:
         self.engine = create_engine(url)
         try:
             upgrade(self.engine)
-        except OperationalError as e:
+        except (OperationalError, ProgrammingError) as e:
             raise LedgerUnavailable(f"{_safe(url)}: cannot open the ledger ({str(e.orig).strip().splitlines()[0]})") from None
 
     def close(self) -> None:
@@ -132,11 +134,14 @@ class Ledger:
 
     def queue(self, repo_id: str, revision: str, scanner_version: str) -> None:
         """Make sure the key has a row: a new one is queued; an existing one is left as it is."""
-        with Session(self.engine) as session, session.begin():
-            if session.scalar(select(ScanRecord.id).filter_by(
-                    repo_id=repo_id, revision=revision, scanner_version=scanner_version)) is None:
-                session.add(ScanRecord(repo_id=repo_id, revision=revision, scanner_version=scanner_version,
-                                       state="queued", attempts=0))
+        try:
+            with Session(self.engine) as session, session.begin():
+                if session.scalar(select(ScanRecord.id).filter_by(
+                        repo_id=repo_id, revision=revision, scanner_version=scanner_version)) is None:
+                    session.add(ScanRecord(repo_id=repo_id, revision=revision, scanner_version=scanner_version,
+                                           state="queued", attempts=0))
+        except IntegrityError:
+            pass  # another crawl queued it between our check and our insert: it has its row
 
     def claim(self, repo_id: str, revision: str, scanner_version: str, *, owner: str,
               lease_seconds: float) -> int | None:
@@ -184,12 +189,36 @@ class Ledger:
 
 
 def upgrade(engine) -> None:
-    """Create or upgrade the ledger schema to the newest migration."""
+    """Create or upgrade the ledger schema to the newest migration, one process at a time.
+
+    Two crawls opening a new ledger at once would both create the tables: PostgreSQL serializes
+    them with a transaction-scoped advisory lock, a SQLite file with a lock file beside it.
+    """
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
+    with _migration_lock(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+_MIGRATION_LOCK_KEY = 0x5375706572  # any fixed 64-bit number; "Super" in ASCII
+
+
+@contextmanager
+def _migration_lock(engine):
+    """An exclusive lock on `<file>.lock` for a SQLite file; nothing for other databases."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _now() -> datetime:
