@@ -35,12 +35,13 @@ def _setup_logging(verbose: int) -> None:
 
 class _Cli(click.Group):
     """The command group; index errors (a locked catalog, an unreachable ledger, a refused query,
-    a bad download) become one-line messages here, for every command at once."""
+    a bad download) and Hub errors outside a scan (discovery) become one-line messages here, for
+    every command at once."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except IndexStoreError as e:
+        except (IndexStoreError, ScanError) as e:
             raise click.ClickException(str(e)) from None
 
 
@@ -219,6 +220,122 @@ def publish(target, parquet, catalog_path, private) -> None:
     _report(published.target, published.manifest["rows"], published.manifest["sha256"])
     if published.commit_url:
         click.echo(f"commit {published.commit_url}")
+
+
+def _parse_count(ctx, param, value: str | None) -> int | None:
+    """8e9, 8B, 500M or 8000000000 as an int."""
+    if value is None:
+        return None
+    units = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+    try:
+        text = value.strip().upper()
+        return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(float(text))
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"{value!r} is not a count like 8e9, 8B or 500M") from None
+
+
+@cli.command()
+@click.argument("repo_ids", nargs=-1)
+@click.option("--repos", "repos_file", type=click.File(), help="Scan the repo ids in this file (one per line, # comments).")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+              help="Discovery: models modified on or after this date (UTC).")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Discovery: at most this many models.")
+@click.option("--max-params", callback=_parse_count, help="Refuse models with more parameters, e.g. 8e9 or 8B.")
+@click.option("--address", envvar="RAY_ADDRESS", help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray).")
+@click.option("--workers", type=click.IntRange(min=1), help="Scan workers (default: one per GPU, else one per 2 CPUs).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per worker (default: 1 if the cluster has GPUs, else 0).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True, help="Seconds per model, download included.")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help="More attempts for a model whose worker died.")
+@click.option("--max-cache-gb", type=click.FloatRange(min=0.001), default=50, show_default=True,
+              help="Disk for downloads in flight, all workers together; bigger models are refused.")
+@click.option("--lease-seconds", type=click.FloatRange(min=1), default=300, show_default=True,
+              help="A killed crawl's models can be claimed by another after this long.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N, on each worker.")
+@click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
+@click.option("--publish", "publish_target", metavar="TARGET", help="Afterwards, publish the catalog here (as `superweight publish`).")
+@click.option("--progress/--no-progress", default=None, help="A progress bar on stderr (default: when stderr is a terminal).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per model, then a summary line.")
+def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus_per_worker, timeout, retries,
+          max_cache_gb, lease_seconds, device, catalog_path, publish_target, progress, as_json) -> None:
+    """Scan new Hub models, or the given ones, on a Ray cluster.
+
+    Without REPO_IDS or --repos, discovers text-generation models with safetensors weights on the
+    Hub, most recently modified first. Exit code 3 when any model failed (see `superweight ledger`).
+    """
+    import ray
+    from huggingface_hub import constants as hf_constants
+
+    from index.crawl import CrawlOptions, crawl as run_crawl
+    from scanner.discover import HubAccess, discover
+    from scanner.scan import ScanOptions
+
+    ids = list(repo_ids) + ([line.split("#")[0].strip() for line in repos_file if line.split("#")[0].strip()]
+                            if repos_file else [])
+    if ids and since:
+        raise click.UsageError("--since applies to discovery; drop it when giving repo ids")
+    # Workers of a joined cluster have their own environment: they get this process's Hub endpoint.
+    endpoint = hf_constants.ENDPOINT
+    options = CrawlOptions(workers=workers, gpus_per_worker=gpus_per_worker, timeout=timeout, retries=retries,
+                           max_cache_gb=max_cache_gb, max_params=max_params, lease_seconds=lease_seconds,
+                           hub=HubAccess(endpoint=endpoint), scan=ScanOptions(device=device, endpoint=endpoint))
+    if not ids:
+        ids = discover(hub=options.hub, since=since, limit=limit)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    with ExitStack() as stores:
+        catalog, ledger = _open_stores(stores, catalog_path)
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise click.ClickException(f"--address {address}: cannot join the Ray cluster ({first_line(e)})") from None
+            stores.callback(ray.shutdown)
+        bar = stores.enter_context(click.progressbar(length=len(ids), label="crawl", file=sys.stderr,
+                                                     hidden=not progress, item_show_func=lambda r: r))
+        shown = [0]
+
+        def on_update(report) -> None:
+            bar.update(len(report.outcomes) - shown[0], _crawl_counts(report))
+            shown[0] = len(report.outcomes)
+
+        report = run_crawl(ids, catalog=catalog, ledger=ledger, options=options, on_update=on_update)
+        bar.render_finish()
+        for outcome in report.outcomes:
+            click.echo(json.dumps(outcome) if as_json else _crawl_line(outcome))
+        summary = {**report.counts, "models": len(report.outcomes), "seconds": round(report.seconds, 1),
+                   "download_seconds": round(report.download_seconds, 1),
+                   "scan_seconds": round(report.scan_seconds, 1)}
+        click.echo(json.dumps({"summary": summary}) if as_json else f"crawl: {_crawl_counts(report)} in {report.seconds:.0f} s")
+        if publish_target:
+            _publish_open_catalog(catalog, publish_target)
+    if report.counts["failed"]:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def _crawl_counts(report) -> str:
+    counts = report.counts
+    return (f"{counts['succeeded']} scanned, {counts['refused']} refused, {counts['failed']} failed, "
+            f"{counts['skipped']} skipped, {report.queued} queued")
+
+
+def _crawl_line(outcome: dict) -> str:
+    detail = (f"{outcome['super_weights']} super weight(s)" if outcome["state"] == "succeeded"
+              else outcome.get("error") or outcome.get("reason", ""))
+    return f"{outcome['repo_id']}@{outcome['revision'][:12]}  {outcome['state']}  {detail}"
+
+
+def _publish_open_catalog(catalog, target: str) -> None:
+    """Export the catalog this process writes and publish it to `target`."""
+    import tempfile
+
+    from index.publish import publish as publish_to
+
+    with tempfile.TemporaryDirectory(prefix="superweight-publish-") as tmp:
+        catalog.export(Path(tmp) / "catalog.parquet")
+        published = publish_to(target, Path(tmp) / "catalog.parquet")
+    _report(published.target, published.manifest["rows"], published.manifest["sha256"])
 
 
 @cli.command(name="build-index")

@@ -1,0 +1,270 @@
+"""The crawl: vet and queue models, scan them on Ray workers, and be the one writer of the results.
+
+The driver (this module) vets each model against the Hub (pinned sha, safetensors, no remote code,
+size), skips what the ledger says is settled for this scanner version, and hands the rest to Ray
+actors (scanner.workers) one model per actor at a time, within a disk budget for downloads. Each
+model is claimed in the ledger first, under a lease the driver keeps renewing, so two crawls never
+scan the same model. Results come back as dicts and the driver writes the catalog and the ledger.
+
+Faults: a worker process that dies is replaced by a fresh actor and its model retried (up to
+`retries` times); a scan past its timeout is stopped by the worker itself, or its actor is killed; a failed
+model is recorded as failed and the crawl goes on. Ctrl-C gives the claimed models back (queued);
+a crawl killed outright leaves leases that expire, and a re-run picks those models up.
+"""
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+
+from scanner import __version__
+from scanner.config import SUPERWEIGHT_HOME
+from scanner.discover import Candidate, HubAccess, vet
+from scanner.scan import ScanOptions
+from scanner.workers import WorkerConfig, actor_class
+
+from .catalog import Catalog
+from .ledger import Ledger
+
+logger = logging.getLogger(__name__)
+
+SETTLED = ("succeeded", "refused")  # a re-run skips these; failed models are tried again
+WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
+
+
+@dataclass(frozen=True)
+class CrawlOptions:
+    """How a crawl runs; the defaults are the embedded ones."""
+
+    workers: int | None = None  # None: one per GPU of the cluster, else one per 2 CPUs
+    gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    timeout: float = 1800.0  # seconds per model, download included
+    retries: int = 2  # more attempts for a model whose worker process died
+    max_cache_gb: float = 50.0  # downloads in flight at once, over all workers
+    max_params: int | None = None
+    lease_seconds: float = 300.0  # a killed crawl's models are claimable again after this
+    hub: HubAccess = HubAccess()
+    scan: ScanOptions = ScanOptions()
+    scratch: Path = SUPERWEIGHT_HOME / "crawl-cache"
+
+
+@dataclass
+class Job:
+    candidate: Candidate
+    record_id: int
+    attempt: int = 1
+    started: float | None = None  # when its actor was up (a fresh actor takes seconds to start)
+    actor: object = None
+    actor_ready: object = None  # ObjectRef that resolves once the actor has started
+    killed: bool = False  # by the driver, for running past the timeout
+
+
+@dataclass
+class CrawlReport:
+    """What a crawl did: one outcome per model, counts by state, and time split."""
+
+    outcomes: list[dict] = field(default_factory=list)
+    queued: int = 0
+    download_seconds: float = 0.0
+    scan_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(o["state"] for o in self.outcomes)
+
+    def add(self, outcome: dict) -> None:
+        self.outcomes.append(outcome)
+
+
+def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: CrawlOptions = CrawlOptions(),
+          on_update: Callable[[CrawlReport], None] | None = None) -> CrawlReport:
+    """Scan `repo_ids` on the Ray cluster this process is connected to, writing the results.
+
+    Args:
+        repo_ids: Hub ids, in the order to scan them.
+        catalog: the one writer of the catalog.
+        ledger: the scan ledger (shared with other crawls).
+        on_update: called with the report after each model settles, e.g. to draw progress.
+
+    Returns:
+        The report; models whose state is "failed" are in the ledger with their reason.
+    """
+    start = time.monotonic()
+    report = CrawlReport()
+    update = on_update or (lambda _: None)
+    owner = f"crawl:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    pending = []
+    for repo_id in dict.fromkeys(repo_ids):  # once each, in order
+        candidate = vet(repo_id, hub=options.hub, max_params=options.max_params,
+                        max_bytes=int(options.max_cache_gb * 1e9), cache_dir=options.scratch / "vet")
+        if (outcome := _settle_without_scan(candidate, ledger, owner)) is not None:
+            report.add(outcome)
+        else:
+            pending.append(candidate)
+        report.queued = len(pending)
+        update(report)
+    if pending:
+        _run(pending, report, catalog=catalog, ledger=ledger, options=options, owner=owner, update=update)
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _settle_without_scan(candidate: Candidate, ledger: Ledger, owner: str) -> dict | None:
+    """Record a model that needs no scan (settled, refused, unvettable); None if it should be scanned."""
+    key = (candidate.repo_id, candidate.revision, __version__)
+    outcome = {"repo_id": candidate.repo_id, "revision": candidate.revision}
+    state = ledger.state(*key)
+    if state in SETTLED:
+        return {**outcome, "state": "skipped", "reason": f"already {state}"}
+    if candidate.refusal is None and candidate.error is None:
+        ledger.queue(*key)
+        return None
+    ledger.queue(*key)
+    record_id = ledger.claim(*key, owner=owner, lease_seconds=60)
+    if record_id is None:
+        return {**outcome, "state": "skipped", "reason": "another crawl holds it"}
+    state, reason = ("refused", candidate.refusal) if candidate.refusal else ("failed", candidate.error)
+    ledger.finish(record_id, state, error=reason)
+    return {**outcome, "state": state, "error": reason}
+
+
+def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, options: CrawlOptions, owner: str,
+         update) -> None:
+    """Scan `pending` on a pool of actors until every model has settled."""
+    spawn_actor = _actor_factory(options)
+    up = {}  # actor -> ObjectRef of its pid(), done once the actor has started
+
+    def spawn():
+        actor = spawn_actor()
+        up[actor] = actor.pid.remote()
+        return actor
+
+    actors = [spawn() for _ in range(_worker_count(options))]
+    free, inflight = list(actors), {}  # inflight: ObjectRef -> Job
+    budget = int(options.max_cache_gb * 1e9)
+    queue = [Job(c, record_id=0) for c in pending]
+    last_renewal = time.monotonic()
+    try:
+        while queue or inflight:
+            used = sum(j.candidate.size_bytes or 0 for j in inflight.values())
+            while free and queue and (not inflight or used + (queue[0].candidate.size_bytes or 0) <= budget):
+                job = queue.pop(0)
+                record_id = ledger.claim(job.candidate.repo_id, job.candidate.revision, __version__, owner=owner,
+                                         lease_seconds=options.lease_seconds)
+                if record_id is None:
+                    report.add({"repo_id": job.candidate.repo_id, "revision": job.candidate.revision,
+                                "state": "skipped", "reason": "another crawl holds it"})
+                    continue
+                job.record_id, job.actor = record_id, free.pop(0)
+                job.actor_ready = up[job.actor]
+                ref = job.actor.scan.remote(job.candidate.repo_id, job.candidate.revision, timeout=options.timeout)
+                inflight[ref] = job
+                used += job.candidate.size_bytes or 0
+            report.queued = len(queue) + len(inflight)
+            update(report)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                job = inflight.pop(ref)
+                retry, lost = _finish(job, ref, report, catalog=catalog, ledger=ledger, options=options)
+                if lost:  # its process died or was killed: a fresh actor takes its place
+                    ray.kill(job.actor, no_restart=True)
+                    actors.append(spawn())
+                free.append(actors[-1] if lost else job.actor)
+                if retry is not None:
+                    queue.insert(0, retry)
+            _stop_overdue(inflight, options)
+            if time.monotonic() - last_renewal > options.lease_seconds / 3:
+                ledger.renew(owner, lease_seconds=options.lease_seconds)
+                last_renewal = time.monotonic()
+        report.queued = 0
+        update(report)
+    except BaseException:  # Ctrl-C or a driver error: give the claimed models back
+        for job in inflight.values():
+            ledger.release(job.record_id)
+        raise
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+
+
+def _actor_factory(options: CrawlOptions):
+    """A function that starts one scan worker actor."""
+    gpus = options.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    config = WorkerConfig(scratch=options.scratch, options=options.scan, hub_attempts=options.hub.attempts,
+                          hub_backoff=options.hub.backoff)
+    worker = actor_class(num_gpus=gpus, num_cpus=1)
+    return lambda: worker.remote(config)
+
+
+def _worker_count(options: CrawlOptions) -> int:
+    if options.workers:
+        return options.workers
+    resources = ray.cluster_resources()
+    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+    if gpus:
+        return max(1, int(resources.get("GPU", 0) // gpus))
+    return max(1, int(resources.get("CPU", 1) // 2))
+
+
+def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Ledger,
+            options: CrawlOptions) -> tuple[Job | None, bool]:
+    """Record how `job` ended.
+
+    Returns:
+        The job to run again (its worker died and retries remain) or None, and whether the worker was lost.
+    """
+    name = {"repo_id": job.candidate.repo_id, "revision": job.candidate.revision}
+    try:
+        outcome = ray.get(ref)
+    except WORKER_LOST as e:
+        if job.killed:
+            error = f"{job.candidate.repo_id}@{job.candidate.revision[:12]}: timed out after {options.timeout:.0f} s"
+        else:
+            error = f"{job.candidate.repo_id}@{job.candidate.revision[:12]}: the worker process died ({type(e).__name__})"
+        ledger.finish(job.record_id, "failed", error=error)
+        if not job.killed and job.attempt <= options.retries:
+            logger.warning("%s; trying again (attempt %d)", error, job.attempt + 1)
+            return Job(job.candidate, record_id=0, attempt=job.attempt + 1), True
+        report.add({**name, "state": "failed", "error": error})
+        return None, True
+    if outcome["state"] == "succeeded":
+        result = outcome["result"]
+        try:
+            catalog.record_scan(result)
+        except Exception as e:
+            ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}")
+            raise
+        ledger.finish(job.record_id, "succeeded", bytes_read=result["bytes_read"])
+        report.download_seconds += result.get("download_seconds", 0.0)
+        report.scan_seconds += result["seconds"] - result.get("download_seconds", 0.0)
+        report.add({**name, "state": "succeeded", "super_weights": len(result["super_weights"]),
+                    "seconds": outcome["seconds"]})
+    else:
+        ledger.finish(job.record_id, outcome["state"], error=outcome["error"])
+        report.add({**name, "state": outcome["state"], "error": outcome["error"]})
+    return None, False
+
+
+def _stop_overdue(inflight: dict, options: CrawlOptions) -> None:
+    """Kill the actor of a scan well past its timeout (the worker stops itself at the timeout if it can)."""
+    grace = min(60.0, options.timeout / 2)
+    for job in inflight.values():
+        if job.started is None:  # the clock starts once the actor is up
+            if ray.wait([job.actor_ready], timeout=0)[0]:
+                job.started = time.monotonic()
+            continue
+        if not job.killed and time.monotonic() - job.started > options.timeout + grace:
+            logger.warning("%s: past its timeout; killing its worker", job.candidate.repo_id)
+            job.killed = True
+            ray.kill(job.actor, no_restart=True)  # its call fails now; a fresh actor replaces it

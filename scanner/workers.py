@@ -1,0 +1,84 @@
+"""Ray actors that scan Hub checkpoints: each downloads one model at a time, scans it, cleans up.
+
+An actor imports torch and transformers once and then scans whatever the driver hands it. Each
+model is downloaded into its own folder under the actor's scratch directory (only the files the scan
+reads), scanned, and deleted, so a worker's disk holds one model at a time. The result is a plain
+dict: the driver, not the worker, writes the ledger and the catalog.
+"""
+
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ray
+
+from .errors import ScanError, ScanTimeout
+from .hub import with_retries
+from .scan import ScanOptions, scan_source
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every scan of a crawl shares."""
+
+    scratch: Path  # downloads go to scratch/<pid>/<model>, deleted after each scan
+    options: ScanOptions = ScanOptions()
+    hub_attempts: int = 4
+    hub_backoff: float = 2.0  # seconds
+
+
+class ScanWorker:
+    """Scans one model at a time (as a Ray actor; see `actor_class`)."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.scratch = Path(config.scratch) / f"{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(self.scratch, ignore_errors=True)  # left by a worker that died with this pid
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def scan(self, repo_id: str, revision: str, *, timeout: float) -> dict:
+        """Scan `repo_id` at commit `revision` within `timeout` seconds.
+
+        Returns:
+            {"state": "succeeded", "result": <scan_source result>} or {"state": "failed" or
+            "refused", "error": one line}, with "worker" and "seconds".
+        """
+        from index.record import REFUSALS  # the same split of refusals and failures as `superweight scan`
+
+        start = time.monotonic()
+        deadline = start + timeout
+        cache = self.scratch / repo_id.replace("/", "--")
+        options = replace(self.config.options, revision=revision, cache_dir=cache)
+
+        def check_deadline(layer: int, num_layers: int) -> None:
+            if time.monotonic() > deadline:
+                raise ScanTimeout(f"{repo_id}@{revision[:12]}: timed out after {timeout:.0f} s at layer "
+                                  f"{layer} of {num_layers}")
+
+        outcome: dict = {"worker": f"{socket.gethostname()}:{os.getpid()}"}
+        try:
+            result = with_retries(lambda: scan_source(repo_id, options, on_layer=check_deadline),
+                                  attempts=self.config.hub_attempts, backoff=self.config.hub_backoff)
+            outcome.update(state="succeeded", result=result)
+        except ScanError as e:
+            # Name the model, not the worker's scratch folder: ".../snapshots/<sha>/x" -> "org/name@sha/x".
+            error = re.sub(re.escape(str(cache)) + r"\S*?/snapshots/[0-9a-f]+", f"{repo_id}@{revision[:12]}", str(e))
+            outcome.update(state="refused" if isinstance(e, REFUSALS) else "failed", error=error)
+        except Exception as e:  # a bug or a broken checkpoint: this model fails, the worker goes on
+            outcome.update(state="failed", error=f"{repo_id}@{revision[:12]}: {type(e).__name__}: {e}".splitlines()[0])
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        outcome["seconds"] = round(time.monotonic() - start, 3)
+        return outcome
+
+
+def actor_class(*, num_gpus: float, num_cpus: float):
+    """ScanWorker as a Ray actor class. Not restarted by Ray: the driver replaces a dead actor and
+    decides whether to retry its model."""
+    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0, max_task_retries=0)(ScanWorker)
