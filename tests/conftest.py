@@ -16,6 +16,11 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("HF_TOKEN", None)
+# Ray on loopback only, no telemetry, no auth (NOTES.md "Ray 2.60 on one machine"); read at import.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.pop("RAY_ADDRESS", None)
 
 from pathlib import Path  # noqa: E402
 
@@ -34,3 +39,15 @@ def smollm2(request) -> Path:
     if not (dest / "model.safetensors").is_file():
         convert_gguf(smollm2_gguf(), dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session (2 CPUs, no dashboard, every port on loopback); yields its address."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

@@ -71,12 +71,12 @@ def git(repo: Path, *args: str) -> str:
     return done.stdout
 
 
-def commit_folder(repo: Path, message: str) -> str:
-    """Commit everything in `repo` (a git repo on main, created if needed); return the sha."""
+def commit_folder(repo: Path, message: str, *, date: str | None = None) -> str:
+    """Commit everything in `repo` (a git repo on main, created if needed) as of `date`; return the sha."""
     if not (repo / ".git").is_dir():
         git(repo, "init", "--quiet", "--initial-branch=main")
     git(repo, "add", "--all")
-    git(repo, "commit", "--quiet", "--no-verify", "-m", message)
+    git(repo, "commit", "--quiet", "--no-verify", "-m", message, *([f"--date={date}"] if date else []))
     return git(repo, "rev-parse", "HEAD").strip()
 
 
@@ -160,14 +160,17 @@ def _answers(url: str) -> bool:
 
 
 @contextmanager
-def olah_server(mirrors: Path, workdir: Path) -> Iterator[LocalHub]:
-    """Run olah-cli serving `mirrors` until the block ends; its config, scratch and log go in `workdir`."""
+def olah_server(mirrors: Path, workdir: Path, *, probe_repo: str = READY_PROBE) -> Iterator[LocalHub]:
+    """Run olah-cli serving `mirrors` until the block ends; its config, scratch and log go in `workdir`.
+
+    It is ready when it answers for `probe_repo`, one of the repos in `mirrors`.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = write_config(workdir / "olah.toml", port=port, mirrors=mirrors, repos=workdir / "repos")
     log = workdir / "olah.log"
     hub = LocalHub(endpoint=f"http://127.0.0.1:{port}", mirrors=mirrors, log=log)
-    probe = f"{hub.endpoint}/api/models/{READY_PROBE}/refs"
+    probe = f"{hub.endpoint}/api/models/{probe_repo}/refs"
     with open(log, "wb") as out:
         proc = subprocess.Popen([shutil.which("olah-cli") or "olah-cli", "-c", str(config)], cwd=workdir,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)

@@ -1,0 +1,298 @@
+"""The crawl end to end: discovery through a local Hub, scans on a real local Ray, real ledger and
+catalog, and the faults an operator meets (a worker killed mid-scan, the Hub going away, a scan
+past its timeout, two crawls at once, Ctrl-C)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from index.catalog import Catalog
+from index.crawl import CrawlOptions, crawl
+from index.ledger import Ledger
+from scanner.discover import HubAccess, discover, vet
+from scanner.scan import ScanOptions
+from tests.checkpoints import Plant, make_checkpoint
+from tests.hub_front import HubFront, serve
+from tests.hub_server import commit_folder, olah_server
+
+CLI = str(Path(sys.executable).with_name("superweight"))
+WAIT = 120  # seconds: upper bound on any one wait in these tests
+
+# (repo id, architecture, plants, last modified): the crawl hub's models, oldest first.
+PLANTED = {"crawl/llama": ("llama", [Plant(3, 10, 20)], "2026-11-01T00:00:00Z"),
+           "crawl/qwen2": ("qwen2", [Plant(2, 7, 99)], "2026-11-02T00:00:00Z"),
+           "crawl/clean": ("llama", [], "2026-11-03T00:00:00Z")}
+GATED, REMOTE, WIDE, BROKEN, PICKLE = "crawl/gated", "crawl/remote-code", "crawl/wide", "crawl/broken", "crawl/pickle"
+
+
+def build_crawl_mirrors(mirrors: Path) -> None:
+    models = mirrors / "models"
+    for repo_id, (arch, plants, date) in PLANTED.items():
+        make_checkpoint(models / repo_id, arch, plants)
+        commit_folder(models / repo_id, "tiny model", date=date)
+    make_checkpoint(models / GATED, "llama", [Plant(3, 10, 20)])
+    commit_folder(models / GATED, "gated", date="2026-11-04T00:00:00Z")
+    remote = make_checkpoint(models / REMOTE, "llama", [])
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="my_custom_lm", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomLM"})
+    (remote / "config.json").write_text(json.dumps(config))
+    commit_folder(remote, "needs remote code", date="2026-11-05T00:00:00Z")
+    make_checkpoint(models / WIDE, "llama", [], hidden_size=128, intermediate_size=256)
+    commit_folder(models / WIDE, "more parameters", date="2026-11-06T00:00:00Z")
+    broken = make_checkpoint(models / BROKEN, "llama", [])
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # header intact, data cut
+    commit_folder(broken, "truncated weights", date="2026-11-07T00:00:00Z")
+    pickle_only = models / PICKLE
+    pickle_only.mkdir(parents=True)
+    (pickle_only / "config.json").write_text((models / "crawl/llama/config.json").read_text())
+    (pickle_only / "pytorch_model.bin").write_bytes(b"not a pickle: never downloaded\n")
+    commit_folder(pickle_only, "pickle only", date="2026-11-08T00:00:00Z")
+
+
+@pytest.fixture(scope="module")
+def crawl_hub(tmp_path_factory):
+    """olah serving the crawl repos, with a HubFront for /api/models; yields the running olah."""
+    root = tmp_path_factory.mktemp("crawl-hub")
+    build_crawl_mirrors(root / "mirrors")
+    with olah_server(root / "mirrors", root / "olah", probe_repo="crawl/llama") as hub:
+        yield hub
+
+
+@pytest.fixture
+def front(crawl_hub):
+    """A fresh front (no holds, no faults) on the module's olah."""
+    front = serve(HubFront(upstream=crawl_hub.endpoint, mirrors=crawl_hub.mirrors, gated={GATED}))
+    yield front
+    if not front.stopped.is_set():
+        front.stop()
+
+
+@pytest.fixture
+def stores(tmp_path):
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    yield catalog, ledger
+    catalog.close()
+    ledger.close()
+
+
+def options(front: HubFront, tmp_path: Path, **overrides) -> CrawlOptions:
+    hub = HubAccess(endpoint=front.url, attempts=3, backoff=0.05)
+    return CrawlOptions(**{"workers": 1, "hub": hub, "scan": ScanOptions(endpoint=front.url),
+                           "scratch": tmp_path / "scratch", **overrides})
+
+
+def by_repo(report) -> dict[str, dict]:
+    return {o["repo_id"]: o for o in report.outcomes}
+
+
+def found(catalog: Catalog, repo_id: str) -> list[tuple]:
+    return catalog.con.execute("SELECT layer, out_channel, in_channel FROM catalog WHERE repo_id = ? ORDER BY layer",
+                               [repo_id]).fetchall()
+
+
+def ledger_row(ledger: Ledger, repo_id: str) -> dict:
+    (row,) = [r for r in ledger.records() if r["repo_id"] == repo_id]
+    return row
+
+
+# --- discovery and vetting (no Ray) --------------------------------------------------------------
+
+def test_discovery_lists_safetensors_models_newest_first_down_to_since(front):
+    hub = HubAccess(endpoint=front.url)
+    assert discover(hub=hub, limit=3) == [BROKEN, WIDE, REMOTE]
+    assert discover(hub=hub, since=datetime(2026, 11, 4)) == [BROKEN, WIDE, REMOTE, GATED]
+    assert PICKLE not in discover(hub=hub)  # no safetensors tag
+
+
+def test_vetting_pins_the_sha_and_refuses_before_downloading_weights(front, crawl_hub, tmp_path):
+    hub = HubAccess(endpoint=front.url)
+    ok = vet("crawl/llama", hub=hub, cache_dir=tmp_path)
+    assert ok.revision == crawl_hub.sha("crawl/llama") and ok.refusal is None and ok.error is None
+    assert ok.parameters > 0 and ok.size_bytes == ok.parameters * 4  # float32
+
+    assert "gated" in vet(GATED, hub=hub, cache_dir=tmp_path).refusal
+    assert "needs custom code from the repo" in vet(REMOTE, hub=hub, cache_dir=tmp_path).refusal
+    assert vet(PICKLE, hub=hub, cache_dir=tmp_path).refusal == "no safetensors weights (has: bin)"
+    wide = vet(WIDE, hub=hub, max_params=ok.parameters, cache_dir=tmp_path)
+    assert wide.refusal == f"{wide.parameters:,} parameters, over the limit of {ok.parameters:,} (--max-params)"
+    assert "(--max-cache-gb)" in vet("crawl/llama", hub=hub, max_bytes=1000, cache_dir=tmp_path).refusal
+    assert not any(p.suffix == ".safetensors" for p in tmp_path.rglob("*"))  # headers read, no weights saved
+
+
+def test_vetting_retries_a_flaky_hub_then_succeeds(front, tmp_path):
+    front.fail_next = 2  # two 503s, then the real answers
+    candidate = vet("crawl/llama", hub=HubAccess(endpoint=front.url, attempts=3, backoff=0.01), cache_dir=tmp_path)
+    assert candidate.error is None and candidate.revision
+
+
+# --- crawls on Ray -------------------------------------------------------------------------------
+
+def test_a_crawl_scans_records_and_refuses_and_a_rerun_does_only_new_work(ray_cluster, front, crawl_hub, stores,
+                                                                         tmp_path):
+    catalog, ledger = stores
+    repos = discover(hub=HubAccess(endpoint=front.url)) + [PICKLE]
+    limit = max(vet(r, hub=HubAccess(endpoint=front.url), cache_dir=tmp_path).parameters for r in PLANTED)
+    report = crawl(repos, catalog=catalog, ledger=ledger, options=options(front, tmp_path, workers=2,
+                                                                          max_params=limit))
+    outcomes = by_repo(report)
+    assert {r: o["state"] for r, o in outcomes.items()} == {
+        "crawl/llama": "succeeded", "crawl/qwen2": "succeeded", "crawl/clean": "succeeded",
+        GATED: "refused", REMOTE: "refused", WIDE: "refused", PICKLE: "refused", BROKEN: "failed"}
+    assert found(catalog, "crawl/llama") == [(3, 10, 20)]
+    assert found(catalog, "crawl/qwen2") == [(2, 7, 99)]
+    assert found(catalog, "crawl/clean") == [(None, None, None)]  # scanned, none found
+    for repo in (GATED, REMOTE, WIDE, PICKLE, BROKEN):  # never in the catalog
+        assert found(catalog, repo) == []
+    assert outcomes[BROKEN]["error"].startswith(f"{BROKEN}@{crawl_hub.sha(BROKEN)[:12]}/model.safetensors: not a readable")
+    assert ledger_row(ledger, BROKEN)["state"] == "failed"
+    assert list((tmp_path / "scratch").rglob("*.safetensors")) == []  # downloads cleaned up
+
+    again = crawl(repos, catalog=catalog, ledger=ledger, options=options(front, tmp_path, max_params=limit))
+    states = {r: o["state"] for r, o in by_repo(again).items()}
+    assert states.pop(BROKEN) == "failed"  # failures are tried again
+    assert set(states.values()) == {"skipped"}
+    assert ledger_row(ledger, "crawl/llama")["attempts"] == 1
+
+
+def weights_of(repo_id: str) -> str:
+    """The pattern of a scan's weight downloads of `repo_id` (what a worker fetches, not the vetting)."""
+    return rf"/{repo_id}/resolve/\w+/model\.safetensors"
+
+
+def worker_pids() -> set[int]:
+    """PIDs of live Ray scan-worker processes (Ray titles them ray::ScanWorker...)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "cmdline").read_bytes().startswith(b"ray::ScanWorker"):
+                    pids.add(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_a_worker_killed_mid_scan_is_replaced_and_its_model_retried(ray_cluster, front, stores, tmp_path):
+    catalog, ledger = stores
+    held = front.hold(weights_of("crawl/qwen2"))  # the scan's downloads wait here
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(crawl, ["crawl/qwen2"], catalog=catalog, ledger=ledger,
+                              options=options(front, tmp_path))
+        assert held.arrived.wait(WAIT), "the scan never asked for its files"
+        (pid,) = worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        front.holds.remove(held)
+        held.release.set()
+        report = running.result(timeout=WAIT)
+    assert by_repo(report)["crawl/qwen2"]["state"] == "succeeded"
+    assert found(catalog, "crawl/qwen2") == [(2, 7, 99)]
+    assert ledger_row(ledger, "crawl/qwen2")["attempts"] == 2
+    assert pid not in worker_pids()
+
+
+def test_the_hub_going_away_mid_crawl_fails_that_model_and_keeps_the_rest(ray_cluster, front, crawl_hub, stores,
+                                                                          tmp_path):
+    catalog, ledger = stores
+    held = front.hold(weights_of("crawl/qwen2"))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(crawl, ["crawl/llama", "crawl/qwen2"], catalog=catalog, ledger=ledger,
+                              options=options(front, tmp_path))
+        assert held.arrived.wait(WAIT)  # llama is done (one worker), qwen2 is downloading
+        front.stop()
+        report = running.result(timeout=WAIT)
+    outcomes = by_repo(report)
+    assert outcomes["crawl/llama"]["state"] == "succeeded"
+    assert outcomes["crawl/qwen2"]["state"] == "failed"
+    assert "Hub request to" in outcomes["crawl/qwen2"]["error"]
+    assert found(catalog, "crawl/llama") == [(3, 10, 20)] and found(catalog, "crawl/qwen2") == []
+
+    back = serve(HubFront(upstream=crawl_hub.endpoint, mirrors=crawl_hub.mirrors))  # the Hub is back
+    try:
+        report = crawl(["crawl/llama", "crawl/qwen2"], catalog=catalog, ledger=ledger, options=options(back, tmp_path))
+    finally:
+        back.stop()
+    assert {r: o["state"] for r, o in by_repo(report).items()} == {"crawl/llama": "skipped", "crawl/qwen2": "succeeded"}
+    assert found(catalog, "crawl/qwen2") == [(2, 7, 99)]
+
+
+def test_a_scan_past_its_timeout_fails_alone(ray_cluster, front, stores, tmp_path):
+    catalog, ledger = stores
+    held = front.hold(weights_of("crawl/qwen2"))  # never released: the download hangs
+    report = crawl(["crawl/qwen2", "crawl/llama"], catalog=catalog, ledger=ledger,
+                   options=options(front, tmp_path, timeout=3))
+    held.release.set()
+    outcomes = by_repo(report)
+    assert outcomes["crawl/qwen2"]["state"] == "failed" and "timed out after 3 s" in outcomes["crawl/qwen2"]["error"]
+    assert outcomes["crawl/llama"]["state"] == "succeeded"
+    assert ledger_row(ledger, "crawl/qwen2")["attempts"] == 1  # a timeout is not retried
+
+
+def test_two_crawls_at_once_scan_each_model_once(ray_cluster, front, tmp_path):
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    repos = list(PLANTED)
+    gate = threading.Barrier(2)
+
+    def one_crawl(name: str):
+        with Catalog(tmp_path / f"{name}.duckdb") as catalog:
+            ledger = Ledger(url)
+            gate.wait(timeout=WAIT)
+            try:
+                return crawl(repos, catalog=catalog, ledger=ledger, options=options(front, tmp_path / name))
+            finally:
+                ledger.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(one_crawl, ["a", "b"], timeout=WAIT * 2))
+    scanned = [o["repo_id"] for r in reports for o in r.outcomes if o["state"] == "succeeded"]
+    assert sorted(scanned) == sorted(repos)  # every model once, none twice
+    ledger = Ledger(url)
+    assert {r["repo_id"]: r["attempts"] for r in ledger.records()} == dict.fromkeys(repos, 1)
+    ledger.close()
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def run_crawl_cli(*args: str, home: Path, front: HubFront, address: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "SUPERWEIGHT_HOME": str(home), "HF_ENDPOINT": front.url, "HF_HOME": str(home / "hf")}
+    return subprocess.Popen([CLI, "crawl", *args, "--address", address, "--workers", "1", "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_the_command_joins_the_cluster_and_exits_3_when_a_model_failed(ray_cluster, front, tmp_path):
+    done = run_crawl_cli("crawl/llama", BROKEN, "--json", home=tmp_path, front=front, address=ray_cluster)
+    stdout, stderr = done.communicate(timeout=WAIT * 2)
+    assert done.returncode == 3, stderr
+    *outcomes, summary = [json.loads(line) for line in stdout.splitlines()]
+    assert {o["repo_id"]: o["state"] for o in outcomes} == {"crawl/llama": "succeeded", BROKEN: "failed"}
+    assert summary["summary"]["succeeded"] == 1 and summary["summary"]["failed"] == 1
+    with Catalog(tmp_path / "catalog.duckdb", read_only=True) as catalog:
+        assert found(catalog, "crawl/llama") == [(3, 10, 20)]
+
+
+def test_ctrl_c_gives_the_model_back_and_a_rerun_finishes_it(ray_cluster, front, tmp_path):
+    held = front.hold(weights_of("crawl/llama"))
+    proc = run_crawl_cli("crawl/llama", home=tmp_path, front=front, address=ray_cluster)
+    assert held.arrived.wait(WAIT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=WAIT)
+    front.holds.remove(held)
+    held.release.set()
+    assert proc.returncode != 0
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    assert ledger_row(ledger, "crawl/llama")["state"] == "queued"  # given back, not left running
+    ledger.close()
+
+    again = run_crawl_cli("crawl/llama", home=tmp_path, front=front, address=ray_cluster)
+    stdout, stderr = again.communicate(timeout=WAIT * 2)
+    assert again.returncode == 0, stderr
+    assert "crawl/llama@" in stdout and "succeeded" in stdout
