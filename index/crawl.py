@@ -28,6 +28,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from scanner import __version__
 from scanner.config import SUPERWEIGHT_HOME
 from scanner.discover import Candidate, HubAccess, vet
+from scanner.hub import EXAMPLE_PREFIX
 from scanner.scan import ScanOptions
 from scanner.workers import WorkerConfig, actor_class
 
@@ -104,8 +105,11 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
     owner = f"crawl:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     pending = []
     for repo_id in dict.fromkeys(repo_ids):  # once each, in order
-        candidate = vet(repo_id, hub=options.hub, max_params=options.max_params,
-                        max_bytes=int(options.max_cache_gb * 1e9), cache_dir=options.scratch / "vet")
+        if is_local(repo_id):  # its revision, a content hash, is known only once scanned: always scanned
+            candidate = Candidate(repo_id, revision="")
+        else:
+            candidate = vet(repo_id, hub=options.hub, max_params=options.max_params,
+                            max_bytes=int(options.max_cache_gb * 1e9), cache_dir=options.scratch / "vet")
         if (outcome := _settle_without_scan(candidate, ledger, owner)) is not None:
             report.add(outcome)
         else:
@@ -116,6 +120,11 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
         _run(pending, report, catalog=catalog, ledger=ledger, options=options, owner=owner, update=update)
     report.seconds = time.monotonic() - start
     return report
+
+
+def is_local(source: str) -> bool:
+    """A folder or a built-in example rather than a Hub id (on a cluster, it must exist on every worker)."""
+    return source.startswith(EXAMPLE_PREFIX) or Path(source).expanduser().exists()
 
 
 def _settle_without_scan(candidate: Candidate, ledger: Ledger, owner: str) -> dict | None:
@@ -245,10 +254,12 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
         except Exception as e:
             ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}")
             raise
-        ledger.finish(job.record_id, "succeeded", bytes_read=result["bytes_read"])
+        ledger.finish(job.record_id, "succeeded", revision=result["revision"], bytes_read=result["bytes_read"])
         report.download_seconds += result.get("download_seconds", 0.0)
         report.scan_seconds += result["seconds"] - result.get("download_seconds", 0.0)
-        report.add({**name, "state": "succeeded", "super_weights": len(result["super_weights"]),
+        weights = [{k: w[k] for k in ("layer", "expert", "out_channel", "in_channel", "weight")}
+                   for w in result["super_weights"]]
+        report.add({**name, "revision": result["revision"], "state": "succeeded", "super_weights": weights,
                     "seconds": outcome["seconds"]})
     else:
         ledger.finish(job.record_id, outcome["state"], error=outcome["error"])

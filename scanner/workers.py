@@ -43,7 +43,7 @@ class ScanWorker:
         return os.getpid()
 
     def scan(self, repo_id: str, revision: str, *, timeout: float) -> dict:
-        """Scan `repo_id` at commit `revision` within `timeout` seconds.
+        """Scan `repo_id` at commit `revision` (or a folder or example, revision "") within `timeout` seconds.
 
         Returns:
             {"state": "succeeded", "result": <scan_source result>} or {"state": "failed" or
@@ -54,7 +54,7 @@ class ScanWorker:
         start = time.monotonic()
         deadline = start + timeout
         cache = self.scratch / repo_id.replace("/", "--")
-        options = replace(self.config.options, revision=revision, cache_dir=cache)
+        options = replace(self.config.options, revision=revision or None, cache_dir=cache)  # "": a folder
 
         def check_deadline(layer: int, num_layers: int) -> None:
             if time.monotonic() > deadline:

@@ -260,8 +260,9 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
           max_cache_gb, lease_seconds, device, catalog_path, publish_target, progress, as_json) -> None:
     """Scan new Hub models, or the given ones, on a Ray cluster.
 
-    Without REPO_IDS or --repos, discovers text-generation models with safetensors weights on the
-    Hub, most recently modified first. Exit code 3 when any model failed (see `superweight ledger`).
+    REPO_ID is a Hub id, a checkpoint folder or example:smollm2. Without REPO_IDS or --repos,
+    discovers text-generation models with safetensors weights on the Hub, most recently modified
+    first. Exit code 3 when any model failed (see `superweight ledger`).
     """
     import ray
     from huggingface_hub import constants as hf_constants
@@ -321,8 +322,12 @@ def _crawl_counts(report) -> str:
 
 
 def _crawl_line(outcome: dict) -> str:
-    detail = (f"{outcome['super_weights']} super weight(s)" if outcome["state"] == "succeeded"
-              else outcome.get("error") or outcome.get("reason", ""))
+    if outcome["state"] == "succeeded":
+        detail = "; ".join(f"layer {w['layer']}" + (f" expert {w['expert']}" if w["expert"] is not None else "")
+                           + f" [{w['out_channel']}, {w['in_channel']}] = {w['weight']:.4g}"
+                           for w in outcome["super_weights"]) or "no super weight"
+    else:
+        detail = outcome.get("error") or outcome.get("reason", "")
     return f"{outcome['repo_id']}@{outcome['revision'][:12]}  {outcome['state']}  {detail}"
 
 

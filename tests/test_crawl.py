@@ -296,3 +296,35 @@ def test_ctrl_c_gives_the_model_back_and_a_rerun_finishes_it(ray_cluster, front,
     stdout, stderr = again.communicate(timeout=WAIT * 2)
     assert again.returncode == 0, stderr
     assert "crawl/llama@" in stdout and "succeeded" in stdout
+
+
+def test_a_local_folder_is_crawled_under_its_content_hash(ray_cluster, front, stores, tmp_path):
+    catalog, ledger = stores
+    folder = make_checkpoint(tmp_path / "local-llama", "llama", [Plant(4, 5, 6)])
+    report = crawl([str(folder)], catalog=catalog, ledger=ledger, options=options(front, tmp_path))
+    (outcome,) = report.outcomes
+    assert outcome["state"] == "succeeded" and len(outcome["revision"]) == 64  # sha256 of config and weights
+    assert [(w["layer"], w["out_channel"], w["in_channel"]) for w in outcome["super_weights"]] == [(4, 5, 6)]
+    assert ledger_row(ledger, str(folder))["revision"] == outcome["revision"]
+
+
+def test_a_killed_crawl_resumes_once_its_leases_expire(ray_cluster, front, tmp_path):
+    held = front.hold(weights_of("crawl/llama"))
+    proc = run_crawl_cli("crawl/llama", "--lease-seconds", "1", home=tmp_path, front=front, address=ray_cluster,
+                         start_new_session=True)
+    assert held.arrived.wait(WAIT)
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to give anything back
+    proc.communicate(timeout=WAIT)
+    front.holds.remove(held)
+    held.release.set()
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    assert ledger_row(ledger, "crawl/llama")["state"] == "running"  # left claimed by the dead crawl
+    ledger.close()
+
+    again = run_crawl_cli("crawl/llama", "--json", home=tmp_path, front=front, address=ray_cluster)
+    stdout, stderr = again.communicate(timeout=WAIT * 2)  # starting takes longer than the 1 s lease
+    assert again.returncode == 0, stderr
+    assert json.loads(stdout.splitlines()[0])["state"] == "succeeded"
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    assert (ledger_row(ledger, "crawl/llama")["state"], ledger_row(ledger, "crawl/llama")["attempts"]) == ("succeeded", 2)
+    ledger.close()
