@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from .ledger import Ledger
 
 logger = logging.getLogger(__name__)
 
+VET_THREADS = 4  # models vetted at once: each is a few small Hub requests
 SETTLED = ("succeeded", "refused")  # a re-run skips these; failed models are tried again
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
 
@@ -74,6 +76,7 @@ class CrawlReport:
 
     outcomes: list[dict] = field(default_factory=list)
     queued: int = 0
+    vet_seconds: float = 0.0  # the driver's Hub checks before any scan
     download_seconds: float = 0.0
     scan_seconds: float = 0.0
     seconds: float = 0.0
@@ -104,18 +107,22 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
     update = on_update or (lambda _: None)
     owner = f"crawl:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     pending = []
-    for repo_id in dict.fromkeys(repo_ids):  # once each, in order
+    def check(repo_id: str) -> Candidate:
         if is_local(repo_id):  # its revision, a content hash, is known only once scanned: always scanned
-            candidate = Candidate(repo_id, revision="")
-        else:
-            candidate = vet(repo_id, hub=options.hub, max_params=options.max_params,
-                            max_bytes=int(options.max_cache_gb * 1e9), cache_dir=options.scratch / "vet")
-        if (outcome := _settle_without_scan(candidate, ledger, owner)) is not None:
-            report.add(outcome)
-        else:
-            pending.append(candidate)
-        report.queued = len(pending)
-        update(report)
+            return Candidate(repo_id, revision="")
+        return vet(repo_id, hub=options.hub, max_params=options.max_params,
+                   max_bytes=int(options.max_cache_gb * 1e9), cache_dir=options.scratch / "vet")
+
+    with ThreadPoolExecutor(VET_THREADS) as pool:  # Hub round trips overlap; results stay in order
+        candidates = pool.map(check, dict.fromkeys(repo_ids))  # once each
+        for candidate in candidates:
+            if (outcome := _settle_without_scan(candidate, ledger, owner)) is not None:
+                report.add(outcome)
+            else:
+                pending.append(candidate)
+            report.queued = len(pending)
+            update(report)
+    report.vet_seconds = time.monotonic() - start
     if pending:
         _run(pending, report, catalog=catalog, ledger=ledger, options=options, owner=owner, update=update)
     report.seconds = time.monotonic() - start

@@ -132,6 +132,12 @@ class _Handler(BaseHTTPRequestHandler):
                 status, headers, data = response.status, response.headers, response.read()
         except urllib.error.HTTPError as e:
             status, headers, data = e.code, e.headers, e.read()
+        if status == 200 and (match := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))):
+            # olah ignores Range (NOTES.md); the Hub honours it, and get_safetensors_metadata relies on it.
+            first, last = int(match[1]), int(match[2] or len(data) - 1)
+            total, data = len(data), data[first:last + 1]
+            status, headers = 206, {**dict(headers.items()), "Content-Range": f"bytes {first}-{first + len(data) - 1}/{total}",
+                                    "Content-Length": str(len(data))}
         if status == 200 and (gated := self._gated_info(url.path)):  # olah knows nothing of gating
             data = json.dumps({**json.loads(data), "gated": gated}).encode()
         kept = {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
