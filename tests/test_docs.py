@@ -14,7 +14,7 @@ def readme_commands() -> list[str]:
 def test_readme_opens_with_install_and_test_commands():
     main, tests = readme_commands()
     assert main.startswith("pip install torch==2.13.0 && ")  # torch first, pinned
-    assert main.endswith("superweight scan example:smollm2")
+    assert main.endswith("superweight crawl example:smollm2")
     assert "pytest" in tests
 
 
