@@ -34,6 +34,7 @@ from scanner.scan import ScanOptions
 from scanner.workers import WorkerConfig, actor_class
 
 from .catalog import Catalog
+from .errors import NoWorkers
 from .ledger import Ledger
 
 logger = logging.getLogger(__name__)
@@ -64,9 +65,8 @@ class Job:
     candidate: Candidate
     record_id: int
     attempt: int = 1
-    started: float | None = None  # when its actor was up (a fresh actor takes seconds to start)
+    started: float = 0.0  # when it went to a started actor
     actor: object = None
-    actor_ready: object = None  # ObjectRef that resolves once the actor has started
     killed: bool = False  # by the driver, for running past the timeout
 
 
@@ -155,9 +155,13 @@ def _settle_without_scan(candidate: Candidate, ledger: Ledger, owner: str) -> di
 
 def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, options: CrawlOptions, owner: str,
          update) -> None:
-    """Scan `pending` on a pool of actors until every model has settled."""
-    spawn_actor = _actor_factory(options)
-    up = {}  # actor -> ObjectRef of its pid(), done once the actor has started
+    """Scan `pending` on a pool of actors until every model has settled.
+
+    A model goes only to an actor that has started: on an autoscaling cluster some actors wait for
+    a node, and the others work meanwhile.
+    """
+    spawn_actor, gpus = _actor_factory(options)
+    up = {}  # actor -> ObjectRef of its pid(): ready once the actor has started
 
     def spawn():
         actor = spawn_actor()
@@ -168,11 +172,12 @@ def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, opti
     free, inflight = list(actors), {}  # inflight: ObjectRef -> Job
     budget = int(options.max_cache_gb * 1e9)
     queue = [Job(c, record_id=0) for c in pending]
-    last_renewal = time.monotonic()
+    last_renewal = starved_since = time.monotonic()
     try:
         while queue or inflight:
             used = sum(j.candidate.size_bytes or 0 for j in inflight.values())
-            while free and queue and (not inflight or used + (queue[0].candidate.size_bytes or 0) <= budget):
+            idle = [a for a in free if ray.wait([up[a]], timeout=0)[0]]
+            while idle and queue and (not inflight or used + (queue[0].candidate.size_bytes or 0) <= budget):
                 job = queue.pop(0)
                 record_id = ledger.claim(job.candidate.repo_id, job.candidate.revision, __version__, owner=owner,
                                          lease_seconds=options.lease_seconds)
@@ -180,13 +185,21 @@ def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, opti
                     report.add({"repo_id": job.candidate.repo_id, "revision": job.candidate.revision,
                                 "state": "skipped", "reason": "another crawl holds it"})
                     continue
-                job.record_id, job.actor = record_id, free.pop(0)
-                job.actor_ready = up[job.actor]
-                ref = job.actor.scan.remote(job.candidate.repo_id, job.candidate.revision, timeout=options.timeout)
-                inflight[ref] = job
+                job.record_id, job.actor, job.started = record_id, idle.pop(0), time.monotonic()
+                free.remove(job.actor)
+                inflight[job.actor.scan.remote(job.candidate.repo_id, job.candidate.revision,
+                                               timeout=options.timeout)] = job
                 used += job.candidate.size_bytes or 0
             report.queued = len(queue) + len(inflight)
             update(report)
+            if not inflight:  # work waits for an actor to start
+                if queue and time.monotonic() - starved_since > options.timeout:
+                    raise NoWorkers(f"no scan worker started within {options.timeout:.0f} s: the Ray cluster has no "
+                                    f"room for an actor with {gpus:g} GPU(s) and 1 CPU; add nodes, or pass "
+                                    "--gpus-per-worker 0 to scan on CPUs")
+                ray.wait([up[a] for a in free], num_returns=1, timeout=1.0)
+                continue
+            starved_since = time.monotonic()
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in ready:
                 job = inflight.pop(ref)
@@ -213,14 +226,14 @@ def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, opti
 
 
 def _actor_factory(options: CrawlOptions):
-    """A function that starts one scan worker actor."""
+    """A function that starts one scan worker actor, and the GPUs each gets."""
     gpus = options.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     config = WorkerConfig(scratch=options.scratch, options=options.scan, hub_attempts=options.hub.attempts,
                           hub_backoff=options.hub.backoff)
     worker = actor_class(num_gpus=gpus, num_cpus=1)
-    return lambda: worker.remote(config)
+    return (lambda: worker.remote(config)), gpus
 
 
 def _worker_count(options: CrawlOptions) -> int:
@@ -267,7 +280,7 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
         weights = [{k: w[k] for k in ("layer", "expert", "out_channel", "in_channel", "weight")}
                    for w in result["super_weights"]]
         report.add({**name, "revision": result["revision"], "state": "succeeded", "super_weights": weights,
-                    "seconds": outcome["seconds"]})
+                    "seconds": outcome["seconds"], "worker": outcome["worker"], "gpus": outcome["gpus"]})
     else:
         ledger.finish(job.record_id, outcome["state"], error=outcome["error"])
         report.add({**name, "state": outcome["state"], "error": outcome["error"]})
@@ -278,10 +291,6 @@ def _stop_overdue(inflight: dict, options: CrawlOptions) -> None:
     """Kill the actor of a scan well past its timeout (the worker stops itself at the timeout if it can)."""
     grace = min(60.0, options.timeout / 2)
     for job in inflight.values():
-        if job.started is None:  # the clock starts once the actor is up
-            if ray.wait([job.actor_ready], timeout=0)[0]:
-                job.started = time.monotonic()
-            continue
         if not job.killed and time.monotonic() - job.started > options.timeout + grace:
             logger.warning("%s: past its timeout; killing its worker", job.candidate.repo_id)
             job.killed = True

@@ -27,3 +27,7 @@ class ChecksumMismatch(IndexStoreError):
 
 class PublishFailed(IndexStoreError):
     """A catalog could not be published to its target."""
+
+
+class NoWorkers(IndexStoreError):
+    """No scan worker could start on the Ray cluster."""

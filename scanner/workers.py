@@ -61,7 +61,8 @@ class ScanWorker:
                 raise ScanTimeout(f"{repo_id}@{revision[:12]}: timed out after {timeout:.0f} s at layer "
                                   f"{layer} of {num_layers}")
 
-        outcome: dict = {"worker": f"{socket.gethostname()}:{os.getpid()}"}
+        outcome: dict = {"worker": f"{socket.gethostname()}:{os.getpid()}",
+                         "gpus": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
         try:
             result = with_retries(lambda: scan_source(repo_id, options, on_layer=check_deadline),
                                   attempts=self.config.hub_attempts, backoff=self.config.hub_backoff)

@@ -43,11 +43,15 @@ def smollm2(request) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the session (2 CPUs, no dashboard, every port on loopback); yields its address."""
+    """One local Ray for the session (2 CPUs, no dashboard, every port on loopback); yields its address.
+
+    It also declares one GPU, which this machine does not have: Ray schedules on the count alone, so
+    tests can check that GPU workers each take one (the scan itself then runs on the CPU).
+    """
     import ray
 
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    context = ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
     yield context.address_info["gcs_address"]
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -16,6 +16,7 @@ import pytest
 
 from index.catalog import Catalog
 from index.crawl import CrawlOptions, crawl
+from index.errors import NoWorkers
 from index.ledger import Ledger
 from scanner.discover import HubAccess, discover, vet
 from scanner.scan import ScanOptions
@@ -87,7 +88,7 @@ def stores(tmp_path):
 
 def options(front: HubFront, tmp_path: Path, **overrides) -> CrawlOptions:
     hub = HubAccess(endpoint=front.url, attempts=3, backoff=0.05)
-    return CrawlOptions(**{"workers": 1, "hub": hub, "scan": ScanOptions(endpoint=front.url),
+    return CrawlOptions(**{"workers": 1, "gpus_per_worker": 0, "hub": hub, "scan": ScanOptions(endpoint=front.url),
                            "scratch": tmp_path / "scratch", **overrides})
 
 
@@ -260,11 +261,30 @@ def test_two_crawls_at_once_scan_each_model_once(ray_cluster, front, tmp_path):
     ledger.close()
 
 
+def test_gpu_workers_take_a_gpu_each_and_work_goes_only_to_started_ones(ray_cluster, front, stores, tmp_path):
+    catalog, ledger = stores  # the session's Ray declares one GPU: one of the two GPU workers never starts
+    report = crawl(["crawl/llama", "crawl/qwen2"], catalog=catalog, ledger=ledger,
+                   options=options(front, tmp_path, workers=2, gpus_per_worker=1))
+    assert [o["state"] for o in report.outcomes] == ["succeeded", "succeeded"]
+    assert [o["gpus"] for o in report.outcomes] == [["0"], ["0"]]
+    assert len({o["worker"] for o in report.outcomes}) == 1
+
+
+def test_no_room_for_any_worker_is_one_error_and_leaves_the_models_queued(ray_cluster, front, stores, tmp_path):
+    catalog, ledger = stores
+    with pytest.raises(NoWorkers, match=r"no scan worker started within 2 s: the Ray cluster has no room for an "
+                                        r"actor with 2 GPU\(s\)"):
+        crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=options(front, tmp_path, gpus_per_worker=2,
+                                                                               timeout=2))
+    assert ledger_row(ledger, "crawl/llama")["state"] == "queued"
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 def run_crawl_cli(*args: str, home: Path, front: HubFront, address: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "SUPERWEIGHT_HOME": str(home), "HF_ENDPOINT": front.url, "HF_HOME": str(home / "hf")}
-    return subprocess.Popen([CLI, "crawl", *args, "--address", address, "--workers", "1", "--no-progress"],
+    return subprocess.Popen([CLI, "crawl", *args, "--address", address, "--workers", "1", "--gpus-per-worker", "0",
+                             "--no-progress"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
