@@ -131,6 +131,11 @@ class Catalog:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def has_scan(self, repo_id: str, revision: str, scanner_version: str) -> bool:
+        """Whether this catalog holds the finished scan of the key."""
+        return self.con.execute("SELECT count(*) FROM scans WHERE repo_id = ? AND revision = ? AND scanner_version = ?",
+                                [repo_id, revision, scanner_version]).fetchone()[0] > 0
+
     def record_scan(self, result: dict, *, scanned_at: datetime | None = None) -> None:
         """Write one finished scan (a `scanner.scan.scan_source` result), replacing its key's rows.
 

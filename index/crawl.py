@@ -27,8 +27,9 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
 from scanner import __version__
+from scanner.errors import first_line
 from scanner.config import SUPERWEIGHT_HOME
-from scanner.discover import Candidate, HubAccess, vet
+from scanner.discover import Candidate, HubAccess, reconsidered, vet
 from scanner.hub import EXAMPLE_PREFIX
 from scanner.scan import ScanOptions
 from scanner.workers import WorkerConfig, actor_class
@@ -40,7 +41,6 @@ from .ledger import Ledger
 logger = logging.getLogger(__name__)
 
 VET_THREADS = 4  # models vetted at once: each is a few small Hub requests
-SETTLED = ("succeeded", "refused")  # a re-run skips these; failed models are tried again
 WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
 
 
@@ -55,6 +55,7 @@ class CrawlOptions:
     max_cache_gb: float = 50.0  # downloads in flight at once, over all workers
     max_params: int | None = None
     lease_seconds: float = 300.0  # a killed crawl's models are claimable again after this
+    start_timeout: float = 900.0  # seconds to wait for any worker to start (autoscalers add nodes in minutes)
     hub: HubAccess = HubAccess()
     scan: ScanOptions = ScanOptions()
     scratch: Path = SUPERWEIGHT_HOME / "crawl-cache"
@@ -68,6 +69,8 @@ class Job:
     started: float = 0.0  # when it went to a started actor
     actor: object = None
     killed: bool = False  # by the driver, for running past the timeout
+    also: tuple[str, ...] = ()  # a settled state its claim may take over (see _settle_without_scan)
+    owner: str = ""  # the crawl whose lease it runs under
 
 
 @dataclass
@@ -110,18 +113,24 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
     def check(repo_id: str) -> Candidate:
         if is_local(repo_id):  # its revision, a content hash, is known only once scanned: always scanned
             return Candidate(repo_id, revision="")
-        return vet(repo_id, hub=options.hub, max_params=options.max_params,
-                   max_bytes=int(options.max_cache_gb * 1e9), cache_dir=options.scratch / "vet")
+        try:
+            return vet(repo_id, hub=options.hub, max_params=options.max_params,
+                       max_bytes=int(options.max_cache_gb * 1e9), cache_dir=options.scratch / "vet")
+        except Exception as e:  # one model's surprise must not end the crawl
+            return Candidate(repo_id, "", error=f"{repo_id}: vetting failed ({type(e).__name__}: {first_line(e)})")
 
-    with ThreadPoolExecutor(VET_THREADS) as pool:  # Hub round trips overlap; results stay in order
-        candidates = pool.map(check, dict.fromkeys(repo_ids))  # once each
-        for candidate in candidates:
-            if (outcome := _settle_without_scan(candidate, ledger, owner)) is not None:
+    pool = ThreadPoolExecutor(VET_THREADS)  # Hub round trips overlap; results stay in order
+    try:
+        for candidate in pool.map(check, dict.fromkeys(repo_ids)):  # once each
+            outcome, also = _settle_without_scan(candidate, ledger, catalog, owner)
+            if outcome is not None:
                 report.add(outcome)
             else:
-                pending.append(candidate)
+                pending.append(Job(candidate, record_id=0, also=also))
             report.queued = len(pending)
             update(report)
+    finally:
+        pool.shutdown(cancel_futures=True)  # Ctrl-C: do not vet the rest first
     report.vet_seconds = time.monotonic() - start
     if pending:
         _run(pending, report, catalog=catalog, ledger=ledger, options=options, owner=owner, update=update)
@@ -134,26 +143,38 @@ def is_local(source: str) -> bool:
     return source.startswith(EXAMPLE_PREFIX) or Path(source).expanduser().exists()
 
 
-def _settle_without_scan(candidate: Candidate, ledger: Ledger, owner: str) -> dict | None:
-    """Record a model that needs no scan (settled, refused, unvettable); None if it should be scanned."""
+def _settle_without_scan(candidate: Candidate, ledger: Ledger, catalog: Catalog,
+                         owner: str) -> tuple[dict | None, tuple[str, ...]]:
+    """Record a model that needs no scan (settled, refused, unvettable).
+
+    Returns:
+        Its outcome, or None if it is to be scanned; and the settled state its claim may take over.
+
+    Skipped: a key that succeeded and is in this catalog, or that was refused for a reason that
+    holds for the commit. A refusal for this run's limits or for gating is vetted again, and a
+    success missing from this catalog (a new --catalog, a lost volume) is scanned again.
+    """
     key = (candidate.repo_id, candidate.revision, __version__)
     outcome = {"repo_id": candidate.repo_id, "revision": candidate.revision}
-    state = ledger.state(*key)
-    if state in SETTLED:
-        return {**outcome, "state": "skipped", "reason": f"already {state}"}
-    if candidate.refusal is None and candidate.error is None:
-        ledger.queue(*key)
-        return None
+    record = ledger.record(*key)
+    state = record["state"] if record else None
+    if state == "succeeded" and catalog.has_scan(*key):
+        return {**outcome, "state": "skipped", "reason": "already succeeded"}, ()
+    if state == "refused" and not reconsidered(record["error"]):
+        return {**outcome, "state": "skipped", "reason": "already refused"}, ()
+    also = (state,) if state in ("succeeded", "refused") else ()
     ledger.queue(*key)
-    record_id = ledger.claim(*key, owner=owner, lease_seconds=60)
+    if candidate.refusal is None and candidate.error is None:
+        return None, also
+    record_id = ledger.claim(*key, owner=owner, lease_seconds=60, also=also)
     if record_id is None:
-        return {**outcome, "state": "skipped", "reason": "another crawl holds it"}
+        return {**outcome, "state": "skipped", "reason": "another crawl holds it"}, ()
     state, reason = ("refused", candidate.refusal) if candidate.refusal else ("failed", candidate.error)
-    ledger.finish(record_id, state, error=reason)
-    return {**outcome, "state": state, "error": reason}
+    ledger.finish(record_id, state, error=reason, owner=owner)
+    return {**outcome, "state": state, "error": reason}, ()
 
 
-def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, options: CrawlOptions, owner: str,
+def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: CrawlOptions, owner: str,
          update) -> None:
     """Scan `pending` on a pool of actors until every model has settled.
 
@@ -171,7 +192,7 @@ def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, opti
     actors = [spawn() for _ in range(_worker_count(options))]
     free, inflight = list(actors), {}  # inflight: ObjectRef -> Job
     budget = int(options.max_cache_gb * 1e9)
-    queue = [Job(c, record_id=0) for c in pending]
+    queue = list(pending)
     last_renewal = starved_since = time.monotonic()
     try:
         while queue or inflight:
@@ -180,12 +201,12 @@ def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, opti
             while idle and queue and (not inflight or used + (queue[0].candidate.size_bytes or 0) <= budget):
                 job = queue.pop(0)
                 record_id = ledger.claim(job.candidate.repo_id, job.candidate.revision, __version__, owner=owner,
-                                         lease_seconds=options.lease_seconds)
+                                         lease_seconds=options.lease_seconds, also=job.also)
                 if record_id is None:
                     report.add({"repo_id": job.candidate.repo_id, "revision": job.candidate.revision,
                                 "state": "skipped", "reason": "another crawl holds it"})
                     continue
-                job.record_id, job.actor, job.started = record_id, idle.pop(0), time.monotonic()
+                job.record_id, job.actor, job.started, job.owner = record_id, idle.pop(0), time.monotonic(), owner
                 free.remove(job.actor)
                 inflight[job.actor.scan.remote(job.candidate.repo_id, job.candidate.revision,
                                                timeout=options.timeout)] = job
@@ -193,17 +214,18 @@ def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, opti
             report.queued = len(queue) + len(inflight)
             update(report)
             if not inflight:  # work waits for an actor to start
-                if queue and time.monotonic() - starved_since > options.timeout:
-                    raise NoWorkers(f"no scan worker started within {options.timeout:.0f} s: the Ray cluster has no "
+                if queue and time.monotonic() - starved_since > options.start_timeout:
+                    raise NoWorkers(f"no scan worker started within {options.start_timeout:.0f} s: the Ray cluster has no "
                                     f"room for an actor with {gpus:g} GPU(s) and 1 CPU; add nodes, or pass "
                                     "--gpus-per-worker 0 to scan on CPUs")
                 ray.wait([up[a] for a in free], num_returns=1, timeout=1.0)
                 continue
             starved_since = time.monotonic()
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(1.0, options.lease_seconds / 4))
             for ref in ready:
                 job = inflight.pop(ref)
                 retry, lost = _finish(job, ref, report, catalog=catalog, ledger=ledger, options=options)
+                lost = lost or job.killed  # its result may have beaten the kill; the actor is gone anyway
                 if lost:  # its process died or was killed: a fresh actor takes its place
                     ray.kill(job.actor, no_restart=True)
                     actors.append(spawn())
@@ -218,7 +240,7 @@ def _run(pending: list[Candidate], report: CrawlReport, *, catalog, ledger, opti
         update(report)
     except BaseException:  # Ctrl-C or a driver error: give the claimed models back
         for job in inflight.values():
-            ledger.release(job.record_id)
+            ledger.release(job.record_id, owner=job.owner)
         raise
     finally:
         for actor in actors:
@@ -261,7 +283,7 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
             error = f"{job.candidate.repo_id}@{job.candidate.revision[:12]}: timed out after {options.timeout:.0f} s"
         else:
             error = f"{job.candidate.repo_id}@{job.candidate.revision[:12]}: the worker process died ({type(e).__name__})"
-        ledger.finish(job.record_id, "failed", error=error)
+        ledger.finish(job.record_id, "failed", error=error, owner=job.owner)
         if not job.killed and job.attempt <= options.retries:
             logger.warning("%s; trying again (attempt %d)", error, job.attempt + 1)
             return Job(job.candidate, record_id=0, attempt=job.attempt + 1), True
@@ -272,9 +294,10 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
         try:
             catalog.record_scan(result)
         except Exception as e:
-            ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}")
+            ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}", owner=job.owner)
             raise
-        ledger.finish(job.record_id, "succeeded", revision=result["revision"], bytes_read=result["bytes_read"])
+        ledger.finish(job.record_id, "succeeded", revision=result["revision"], bytes_read=result["bytes_read"],
+                      owner=job.owner)
         report.download_seconds += result.get("download_seconds", 0.0)
         report.scan_seconds += result["seconds"] - result.get("download_seconds", 0.0)
         weights = [{k: w[k] for k in ("layer", "expert", "out_channel", "in_channel", "weight")}
@@ -282,7 +305,7 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
         report.add({**name, "revision": result["revision"], "state": "succeeded", "super_weights": weights,
                     "seconds": outcome["seconds"], "worker": outcome["worker"], "gpus": outcome["gpus"]})
     else:
-        ledger.finish(job.record_id, outcome["state"], error=outcome["error"])
+        ledger.finish(job.record_id, outcome["state"], error=outcome["error"], owner=job.owner)
         report.add({**name, "state": outcome["state"], "error": outcome["error"]})
     return None, False
 

@@ -28,6 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .errors import LedgerUnavailable
 
 STATES = ("queued", "running", "succeeded", "failed", "refused")
+SCAN_LEASE_SECONDS = 3600  # how long a `superweight scan` holds its key (it does not renew)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -78,7 +79,7 @@ class Ledger:
         self.url = url
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url)
+        self.engine = create_engine(url, pool_pre_ping=True)  # a PostgreSQL restart mid-crawl
         try:
             upgrade(self.engine)
         except (OperationalError, ProgrammingError) as e:
@@ -98,12 +99,16 @@ class Ledger:
             record.state, record.worker, record.error = "running", worker, None
             record.attempts += 1
             record.started_at, record.finished_at = _now(), None
+            record.lease_owner = worker  # a killed `scan` frees the key for crawls when this expires
+            record.lease_expires_at = _now() + timedelta(seconds=SCAN_LEASE_SECONDS)
             session.flush()
             return record.id
 
     def finish(self, record_id: int, state: str, *, revision: str | None = None, error: str | None = None,
-               bytes_read: int | None = None) -> None:
+               bytes_read: int | None = None, owner: str | None = None) -> bool:
         """Record how attempt `record_id` ended: succeeded, failed or refused (with the reason).
+
+        With `owner`, only while `owner` still holds the key's lease; returns whether it was recorded.
 
         `revision` is the one the attempt resolved (a Hub sha, a folder's content hash) when it was
         started under the requested one ("main", or "" for a folder); an existing row for the
@@ -113,6 +118,8 @@ class Ledger:
             raise ValueError(f"an attempt ends succeeded, failed or refused, not {state!r}")
         with Session(self.engine) as session, session.begin():
             record = session.get(ScanRecord, record_id)
+            if owner is not None and record.lease_owner != owner:
+                return False  # our lease lapsed and another crawl took the key over: its word counts
             if revision is not None and revision != record.revision:
                 resolved = session.scalars(select(ScanRecord).filter_by(
                     repo_id=record.repo_id, revision=revision, scanner_version=record.scanner_version)).one_or_none()
@@ -125,12 +132,14 @@ class Ledger:
                     record = resolved
             record.state, record.error, record.bytes_read, record.finished_at = state, error, bytes_read, _now()
             record.lease_owner = record.lease_expires_at = None
+        return True
 
-    def state(self, repo_id: str, revision: str, scanner_version: str) -> str | None:
-        """The key's state, or None if it was never seen."""
+    def record(self, repo_id: str, revision: str, scanner_version: str) -> dict | None:
+        """The key's row, or None if it was never seen."""
         with Session(self.engine) as session:
-            return session.scalar(select(ScanRecord.state).filter_by(
-                repo_id=repo_id, revision=revision, scanner_version=scanner_version))
+            record = session.scalars(select(ScanRecord).filter_by(
+                repo_id=repo_id, revision=revision, scanner_version=scanner_version)).one_or_none()
+            return record.to_dict() if record else None
 
     def queue(self, repo_id: str, revision: str, scanner_version: str) -> None:
         """Make sure the key has a row: a new one is queued; an existing one is left as it is."""
@@ -144,15 +153,17 @@ class Ledger:
             pass  # another crawl queued it between our check and our insert: it has its row
 
     def claim(self, repo_id: str, revision: str, scanner_version: str, *, owner: str,
-              lease_seconds: float) -> int | None:
+              lease_seconds: float, also: tuple[str, ...] = ()) -> int | None:
         """Start an attempt if nobody else holds the key: returns its record id, or None.
 
-        Claimable: queued or failed rows, and running rows whose lease has expired. The check and
-        the change are one UPDATE, so concurrent claims cannot both succeed.
+        Claimable: queued or failed rows, rows in a state named in `also`, and running rows whose
+        lease has expired (or that have none: written before leases existed). The check and the
+        change are one UPDATE, so concurrent claims cannot both succeed.
         """
         now = _now()
-        claimable = or_(ScanRecord.state.in_(("queued", "failed")),
-                        and_(ScanRecord.state == "running", ScanRecord.lease_expires_at < now))
+        claimable = or_(ScanRecord.state.in_(("queued", "failed", *also)),
+                        and_(ScanRecord.state == "running",
+                             or_(ScanRecord.lease_expires_at < now, ScanRecord.lease_expires_at.is_(None))))
         with Session(self.engine) as session, session.begin():
             record_id = session.scalar(
                 update(ScanRecord)
@@ -173,10 +184,11 @@ class Ledger:
                 .values(lease_expires_at=_now() + timedelta(seconds=lease_seconds))
             ).rowcount
 
-    def release(self, record_id: int) -> None:
-        """Give a claimed key back unfinished (the crawl was interrupted): queued again, no lease."""
+    def release(self, record_id: int, *, owner: str) -> None:
+        """Give a key `owner` claimed back unfinished (the crawl was interrupted): queued again, no lease."""
         with Session(self.engine) as session, session.begin():
-            session.execute(update(ScanRecord).where(ScanRecord.id == record_id, ScanRecord.state == "running")
+            session.execute(update(ScanRecord).where(ScanRecord.id == record_id, ScanRecord.state == "running",
+                                                     ScanRecord.lease_owner == owner)
                             .values(state="queued", lease_owner=None, lease_expires_at=None, finished_at=_now()))
 
     def records(self, *, state: str | None = None) -> list[dict]:

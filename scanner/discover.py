@@ -14,9 +14,13 @@ from pathlib import Path
 
 import httpx2
 from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    SafetensorsParsingError,
     NotASafetensorsRepoError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -42,6 +46,16 @@ class Candidate:
     size_bytes: int | None = None  # bytes of safetensors tensor data: what a scan downloads
     refusal: str | None = None  # why it will not be scanned (recorded as refused)
     error: str | None = None  # why it could not be vetted (recorded as failed)
+
+
+# Refusals that depend on this run's limits or on access granted later: a later crawl vets such a
+# model again instead of skipping it. Every other refusal holds for the commit.
+RECONSIDERED = ("(--max-params)", "(--max-cache-gb)", "gated")
+
+
+def reconsidered(refusal: str | None) -> bool:
+    """Whether a recorded refusal may not hold on the next crawl (see RECONSIDERED)."""
+    return bool(refusal) and any(mark in refusal for mark in RECONSIDERED)
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,10 @@ def vet(repo_id: str, *, hub: HubAccess = HubAccess(), max_params: int | None = 
     """Pin `repo_id` to main's commit sha and decide whether it can be scanned, without downloading weights."""
     api = HfApi(endpoint=hub.endpoint)
     try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return Candidate(repo_id, "", refusal=f"{repo_id}: not a Hub repo id (owner/name), a folder or an example")
+    try:
         info = _hub(repo_id, hub, lambda: api.model_info(repo_id, revision="main"))
         sha, files = info.sha, [s.rfilename for s in info.siblings or []]
         if info.gated:
@@ -90,11 +108,14 @@ def vet(repo_id: str, *, hub: HubAccess = HubAccess(), max_params: int | None = 
         if not any(f.endswith(".safetensors") for f in files):
             kinds = sorted({f.rsplit(".", 1)[-1] for f in files if f.endswith(PICKLE_SUFFIXES + (".gguf",))})
             return Candidate(repo_id, sha, refusal=f"no safetensors weights (has: {', '.join(kinds) or 'none'})")
+        if "config.json" not in files:  # e.g. an adapter (PEFT) repo tagged text-generation
+            return Candidate(repo_id, sha, refusal="no config.json: not a full model checkpoint (an adapter?)")
         config = _hub(repo_id, hub, lambda: hf_hub_download(repo_id, "config.json", revision=sha,
                                                             endpoint=hub.endpoint, cache_dir=cache_dir))
         load_config(Path(config).parent)  # the scan's own rule: no remote code, an architecture we know
         meta = _hub(repo_id, hub, lambda: api.get_safetensors_metadata(repo_id, revision=sha))
-    except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, NotASafetensorsRepoError) as e:
+    except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, NotASafetensorsRepoError,
+            SafetensorsParsingError) as e:
         return Candidate(repo_id, "", refusal=first_line(e))
     except (RemoteCodeRefused, UnsupportedArchitecture) as e:
         return Candidate(repo_id, sha, refusal=str(e).replace(str(Path(config).parent), repo_id))
@@ -124,5 +145,7 @@ def _hub(repo_id: str, hub: HubAccess, call):
             raise
         except (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError) as e:
             raise hub_error(repo_id, e, endpoint=hub.endpoint) from e
+        except LocalEntryNotFoundError as e:  # hf_hub_download's word for "the Hub did not answer"
+            raise hub_error(repo_id, e.__cause__ or e, endpoint=hub.endpoint) from e
 
     return with_retries(once, attempts=hub.attempts, backoff=hub.backoff)

@@ -36,8 +36,15 @@ class ScanWorker:
 
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.scratch = Path(config.scratch) / f"{socket.gethostname()}-{os.getpid()}"
-        shutil.rmtree(self.scratch, ignore_errors=True)  # left by a worker that died with this pid
+        host = socket.gethostname()
+        self.scratch = Path(config.scratch) / f"{host}-{os.getpid()}"
+        # Downloads of workers on this host that died mid-scan (killed, out of memory) count
+        # against the disk budget until someone deletes them: the next worker to start does.
+        for folder in Path(config.scratch).glob(f"{host}-*"):
+            pid = folder.name.removeprefix(f"{host}-")
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)  # left by an earlier process with this pid
 
     def pid(self) -> int:
         return os.getpid()
@@ -77,6 +84,16 @@ class ScanWorker:
             shutil.rmtree(cache, ignore_errors=True)
         outcome["seconds"] = round(time.monotonic() - start, 3)
         return outcome
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def actor_class(*, num_gpus: float, num_cpus: float):

@@ -370,7 +370,8 @@ def ledger_command(state, as_json) -> None:
             click.echo(json.dumps(r, default=str))
         else:
             when = r["finished_at"] or r["started_at"]
-            click.echo(f"{r['state']:<9} {r['attempts']:>3}  {when:%Y-%m-%d %H:%M}  {r['repo_id']}@{r['revision'][:12]}"
+            when = f"{when:%Y-%m-%d %H:%M}" if when else "-".ljust(16)  # queued: not started yet
+            click.echo(f"{r['state']:<9} {r['attempts']:>3}  {when}  {r['repo_id']}@{r['revision'][:12]}"
                        + (f"  {r['error']}" if r["error"] else ""))
 
 

@@ -50,7 +50,8 @@ class HubFront:
     mirrors: Path  # the folder olah serves (models/<org>/<name> git repos)
     gated: set[str] = field(default_factory=set)  # repo ids listed as gated
     holds: list[Hold] = field(default_factory=list)
-    fail_next: int = 0  # answer 503 to this many proxied requests
+    fail_next: int = 0  # answer 503 to this many proxied requests matching fail_pattern
+    fail_pattern: str = ""  # a regex; "" matches every request
     requests: list[str] = field(default_factory=list)
     stopped: threading.Event = field(default_factory=threading.Event)
     server: ThreadingHTTPServer | None = None
@@ -122,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
         if front.stopped.is_set():
             self.close_connection = True  # the server went away: no answer at all
             return
-        if front.fail_next > 0:
+        if front.fail_next > 0 and re.search(front.fail_pattern, self.path):
             front.fail_next -= 1
             return self._send(503, {"Content-Type": "text/plain"}, b"Service Unavailable (test)", body)
         request = urllib.request.Request(front.upstream + self.path, method=self.command, headers={

@@ -151,7 +151,7 @@ def test_renew_extends_and_release_gives_back(ledger_url):
     assert ledger.renew("crawl-1", lease_seconds=600) == 1
     assert ledger.renew("someone-else", lease_seconds=600) == 0
     assert ledger.records()[0]["lease_expires_at"] > before
-    ledger.release(record_id)
+    ledger.release(record_id, owner="crawl-1")
     (record,) = ledger.records()
     assert (record["state"], record["lease_owner"]) == ("queued", None)
     assert ledger.claim(*KEY, owner="crawl-2", lease_seconds=300) is not None
