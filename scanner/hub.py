@@ -79,6 +79,7 @@ def resolve(source: str, *, revision: str | None = None, endpoint: str | None = 
 def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Resolved:
     """Pin `revision` to a sha, refuse repos without safetensors, and fetch only what a scan reads."""
     where = f"{repo_id}@{revision}"
+    info = None
     try:
         try:
             info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
@@ -100,8 +101,10 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Res
         raise SourceNotFound(f"{where}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise SourceNotFound(f"{where}: no such revision") from None
-    except LocalEntryNotFoundError:
-        raise HubError(f"{where}: not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)") from None
+    except LocalEntryNotFoundError as e:
+        if info is None:  # HF_HUB_OFFLINE=1 and not cached
+            raise HubError(f"{where}: not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)") from None
+        raise hub_error(where, e.__cause__ or e, endpoint=endpoint) from e  # online, but a download got no answer
     except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
         raise hub_error(where, e, endpoint=endpoint) from e
     folder = Path(folder)

@@ -389,3 +389,11 @@ def test_a_bad_repo_id_is_refused_without_ending_the_crawl(ray_cluster, front, s
     report = crawl(["not a repo id!", "crawl/llama"], catalog=catalog, ledger=ledger, options=options(front, tmp_path))
     assert [o["state"] for o in report.outcomes] == ["refused", "succeeded"]
     assert "not a Hub repo id" in report.outcomes[0]["error"]
+
+
+def test_a_flaky_download_in_a_worker_is_retried(ray_cluster, front, stores, tmp_path):
+    catalog, ledger = stores
+    front.fail_pattern, front.fail_next = weights_of("crawl/llama"), 2  # the weights answer 503 twice
+    report = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=options(front, tmp_path))
+    assert report.outcomes[0]["state"] == "succeeded", report.outcomes[0].get("error")
+    assert front.fail_next == 0  # the faults were met, not bypassed
