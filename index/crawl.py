@@ -247,11 +247,15 @@ def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: C
             ray.kill(actor, no_restart=True)
 
 
+def _gpus_per_worker(options: CrawlOptions) -> float:
+    if options.gpus_per_worker is not None:
+        return options.gpus_per_worker
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
 def _actor_factory(options: CrawlOptions):
     """A function that starts one scan worker actor, and the GPUs each gets."""
-    gpus = options.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    gpus = _gpus_per_worker(options)
     config = WorkerConfig(scratch=options.scratch, options=options.scan, hub_attempts=options.hub.attempts,
                           hub_backoff=options.hub.backoff)
     worker = actor_class(num_gpus=gpus, num_cpus=1)
@@ -259,10 +263,10 @@ def _actor_factory(options: CrawlOptions):
 
 
 def _worker_count(options: CrawlOptions) -> int:
+    """--workers, else one per GPU for GPU workers, else one per 2 CPUs."""
     if options.workers:
         return options.workers
-    resources = ray.cluster_resources()
-    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+    resources, gpus = ray.cluster_resources(), _gpus_per_worker(options)
     if gpus:
         return max(1, int(resources.get("GPU", 0) // gpus))
     return max(1, int(resources.get("CPU", 1) // 2))

@@ -203,23 +203,20 @@ def publish(target, parquet, catalog_path, private) -> None:
 
     TARGET is a folder or hf://datasets/OWNER/NAME (one commit; the token comes from HF_TOKEN).
     """
-    import tempfile
-
     from index.catalog import Catalog
     from index.publish import publish as publish_to
 
-    with tempfile.TemporaryDirectory(prefix="superweight-publish-") as tmp:
-        if parquet is None:
-            path = catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE
-            if not path.is_file():
-                raise click.ClickException(f"{path}: no catalog yet; run 'superweight scan' first")
-            parquet = Path(tmp) / "catalog.parquet"
-            with Catalog(path, read_only=True) as catalog:
-                catalog.export(parquet)
+    if parquet is not None:
         published = publish_to(target, parquet, private=private)
-    _report(published.target, published.manifest["rows"], published.manifest["sha256"])
-    if published.commit_url:
-        click.echo(f"commit {published.commit_url}")
+        _report(published.target, published.manifest["rows"], published.manifest["sha256"])
+        if published.commit_url:
+            click.echo(f"commit {published.commit_url}")
+        return
+    path = catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE
+    if not path.is_file():
+        raise click.ClickException(f"{path}: no catalog yet; run 'superweight scan' first")
+    with Catalog(path, read_only=True) as catalog:
+        _publish_catalog(catalog, target, private=private)
 
 
 def _parse_count(ctx, param, value: str | None) -> int | None:
@@ -310,7 +307,7 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
                    "scan_seconds": round(report.scan_seconds, 1)}
         click.echo(json.dumps({"summary": summary}) if as_json else f"crawl: {_crawl_counts(report)} in {report.seconds:.0f} s")
         if publish_target:
-            _publish_open_catalog(catalog, publish_target)
+            _publish_catalog(catalog, publish_target)
     if report.counts["failed"]:
         sys.exit(EXIT_SOME_FAILED)
 
@@ -331,16 +328,18 @@ def _crawl_line(outcome: dict) -> str:
     return f"{outcome['repo_id']}@{outcome['revision'][:12]}  {outcome['state']}  {detail}"
 
 
-def _publish_open_catalog(catalog, target: str) -> None:
-    """Export the catalog this process writes and publish it to `target`."""
+def _publish_catalog(catalog, target: str, *, private: bool = False) -> None:
+    """Export `catalog` (open for reading or writing) and publish it to `target`."""
     import tempfile
 
     from index.publish import publish as publish_to
 
     with tempfile.TemporaryDirectory(prefix="superweight-publish-") as tmp:
         catalog.export(Path(tmp) / "catalog.parquet")
-        published = publish_to(target, Path(tmp) / "catalog.parquet")
+        published = publish_to(target, Path(tmp) / "catalog.parquet", private=private)
     _report(published.target, published.manifest["rows"], published.manifest["sha256"])
+    if published.commit_url:
+        click.echo(f"commit {published.commit_url}")
 
 
 @cli.command(name="build-index")

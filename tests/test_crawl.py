@@ -296,10 +296,15 @@ def run_crawl_cli(*args: str, home: Path, front: HubFront, address: str, **popen
 
 
 def test_the_command_joins_the_cluster_and_exits_3_when_a_model_failed(ray_cluster, front, tmp_path):
-    done = run_crawl_cli("crawl/llama", BROKEN, "--json", home=tmp_path, front=front, address=ray_cluster)
+    site = tmp_path / "site"
+    done = run_crawl_cli("crawl/llama", BROKEN, "--json", "--publish", str(site), home=tmp_path, front=front,
+                         address=ray_cluster)
     stdout, stderr = done.communicate(timeout=WAIT * 2)
     assert done.returncode == 3, stderr
-    *outcomes, summary = [json.loads(line) for line in stdout.splitlines()]
+    *outcomes, summary, published = stdout.splitlines()
+    assert published.startswith(f"{site}: 1 rows, sha256 ")  # published after the crawl: llama only
+    assert json.loads((site / "catalog.json").read_text())["rows"] == 1
+    outcomes, summary = [json.loads(line) for line in outcomes], json.loads(summary)
     assert {o["repo_id"]: o["state"] for o in outcomes} == {"crawl/llama": "succeeded", BROKEN: "failed"}
     assert summary["summary"]["succeeded"] == 1 and summary["summary"]["failed"] == 1
     with Catalog(tmp_path / "catalog.duckdb", read_only=True) as catalog:
