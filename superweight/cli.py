@@ -342,6 +342,29 @@ def _publish_catalog(catalog, target: str, *, private: bool = False) -> None:
         click.echo(f"commit {published.commit_url}")
 
 
+@cli.command()
+@click.argument("source")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The PNG to write.")
+@click.option("--revision", help="Hub branch, tag or commit sha (default: main).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def plot(source, out, revision, device) -> None:
+    """Scan SOURCE and draw its detection figure as a PNG.
+
+    Per layer, the peak |input| and |output| of the MLP output projection (log scale), the super
+    weights marked, rejected spikes shown.
+    """
+    from scanner.plot import plot as draw
+    from scanner.scan import ScanOptions, scan_source
+
+    try:
+        result = scan_source(source, ScanOptions(device=device, revision=revision))
+    except ScanError as e:
+        raise click.ClickException(_explain(source, e)) from None
+    data = draw(result, out)
+    marks = ", ".join(f"layer {layer} [{row}, {col}]" for layer, row, col, _ in data.super_weights) or "no super weight"
+    click.echo(f"{out}: {len(data.layers)} layers, {marks}")
+
+
 @cli.command(name="build-index")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("catalog.parquet"),
               show_default=True, help="Where to write; catalog.json goes beside it.")
