@@ -70,7 +70,6 @@ class Job:
     actor: object = None
     killed: bool = False  # by the driver, for running past the timeout
     also: tuple[str, ...] = ()  # a settled state its claim may take over (see _settle_without_scan)
-    owner: str = ""  # the crawl whose lease it runs under
 
 
 @dataclass
@@ -206,7 +205,7 @@ def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: C
                     report.add({"repo_id": job.candidate.repo_id, "revision": job.candidate.revision,
                                 "state": "skipped", "reason": "another crawl holds it"})
                     continue
-                job.record_id, job.actor, job.started, job.owner = record_id, idle.pop(0), time.monotonic(), owner
+                job.record_id, job.actor, job.started = record_id, idle.pop(0), time.monotonic()
                 free.remove(job.actor)
                 inflight[job.actor.scan.remote(job.candidate.repo_id, job.candidate.revision,
                                                timeout=options.timeout)] = job
@@ -224,7 +223,7 @@ def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: C
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(1.0, options.lease_seconds / 4))
             for ref in ready:
                 job = inflight.pop(ref)
-                retry, lost = _finish(job, ref, report, catalog=catalog, ledger=ledger, options=options)
+                retry, lost = _finish(job, ref, report, catalog=catalog, ledger=ledger, options=options, owner=owner)
                 lost = lost or job.killed  # its result may have beaten the kill; the actor is gone anyway
                 if lost:  # its process died or was killed: a fresh actor takes its place
                     ray.kill(job.actor, no_restart=True)
@@ -240,7 +239,7 @@ def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: C
         update(report)
     except BaseException:  # Ctrl-C or a driver error: give the claimed models back
         for job in inflight.values():
-            ledger.release(job.record_id, owner=job.owner)
+            ledger.release(job.record_id, owner=owner)
         raise
     finally:
         for actor in actors:
@@ -272,9 +271,9 @@ def _worker_count(options: CrawlOptions) -> int:
     return max(1, int(resources.get("CPU", 1) // 2))
 
 
-def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Ledger,
-            options: CrawlOptions) -> tuple[Job | None, bool]:
-    """Record how `job` ended.
+def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Ledger, options: CrawlOptions,
+            owner: str) -> tuple[Job | None, bool]:
+    """Record how `job` ended, under `owner`'s lease.
 
     Returns:
         The job to run again (its worker died and retries remain) or None, and whether the worker was lost.
@@ -287,7 +286,7 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
             error = f"{job.candidate.repo_id}@{job.candidate.revision[:12]}: timed out after {options.timeout:.0f} s"
         else:
             error = f"{job.candidate.repo_id}@{job.candidate.revision[:12]}: the worker process died ({type(e).__name__})"
-        ledger.finish(job.record_id, "failed", error=error, owner=job.owner)
+        ledger.finish(job.record_id, "failed", error=error, owner=owner)
         if not job.killed and job.attempt <= options.retries:
             logger.warning("%s; trying again (attempt %d)", error, job.attempt + 1)
             return Job(job.candidate, record_id=0, attempt=job.attempt + 1), True
@@ -298,10 +297,10 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
         try:
             catalog.record_scan(result)
         except Exception as e:
-            ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}", owner=job.owner)
+            ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}", owner=owner)
             raise
         ledger.finish(job.record_id, "succeeded", revision=result["revision"], bytes_read=result["bytes_read"],
-                      owner=job.owner)
+                      owner=owner)
         report.download_seconds += result.get("download_seconds", 0.0)
         report.scan_seconds += result["seconds"] - result.get("download_seconds", 0.0)
         weights = [{k: w[k] for k in ("layer", "expert", "out_channel", "in_channel", "weight")}
@@ -309,7 +308,7 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
         report.add({**name, "revision": result["revision"], "state": "succeeded", "super_weights": weights,
                     "seconds": outcome["seconds"], "worker": outcome["worker"], "gpus": outcome["gpus"]})
     else:
-        ledger.finish(job.record_id, outcome["state"], error=outcome["error"], owner=job.owner)
+        ledger.finish(job.record_id, outcome["state"], error=outcome["error"], owner=owner)
         report.add({**name, "state": outcome["state"], "error": outcome["error"]})
     return None, False
 

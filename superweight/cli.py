@@ -268,8 +268,8 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
     from scanner.discover import HubAccess, discover
     from scanner.scan import ScanOptions
 
-    ids = list(repo_ids) + ([line.split("#")[0].strip() for line in repos_file if line.split("#")[0].strip()]
-                            if repos_file else [])
+    listed = (line.split("#")[0].strip() for line in repos_file) if repos_file else ()
+    ids = list(repo_ids) + [repo_id for repo_id in listed if repo_id]
     if ids and since:
         raise click.UsageError("--since applies to discovery; drop it when giving repo ids")
     # Workers of a joined cluster have their own environment: they get this process's Hub endpoint.
