@@ -8,14 +8,14 @@ import os
 import socket
 
 from scanner import __version__
-from scanner.errors import RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture
+from scanner.errors import RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture, UnsupportedQuantization
 from scanner.scan import ScanOptions, scan_source
 
 from .catalog import Catalog
 from .ledger import Ledger
 
 # Checkpoints we decline to scan, as opposed to scans that broke.
-REFUSALS = (UnsafeCheckpoint, RemoteCodeRefused, UnsupportedArchitecture)
+REFUSALS = (UnsafeCheckpoint, RemoteCodeRefused, UnsupportedArchitecture, UnsupportedQuantization)
 
 
 def worker_name() -> str:

@@ -61,8 +61,10 @@ class SuperWeight:
     expert: int | None
     out_channel: int
     in_channel: int
-    tensor: str
-    index: list[int]
+    tensor: str  # the tensor as stored in the checkpoint file
+    index: list[int]  # its position in that stored tensor
+    hf_tensor: str  # the transformers parameter (Hugging Face layout)
+    hf_index: list[int]  # its position in that parameter
     weight: float
     input_activation: float
     output_activation: float
@@ -276,6 +278,7 @@ class Detector:
                     cand.output_activation, spike)
         return SuperWeight(
             layer=cand.layer, expert=e, out_channel=r, in_channel=c, tensor=tensor, index=index,
+            hf_tensor=self.sm.out_proj_name(cand.layer), hf_index=list(position),
             weight=cand.weight, input_activation=cand.input_activation,
             output_activation=cand.output_activation, token=cand.token,
             spike_ratio=spike, input_ratio=in_ratio, row_ratio=cand.row_ratio, share=cand.share,

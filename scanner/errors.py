@@ -12,7 +12,7 @@ class ScanError(Exception):
 
 
 class SourceNotFound(ScanError):
-    """The local path or Hub repo does not exist."""
+    """The local path or Hub repo does not exist, or does not name one checkpoint."""
 
 
 class MissingConfig(ScanError):
@@ -20,7 +20,7 @@ class MissingConfig(ScanError):
 
 
 class UnsafeCheckpoint(ScanError):
-    """The checkpoint has no safetensors weights, only formats we refuse to read (pickle)."""
+    """The checkpoint has no safetensors or GGUF weights, only formats we refuse to read (pickle)."""
 
 
 class RemoteCodeRefused(ScanError):
@@ -32,7 +32,11 @@ class UnsupportedArchitecture(ScanError):
 
 
 class CorruptCheckpoint(ScanError):
-    """A safetensors file is truncated or unreadable, or its tensors disagree with the config."""
+    """A safetensors or GGUF file is truncated or unreadable, or its tensors disagree with the config."""
+
+
+class UnsupportedQuantization(ScanError):
+    """A GGUF tensor uses a quantization type the gguf package cannot dequantize."""
 
 
 class HubError(ScanError):

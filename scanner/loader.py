@@ -1,9 +1,10 @@
-"""Open a safetensors checkpoint and stream it into a model skeleton one decoder layer at a time.
+"""Open a checkpoint and stream it into a model skeleton one decoder layer at a time.
 
 The model is built on the meta device (no memory), every tensor's shape and dtype is checked
-against it from the safetensors headers before anything is read, and then each decoder layer is
-filled just before it runs and emptied right after. Only the embedding rows of the prompt's tokens
-are read; the language-model head never is.
+against it from the file headers before anything is read, and then each decoder layer is filled
+just before it runs and emptied right after. Only the embedding rows of the prompt's tokens are
+read; the language-model head never is. A checkpoint is a safetensors folder (SafetensorsCheckpoint,
+here) or a GGUF file (scanner.gguf.GGUFCheckpoint); both answer the same few calls.
 """
 
 import ctypes
@@ -35,6 +36,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .arch import OutProj, find_decoder_layers, find_out_proj
 from .config import PICKLE_SUFFIXES
+from .gguf import GGUFCheckpoint, find_gguf
 from .errors import (
     CorruptCheckpoint,
     MissingConfig,
@@ -110,10 +112,10 @@ def find_weight_files(path: Path) -> list[Path]:
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise UnsafeCheckpoint(
-            f"{path}: only pickle weights ({', '.join(pickles)}); superweight reads safetensors only "
-            "and never unpickles. Convert the checkpoint to safetensors first"
+            f"{path}: only pickle weights ({', '.join(pickles)}); superweight reads safetensors and GGUF "
+            "only and never unpickles. Convert the checkpoint to safetensors first"
         )
-    raise CorruptCheckpoint(f"{path}: no .safetensors weights found")
+    raise CorruptCheckpoint(f"{path}: no .safetensors or .gguf weights found")
 
 
 def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
@@ -130,13 +132,141 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     return tensors
 
 
+class SafetensorsCheckpoint:
+    """A checkpoint folder of config.json and safetensors files.
+
+    Args:
+        path: the folder.
+        trust_remote_code: allow repo code named by config.json's auto_map.
+    """
+
+    def __init__(self, path: Path, *, trust_remote_code: bool = False):
+        self.path = self.folder = path
+        self.config = load_config(path, trust_remote_code=trust_remote_code)
+        self.weight_files = find_weight_files(path)
+        self.hashed_files = self.weight_files + [path / "config.json"]  # what a local folder's revision hashes
+        self.tensors = read_headers(self.weight_files)
+        self.dtype = _majority_dtype(self.tensors, path)
+        self.conversions = []  # transformers' key conversions for the model, set by targets()
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype layers run in unless one is asked for: the checkpoint's, float16 as float32 on CPU."""
+        if device.type == "cpu" and self.dtype == torch.float16:
+            return torch.float32  # CPU float16 kernels are slow and partly missing
+        return self.dtype
+
+    def targets(self, model: nn.Module, meta: dict) -> dict[str, tuple[str, bool]]:
+        """Checkpoint key -> (model state-dict name, whether a converter builds it), via transformers' renamings."""
+        self.conversions = get_model_conversion_mapping(model)
+        renamings = [t for t in self.conversions if isinstance(t, WeightRenaming)]
+        converters = [t for t in self.conversions if isinstance(t, WeightConverter)]
+        prefix = model.base_model_prefix
+        found = {}
+        for key in sorted(self.tensors, key=dot_natural_key):
+            target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+            if target not in meta and key in meta:
+                target, pattern = key, None
+            if target not in meta:
+                logger.debug("%s: checkpoint tensor %s is not used by the model", self.path, key)
+                continue
+            found[key] = (target, pattern is not None)
+        return found
+
+    def check(self, sources: dict[str, list[str]], meta: dict, converted: set[str]) -> None:
+        """Raise CorruptCheckpoint unless every tensor is unquantized and has the shape the config implies."""
+        for target, keys in sources.items():
+            for key in keys:
+                info = self.tensors[key]
+                if info.dtype not in FLOAT_DTYPES:
+                    raise CorruptCheckpoint(
+                        f"{info.file}: tensor {key} has dtype {info.dtype}; only unquantized "
+                        "F32/F16/BF16 checkpoints can be scanned"
+                    )
+            expected = tuple(meta[target].shape)
+            stored = [self.tensors[k].shape for k in keys]
+            if target in converted:  # merged (experts) or split (fused qkv): sizes must add up
+                total = sum(math.prod(s) for s in stored)
+                ok = total % math.prod(expected) == 0
+            else:
+                ok = stored == [expected]
+            if not ok:
+                raise CorruptCheckpoint(
+                    f"{self.tensors[keys[0]].file}: tensor {keys[0]} has shape {list(stored[0])}, "
+                    f"but the config implies {list(expected)} for {target}"
+                )
+
+    def load(self, model: nn.Module, keys: list[str], *, dtype: torch.dtype, device: torch.device) -> int:
+        """Read `keys` from disk into the model, through transformers' own key conversions.
+
+        Returns:
+            The bytes read.
+        """
+        with ExitStack() as stack:
+            handles = {}
+            state = {}
+            for key in keys:
+                file = self.tensors[key].file
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                state[key] = handles[file].get_slice(key)
+            settings = LoadStateDictConfig(weight_mapping=self.conversions, dtype=dtype, device_map={"": device})
+            bars = transformers.utils.logging.is_progress_bar_enabled()
+            transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar, once per layer
+            try:
+                info, _ = convert_and_load_state_dict_in_model(model, state, settings)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CorruptCheckpoint(f"{self.path}: reading {keys[0]} failed ({first_line(e)})") from e
+            finally:
+                if bars:
+                    transformers.utils.logging.enable_progress_bar()
+        if info.mismatched_keys or info.conversion_errors:
+            raise CorruptCheckpoint(
+                f"{self.path}: tensors do not fit the model: {info.mismatched_keys or info.conversion_errors}"
+            )
+        return sum(math.prod(self.tensors[k].shape) * DTYPE_BYTES[self.tensors[k].dtype] for k in keys)
+
+    def read_rows(self, key: str, rows: list[int] | range) -> tuple[torch.Tensor, int]:
+        """Rows of a 2D tensor (the embedding or the LM head), without reading the rest.
+
+        Returns:
+            The rows in the stored dtype, (len(rows), hidden), and the bytes read.
+        """
+        info = self.tensors[key]
+        with safe_open(info.file, framework="pt", device="cpu") as f:
+            table = f.get_slice(key)
+            if isinstance(rows, range) and rows.step == 1:
+                weight = table[rows.start : rows.stop]
+            else:
+                weight = torch.cat([table[i : i + 1] for i in rows])
+        return weight, weight.numel() * DTYPE_BYTES[info.dtype]
+
+    def stored_index(self, keys: list[str], kind: str, row: int, col: int, expert: int | None) -> tuple[str, list[int]]:
+        """The checkpoint tensor holding W[row, col] (of `expert`) and its index there, as stored."""
+        if kind == "experts":
+            if len(keys) == 1:  # stored fused, as transformers keeps it in memory
+                return keys[0], [expert, row, col]
+            return keys[expert], [row, col]  # one tensor per expert, merged in expert order
+        if kind == "conv1d":
+            return keys[0], [col, row]  # GPT-2 Conv1D stores (in, out)
+        return keys[0], [row, col]
+
+
+def open_checkpoint(path: Path, *, trust_remote_code: bool = False) -> SafetensorsCheckpoint | GGUFCheckpoint:
+    """The checkpoint at `path`: a GGUF file, a folder holding one GGUF file, or a safetensors folder."""
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return GGUFCheckpoint(gguf_file)  # holds no code: trust_remote_code does not apply
+    return SafetensorsCheckpoint(path, trust_remote_code=trust_remote_code)
+
+
 class StreamingModel:
     """A model skeleton on the meta device whose weights are read from disk only when needed.
 
     Args:
-        path: the checkpoint folder.
+        path: the checkpoint folder, or a GGUF file.
         device: where layers run.
-        dtype: the compute dtype; None keeps the checkpoint's (float16 runs as float32 on CPU).
+        dtype: the compute dtype; None keeps the checkpoint's (float16 runs as float32 on CPU;
+            GGUF is dequantized to float32).
         trust_remote_code: allow repo code named by config.json's auto_map.
     """
 
@@ -144,13 +274,14 @@ class StreamingModel:
                  trust_remote_code: bool = False):
         self.path = path = Path(path)
         self.device = torch.device(device)
-        self.config = load_config(path, trust_remote_code=trust_remote_code)
-        self.weight_files = find_weight_files(path)
-        self.tensors = read_headers(self.weight_files)
-        self.checkpoint_dtype = _majority_dtype(self.tensors, path)
-        if dtype is None and self.device.type == "cpu" and self.checkpoint_dtype == torch.float16:
-            dtype = torch.float32  # CPU float16 kernels are slow and partly missing
-        self.dtype = dtype or self.checkpoint_dtype
+        self.checkpoint = open_checkpoint(path, trust_remote_code=trust_remote_code)
+        self.config = self.checkpoint.config
+        self.folder = self.checkpoint.folder  # hashed file names are relative to it
+        self.weight_files = self.checkpoint.weight_files
+        self.hashed_files = self.checkpoint.hashed_files  # config and weights: a local checkpoint's revision
+        self.tensors = self.checkpoint.tensors  # shapes outermost dimension first, GGUF too
+        self.checkpoint_dtype: torch.dtype | str = self.checkpoint.dtype  # GGUF: a quantization type, e.g. "Q4_1"
+        self.dtype = dtype or self.checkpoint.compute_dtype(self.device)
         try:
             with init_empty_weights(include_buffers=False):
                 self.model = AutoModelForCausalLM.from_config(
@@ -173,7 +304,6 @@ class StreamingModel:
         self.layers_prefix = _module_path(self.model, self.layers)
         # Per layer: some models mix dense and expert MLPs (Qwen3-MoE mlp_only_layers, DeepSeek).
         self.out_projs: list[OutProj] = [find_out_proj(layer, self.hidden_size) for layer in self.layers]
-        self.conversions = get_model_conversion_mapping(self.model)
         self._plan_keys()
         self.edits: dict[int, list[tuple[tuple[int, ...], float]]] = {}  # layer -> [(index, value)]
         self.bytes_read = 0  # tensor bytes read from the checkpoint, replays included
@@ -186,9 +316,6 @@ class StreamingModel:
         Checks shapes and dtypes against the skeleton before anything is read.
         """
         meta = self.model.state_dict()
-        renamings = [t for t in self.conversions if isinstance(t, WeightRenaming)]
-        converters = [t for t in self.conversions if isinstance(t, WeightConverter)]
-        prefix = self.model.base_model_prefix
         layer_re = re.compile(rf"^{re.escape(self.layers_prefix)}\.(\d+)\.")
         embed_path = _module_path(self.model, self.model.get_input_embeddings())
         head = self.model.get_output_embeddings()
@@ -201,20 +328,16 @@ class StreamingModel:
         head_key = None
         sources: dict[str, list[str]] = {}
         converted: set[str] = set()  # targets built by a converter (e.g. experts merged into one tensor)
-        for key in sorted(self.tensors, key=dot_natural_key):
-            target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
-            if target not in meta and key in meta:
-                target, pattern = key, None
-            if target not in meta:
-                logger.debug("%s: checkpoint tensor %s is not used by the model", self.path, key)
-                continue
+        targets = self.checkpoint.targets(self.model, meta)
+        for key in sorted(targets, key=dot_natural_key):
+            target, merged = targets[key]
             if head_path and target.startswith(head_path + ".") and target != f"{embed_path}.weight":
                 if target == f"{head_path}.weight":
                     head_key = key
                 continue  # the LM head is never needed to find super weights
             self.key_target[key] = target
             sources.setdefault(target, []).append(key)
-            if pattern is not None:
+            if merged:
                 converted.add(target)
             match = layer_re.match(target)
             if match:
@@ -223,9 +346,11 @@ class StreamingModel:
                 self.embed_key = key
             else:
                 self.other_keys.append(key)
-        if self.embed_key is None and head_key is not None and self.config.get_text_config().tie_word_embeddings:
+        tied = self.config.get_text_config().tie_word_embeddings
+        if self.embed_key is None and head_key is not None and tied:
             self.embed_key = head_key  # tied weights stored under the head's name: the same matrix
             sources[f"{embed_path}.weight"] = [head_key]
+        self.head_key = self.embed_key if tied else head_key  # read only to verify (scanner.verify)
         self._check_against_skeleton(meta, sources, converted, head_path, embed_path)
 
     def _check_against_skeleton(self, meta, sources, converted, head_path, embed_path) -> None:
@@ -240,56 +365,13 @@ class StreamingModel:
             raise CorruptCheckpoint(
                 f"{self.path}: checkpoint lacks {len(missing)} tensor(s) the config requires, e.g. {missing[0]}"
             )
-        for target, keys in sources.items():
-            for key in keys:
-                info = self.tensors[key]
-                if info.dtype not in FLOAT_DTYPES:
-                    raise CorruptCheckpoint(
-                        f"{info.file}: tensor {key} has dtype {info.dtype}; only unquantized "
-                        "F32/F16/BF16 checkpoints can be scanned"
-                    )
-            expected = tuple(meta[target].shape)
-            stored = [self.tensors[k].shape for k in keys]
-            if target in converted:  # merged (experts) or split (fused qkv): sizes must add up
-                total = sum(math.prod(s) for s in stored)
-                ok = total % math.prod(expected) == 0
-            else:
-                ok = stored == [expected]
-            if not ok:
-                raise CorruptCheckpoint(
-                    f"{self.tensors[keys[0]].file}: tensor {keys[0]} has shape {list(stored[0])}, "
-                    f"but the config implies {list(expected)} for {target}"
-                )
+        self.checkpoint.check(sources, meta, converted)  # dtypes (or quantization types) and shapes
 
     # -- loading --------------------------------------------------------------------------------
 
     def _load(self, keys: list[str]) -> None:
-        """Read `keys` from disk into the skeleton, through transformers' own key conversions."""
-        with ExitStack() as stack:
-            handles = {}
-            state = {}
-            for key in keys:
-                file = self.tensors[key].file
-                if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-                state[key] = handles[file].get_slice(key)
-            settings = LoadStateDictConfig(
-                weight_mapping=self.conversions, dtype=self.dtype, device_map={"": self.device}
-            )
-            bars = transformers.utils.logging.is_progress_bar_enabled()
-            transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar, once per layer
-            try:
-                info, _ = convert_and_load_state_dict_in_model(self.model, state, settings)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CorruptCheckpoint(f"{self.path}: reading {keys[0]} failed ({first_line(e)})") from e
-            finally:
-                if bars:
-                    transformers.utils.logging.enable_progress_bar()
-        self.bytes_read += sum(math.prod(self.tensors[k].shape) * DTYPE_BYTES[self.tensors[k].dtype] for k in keys)
-        if info.mismatched_keys or info.conversion_errors:
-            raise CorruptCheckpoint(
-                f"{self.path}: tensors do not fit the model: {info.mismatched_keys or info.conversion_errors}"
-            )
+        """Read `keys` from disk into the skeleton."""
+        self.bytes_read += self.checkpoint.load(self.model, keys, dtype=self.dtype, device=self.device)
 
     def load_static(self, token_ids: list[int]) -> torch.Tensor:
         """Load the small non-layer weights and the embedding rows of `token_ids`.
@@ -299,22 +381,35 @@ class StreamingModel:
         """
         if self.other_keys:
             self._load(self.other_keys)
-        info = self.tensors[self.embed_key]
-        vocab = info.shape[0]
+        vocab = self.tensors[self.embed_key].shape[0]
         bad = [i for i in token_ids if not 0 <= i < vocab]
         if bad:
             raise CorruptCheckpoint(f"{self.path}: token ids {bad} fall outside the embedding ({vocab} rows)")
         rows = sorted(set(token_ids))
-        with safe_open(info.file, framework="pt", device="cpu") as f:
-            table = f.get_slice(self.embed_key)
-            weight = torch.cat([table[i : i + 1] for i in rows])  # (len(rows), hidden)
-        self.bytes_read += weight.numel() * DTYPE_BYTES[info.dtype]
+        weight, size = self.checkpoint.read_rows(self.embed_key, rows)  # (len(rows), hidden)
+        self.bytes_read += size
         embed = self.model.get_input_embeddings()
         embed.weight = nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
         if getattr(embed, "padding_idx", None) is not None:
             embed.padding_idx = None  # it indexes the full table (and only matters for gradients)
         remap = {token: i for i, token in enumerate(rows)}
         return torch.tensor([[remap[t] for t in token_ids]], device=self.device)
+
+    @property
+    def head_rows(self) -> int:
+        """The vocabulary size of the language-model head."""
+        if self.head_key is None:
+            raise CorruptCheckpoint(f"{self.path}: checkpoint has no language-model head weight (lm_head.weight)")
+        return self.tensors[self.head_key].shape[0]
+
+    def read_head(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of the language-model head's weight (vocabulary, hidden), as float32 on the device.
+
+        The head is never loaded whole; verification reads it a slice of the vocabulary at a time.
+        """
+        rows, size = self.checkpoint.read_rows(self.head_key, range(start, stop))
+        self.bytes_read += size
+        return rows.to(self.device, torch.float32)
 
     def load_layer(self, index: int) -> None:
         """Fill decoder layer `index` from disk and apply any pending edits to its out projection."""
@@ -346,17 +441,13 @@ class StreamingModel:
         return f"{self.layers_prefix}.{index}.{spec.module_path}.{spec.param_name}"
 
     def stored_location(self, layer: int, row: int, col: int, expert: int | None) -> tuple[str, list[int]]:
-        """Checkpoint tensor name and index holding W[row, col] of a layer (and expert) as stored."""
+        """Checkpoint tensor name and index holding W[row, col] of a layer (and expert) as stored.
+
+        For GGUF the index follows the GGUF header's shape, contiguous dimension first: [col, row].
+        """
         target = self.out_proj_name(layer)
         keys = sorted((k for k, t in self.key_target.items() if t == target), key=dot_natural_key)
-        kind = self.out_projs[layer].kind
-        if kind == "experts":
-            if len(keys) == 1:  # stored fused, as transformers keeps it in memory
-                return keys[0], [expert, row, col]
-            return keys[expert], [row, col]  # one tensor per expert, merged in expert order
-        if kind == "conv1d":
-            return keys[0], [col, row]  # GPT-2 Conv1D stores (in, out)
-        return keys[0], [row, col]
+        return self.checkpoint.stored_index(keys, self.out_projs[layer].kind, row, col, expert)
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None

@@ -54,27 +54,46 @@ def pick_device(device: str) -> torch.device:
     return chosen
 
 
-def prompt_ids(path: Path, prompt: str, config) -> tuple[list[int], list[str] | None]:
-    """Token ids of `prompt` with the checkpoint's own tokenizer (no remote code).
+def load_tokenizer(path: Path):
+    """The checkpoint's own tokenizer (a GGUF file's included; never remote code), or None without a usable one."""
+    from .gguf import find_gguf
 
-    Without a usable tokenizer each word of the prompt becomes one id (its sha256 modulo the
-    vocabulary size), after the config's BOS token: deterministic, about as many tokens as a real
-    tokenizer gives, spread over the vocabulary rather than on the low byte-fallback ids, and good
-    enough, since the super activation does not depend on the prompt's wording (see README).
-    """
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+    gguf_file = find_gguf(path)
+    if gguf_file is None and not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            ids = tokenizer(prompt)["input_ids"]
-            return ids, tokenizer.convert_ids_to_tokens(ids)
-        except (ValueError, OSError, KeyError, TypeError) as e:
-            logger.warning("%s: tokenizer unusable (%s); using one id per word", path, e)
+    where, gguf = (gguf_file.parent, {"gguf_file": gguf_file.name}) if gguf_file else (path, {})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **gguf)
+        tokenizer("probe")
+        return tokenizer
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        logger.warning("%s: tokenizer unusable (%s); using one id per word", path, e)
+        return None
+
+
+def hashed_ids(text: str, config) -> list[int]:
+    """One id per word of `text` (its sha256 modulo the vocabulary size), after the config's BOS token."""
     vocab = config.get_text_config().vocab_size
     bos = getattr(config.get_text_config(), "bos_token_id", None)
-    words = [int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "big") % vocab for w in prompt.split()]
-    return ([bos] if isinstance(bos, int) and 0 <= bos < vocab else []) + words, None
+    words = [int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "big") % vocab for w in text.split()]
+    return ([bos] if isinstance(bos, int) and 0 <= bos < vocab else []) + words
+
+
+def prompt_ids(path: Path, prompt: str, config) -> tuple[list[int], list[str] | None]:
+    """Token ids of `prompt` with the checkpoint's own tokenizer, and the tokens (None without one).
+
+    Without a usable tokenizer each word of the prompt becomes one id (`hashed_ids`):
+    deterministic, about as many tokens as a real tokenizer gives, spread over the vocabulary rather
+    than on the low byte-fallback ids, and good enough, since the super activation does not depend
+    on the prompt's wording (see README).
+    """
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        return hashed_ids(prompt, config), None
+    ids = tokenizer(prompt)["input_ids"]
+    return ids, tokenizer.convert_ids_to_tokens(ids)
 
 
 def check_prompt(path: Path, ids: list[int], config) -> None:
@@ -112,9 +131,9 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         model = StreamingModel(resolved.path, device=str(device), dtype=DTYPES.get(options.dtype),
                                trust_remote_code=options.trust_remote_code)
         revision, hashing = resolved.revision, None
-        if revision is None:  # a local folder: hash it while the layers stream
-            files = model.weight_files + [resolved.path / "config.json"]
-            hashing = pool.submit(content_hash, files, resolved.path, cache=SUPERWEIGHT_HOME / DIGEST_CACHE, stop=stop)
+        if revision is None:  # a local checkpoint: hash it while the layers stream
+            hashing = pool.submit(content_hash, model.hashed_files, model.folder,
+                                  cache=SUPERWEIGHT_HOME / DIGEST_CACHE, stop=stop)
         ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config)
         check_prompt(resolved.path, ids, model.config)
         input_ids = model.load_static(ids)

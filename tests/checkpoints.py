@@ -1,4 +1,4 @@
-"""Build tiny random checkpoints with planted super weights, for the tests and the benchmark.
+"""Build tiny random checkpoints (safetensors or GGUF) with planted super weights, for the tests and the benchmark.
 
 A planted super weight at (layer, row, col) needs two things, as in real models: a large weight
 W[row, col] in the MLP output projection, and a large input activation on channel `col`. The input
@@ -9,9 +9,13 @@ A decoy is a weight larger than the planted one in a column whose input stays qu
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, get_tensor_name_map
+from gguf.quants import quantize
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from scanner.arch import find_decoder_layers, find_out_proj
@@ -131,3 +135,74 @@ def make_checkpoint(path: Path, arch: str, plants: list[Plant] = (), *, seed: in
     plant(model, list(plants))
     model.save_pretrained(path)
     return path
+
+
+def gguf_tensors(model) -> dict[str, np.ndarray]:
+    """The model's weights under llama.cpp's GGUF names (from gguf's own table), as llama.cpp stores them.
+
+    llama.cpp reorders the rows of Llama's q and k projections for its rotary kernel, which pairs
+    neighbouring channels; transformers' GGUF reader undoes that (LlamaTensorProcessor). Only for
+    families llama.cpp converts with nothing more than that (llama, qwen2); others would need their
+    own changes (Gemma's norms + 1, GPT-2's transposes).
+    """
+    config = model.config
+    arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == config.model_type)
+    table = get_tensor_name_map(arch, config.num_hidden_layers)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        base, _, suffix = name.rpartition(".")
+        gguf_name = table.get_name(base)
+        if gguf_name is None:
+            continue
+        array = tensor.float().numpy().copy()
+        if config.model_type == "llama" and gguf_name.endswith(("attn_q", "attn_k")) and suffix == "weight":
+            heads = config.num_attention_heads if gguf_name.endswith("attn_q") else config.num_key_value_heads
+            array = _pair_rotary_rows(array, heads)
+        tensors[f"{gguf_name}.{suffix}"] = array
+    return tensors
+
+
+def _pair_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Per head, put rotary rows i and i + d/2 next to each other (transformers keeps them d/2 apart)."""
+    d = weight.shape[0] // heads
+    return weight.reshape(heads, 2, d // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(path: Path, config, tensors: dict[str, np.ndarray | tuple[np.ndarray, GGMLQuantizationType]], *,
+               qtype: GGMLQuantizationType = GGMLQuantizationType.F32, arch: str | None = None) -> Path:
+    """Write `tensors` as a GGUF file, matrices quantized to `qtype` (vectors stay F32, as llama.cpp keeps them).
+
+    A (uint8 array, type) pair is written as is: bytes already in that type's blocks. The metadata
+    holds every config value transformers reads back (its GGUF_CONFIG_MAPPING, inverted) and no
+    tokenizer, so a scan reads the prompt one hashed id per word, as for a folder without one.
+    """
+    arch = arch or config.model_type
+    writer = GGUFWriter(path, arch)
+    for gguf_key, hf_key in GGUF_CONFIG_MAPPING.get(config.model_type, {}).items():
+        value = getattr(config, hf_key, None) if hf_key else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, int):
+            writer.add_uint32(f"{arch}.{gguf_key}", value)
+        else:
+            writer.add_float32(f"{arch}.{gguf_key}", value)
+    for name, array in tensors.items():
+        if isinstance(array, tuple):
+            writer.add_tensor(name, array[0], raw_dtype=array[1])
+        elif array.ndim >= 2 and qtype != GGMLQuantizationType.F32:
+            writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def make_gguf(path: Path, arch: str, plants: list[Plant] = (), *, seed: int = 0,
+              qtype: GGMLQuantizationType = GGMLQuantizationType.F32, **overrides) -> Path:
+    """Write the same seeded tiny model as make_checkpoint, with `plants`, as one GGUF file at `path`."""
+    model = build_model(arch, seed=seed, **overrides)
+    plant(model, list(plants))
+    return write_gguf(path, model.config, gguf_tensors(model), qtype=qtype)

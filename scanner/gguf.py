@@ -1,0 +1,315 @@
+"""Read a GGUF checkpoint (llama.cpp's format) one tensor at a time, for the streaming loader.
+
+A GGUF file holds the config, the tokenizer and the weights, and no code or pickle. Its header is
+read once with the gguf package's GGUFReader; the config comes from transformers' own GGUF support;
+GGUF tensor names (`blk.11.ffn_down.weight`) are matched to transformers parameters with gguf's name
+table and transformers' per-architecture tensor processors, which also undo what llama.cpp changed
+on conversion (the q/k row permutation of Llama attention, Gemma's norm offset, GPT-2's transposes).
+A tensor is read from disk and dequantized with `gguf.quants.dequantize` only when its decoder layer
+is loaded; of the embedding only the rows of the prompt's tokens are read.
+
+GGUF lists shapes contiguous dimension first (ggml's `ne` order): a down projection that
+transformers holds as (hidden, intermediate) is listed as [intermediate, hidden], so the weight
+W[row, col] of a layer is at index [col, row] of its GGUF tensor.
+"""
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGML_QUANT_SIZES, GGUFReader, get_tensor_name_map
+from gguf.quants import dequantize, quant_shape_to_byte_shape
+from torch import nn
+from transformers import AutoConfig
+from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+from .errors import CorruptCheckpoint, SourceNotFound, UnsupportedArchitecture, UnsupportedQuantization, first_line
+
+logger = logging.getLogger(__name__)
+
+GGUF_SUFFIX = ".gguf"
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """Where a GGUF tensor's data lies in the file and how it is stored."""
+
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # outermost dimension first, as numpy and torch see it (the reverse of ne)
+    offset: int  # of the data, from the start of the file
+    n_bytes: int
+
+    @property
+    def ne(self) -> list[int]:
+        """The shape as the GGUF header lists it, contiguous dimension first."""
+        return list(reversed(self.shape))
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file a source names: a .gguf file, or the one .gguf of a folder without safetensors.
+
+    Returns:
+        The file, or None when `path` is a safetensors checkpoint (or nothing GGUF).
+
+    Raises:
+        SourceNotFound: a folder holds several GGUF files and no safetensors.
+    """
+    if path.is_file():
+        return path if path.suffix == GGUF_SUFFIX else None
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    files = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise SourceNotFound(f"{path}: {len(files)} GGUF files ({names}); give the path of the one to scan")
+    return files[0] if files else None
+
+
+class GGUFCheckpoint:
+    """One GGUF file: its config, its tensor table, and reads of single tensors or rows.
+
+    Args:
+        file: the .gguf file.
+    """
+
+    def __init__(self, file: Path):
+        self.path = file
+        self.folder = file.parent
+        self.weight_files = [file]
+        self.hashed_files = [file]  # the config and tokenizer are in the file too
+        self.architecture, self.tensors = _read_header(file)
+        self.config = _load_config(file, self.architecture)
+        self.dtype = _majority_quant(self.tensors)  # a name such as "Q4_1", reported as the scan's dtype
+        self.processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self.config.to_dict())
+        self.names: dict[str, str] = {}  # GGUF name, as the processors key it -> model state-dict name
+        self.key_target: dict[str, str] = {}  # GGUF tensor name -> model state-dict name, for those used
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype layers run in unless one is asked for: dequantized weights are float32."""
+        return torch.float32
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def targets(self, model: nn.Module, meta: dict) -> dict[str, tuple[str, bool]]:
+        """GGUF tensor name -> (model state-dict name, whether several tensors merge into it)."""
+        self.names = self._name_map(list(meta))
+        self.key_target = {}
+        for key in self.tensors:
+            # Processors that merge expert tensors key them without ".weight" (blk.N.ffn_up_exps).
+            target = self.names.get(key) or self.names.get(key.removesuffix(".weight"))
+            if target in meta:
+                self.key_target[key] = target
+            else:
+                logger.debug("%s: GGUF tensor %s is not used by the model", self.path, key)
+        counts = Counter(self.key_target.values())
+        return {key: (target, counts[target] > 1) for key, target in self.key_target.items()}
+
+    def _name_map(self, hf_names: list[str]) -> dict[str, str]:
+        """GGUF name -> model state-dict name, for every name gguf's table knows.
+
+        Looked up as transformers' `get_gguf_hf_weights_map` does, with the same processor hooks,
+        in gguf's own table for the file's architecture. That function rebuilds the table once per
+        submodule (6 s for SmolLM2-135M); this builds it once (10 ms).
+        """
+        arch = next((a for a, name in MODEL_ARCH_NAMES.items() if name == self.architecture), None)
+        if arch is None:
+            raise UnsupportedArchitecture(f"{self.path}: the gguf package has no tensor names for {self.architecture!r}")
+        table = get_tensor_name_map(arch, self.config.get_text_config().num_hidden_layers)
+        names: dict[str, str] = {}
+        for hf_name in hf_names:
+            name = self.processor.preprocess_name(hf_name)  # MoE: experts.N.x -> the fused experts.x
+            base, suffix = name, ""
+            if name.endswith((".weight", ".bias")):
+                base, dot, suffix = name.rpartition(".")
+                suffix = dot + suffix
+            found = _lookup(table, base)
+            if found is None:
+                self.processor.perform_fallback_tensor_mapping(names, suffix, "", name)
+            else:
+                names.setdefault(found + suffix, name)
+        return names
+
+    def check(self, sources: dict[str, list[str]], meta: dict, converted: set[str]) -> None:
+        """Raise unless every tensor can be dequantized and has the shape the config implies.
+
+        Raises:
+            UnsupportedQuantization: a quantization type the gguf package cannot dequantize.
+            CorruptCheckpoint: a shape that disagrees with the config.
+        """
+        for target, keys in sources.items():
+            for key in keys:
+                qtype = self.tensors[key].qtype
+                if not _can_dequantize(qtype):
+                    raise UnsupportedQuantization(
+                        f"{self.path}: tensor {key} is {qtype.name}, which the gguf package cannot dequantize; "
+                        "use a GGUF with another quantization"
+                    )
+            expected = tuple(meta[target].shape)
+            stored = [self.tensors[k].shape for k in keys]
+            if target in converted:  # expert tensors merged into one: sizes must add up
+                ok = sum(math.prod(s) for s in stored) == math.prod(expected)
+            else:  # GPT-2's Conv1D weights are stored transposed, and the processor turns them back
+                ok = stored[0] in (expected, expected[::-1])
+            if not ok:
+                raise CorruptCheckpoint(
+                    f"{self.path}: tensor {keys[0]} has shape {self.tensors[keys[0]].ne} (GGUF order), "
+                    f"but the config implies {list(reversed(expected))} for {target}"
+                )
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def load(self, model: nn.Module, keys: list[str], *, dtype: torch.dtype, device: torch.device) -> int:
+        """Dequantize `keys` and put them into the model's parameters.
+
+        Returns:
+            The bytes read from the file.
+        """
+        state: dict[str, np.ndarray | torch.Tensor] = {}
+        merged: dict[str, dict] = {"tensors": {}}  # where processors put the expert tensors they merge
+        for key in keys:
+            result = self.processor.process(weights=self._read(key), name=key, tensor_key_mapping=self.names,
+                                            parsed_parameters=merged)
+            if result.name is not None:  # None: the processor merged it into `merged`
+                state[self.key_target[result.name]] = result.weights
+        state.update(merged["tensors"])
+        for target, weights in state.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(weights)) if isinstance(weights, np.ndarray) else weights
+            _assign(model, target, tensor.to(device, dtype), self.path)
+        return sum(self.tensors[k].n_bytes for k in keys)
+
+    def read_rows(self, key: str, rows: list[int] | range) -> tuple[torch.Tensor, int]:
+        """Rows of a 2D tensor (the embedding or the LM head), dequantized without reading the rest.
+
+        No tensor processor changes these two tensors' values (GPT-2's only renames its head).
+
+        Returns:
+            The rows as float32, (len(rows), hidden), and the bytes read.
+        """
+        info = self.tensors[key]
+        row_bytes = info.n_bytes // info.shape[0]
+        with open(self.path, "rb") as f:
+            if isinstance(rows, range) and rows.step == 1:
+                f.seek(info.offset + rows.start * row_bytes)
+                data = f.read(len(rows) * row_bytes)
+            else:
+                data = b"".join(_read_at(f, info.offset + r * row_bytes, row_bytes) for r in rows)
+        if len(data) != len(rows) * row_bytes:
+            raise CorruptCheckpoint(f"{self.path}: tensor {key} is cut short; the file is truncated")
+        raw = np.frombuffer(data, dtype=np.uint8).reshape(len(rows), row_bytes)
+        return torch.from_numpy(np.array(dequantize(raw, info.qtype), dtype=np.float32)), len(data)
+
+    def _read(self, key: str) -> np.ndarray:
+        """One whole tensor, dequantized to float32 in its stored (numpy) shape."""
+        info = self.tensors[key]
+        raw = np.fromfile(self.path, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+        if raw.size != info.n_bytes:
+            raise CorruptCheckpoint(f"{self.path}: tensor {key} is cut short; the file is truncated")
+        return dequantize(raw.reshape(quant_shape_to_byte_shape(info.shape, info.qtype)), info.qtype)
+
+    def stored_index(self, keys: list[str], kind: str, row: int, col: int, expert: int | None) -> tuple[str, list[int]]:
+        """The GGUF tensor holding W[row, col] (of `expert`) and its index there, in ne order.
+
+        llama.cpp stores every matrix as (out, in) rows, GPT-2's Conv1D ones included, so the
+        index is [col, row], and [col, row, expert] for a stacked experts tensor.
+        """
+        return keys[0], [col, row] if expert is None else [col, row, expert]
+
+
+def _read_header(file: Path) -> tuple[str, dict[str, GGUFTensorInfo]]:
+    """(architecture, name -> GGUFTensorInfo) from the file's header; no tensor data is read."""
+    try:
+        reader = GGUFReader(file)  # memory-maps the file; parses the metadata and the tensor table
+        field = reader.fields.get("general.architecture")
+        architecture = field.contents() if field is not None else None
+        tensors = {
+            t.name: GGUFTensorInfo(t.tensor_type, tuple(int(n) for n in reversed(t.shape)), int(t.data_offset),
+                                   int(t.n_bytes))
+            for t in reader.tensors
+        }
+    except (ValueError, OSError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"{file}: not a readable GGUF file ({first_line(e)})") from e
+    if not isinstance(architecture, str):
+        raise CorruptCheckpoint(f"{file}: GGUF metadata names no general.architecture")
+    size = file.stat().st_size
+    cut = [name for name, info in tensors.items() if info.offset + info.n_bytes > size]
+    if cut:
+        raise CorruptCheckpoint(f"{file}: tensor {cut[0]} runs past the end of the file; the file is truncated")
+    return architecture, tensors
+
+
+def _load_config(file: Path, architecture: str):
+    """The transformers config, from the GGUF metadata by transformers' own GGUF reader."""
+    try:
+        return AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+    except ValueError as e:
+        if "not supported" in str(e):
+            raise UnsupportedArchitecture(
+                f"{file}: GGUF architecture {architecture!r} is not supported by transformers {transformers.__version__}"
+            ) from e
+        raise CorruptCheckpoint(f"{file}: transformers cannot read its GGUF metadata ({first_line(e)})") from e
+    except (KeyError, TypeError, IndexError, OSError) as e:
+        raise CorruptCheckpoint(f"{file}: transformers cannot read its GGUF metadata ({first_line(e)})") from e
+
+
+def _lookup(table, name: str) -> str | None:
+    """gguf's name for a module path, also trying the path below each prefix.
+
+    transformers does the same by recursing into submodules: Bloom's GGUF tensors were converted
+    from BloomModel, whose names lack the `transformer.` prefix.
+    """
+    parts = name.split(".")
+    for start in range(len(parts)):
+        found = table.get_name(".".join(parts[start:]))
+        if found is not None:
+            return found
+    return None
+
+
+@cache
+def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
+    """True when gguf.quants.dequantize implements `qtype` (tried on one block of zeros)."""
+    _, size = GGML_QUANT_SIZES[qtype]
+    try:
+        dequantize(np.zeros(size, dtype=np.uint8), qtype)
+    except NotImplementedError:  # also the integer types (I8..I64) and F64, which hold no weights
+        return False
+    return True
+
+
+def _majority_quant(tensors: dict[str, GGUFTensorInfo]) -> str:
+    """The quantization type holding most MLP weights (`ffn_*` matrices), e.g. "Q4_1"."""
+    counts: Counter[str] = Counter()
+    for name, info in tensors.items():
+        if ".ffn_" in name and len(info.shape) >= 2:
+            counts[info.qtype.name] += math.prod(info.shape)
+    if not counts:  # no MLP tensor under the standard names: all matrices count
+        counts.update({info.qtype.name: math.prod(info.shape) for info in tensors.values() if len(info.shape) >= 2})
+    return counts.most_common(1)[0][0] if counts else "unknown"
+
+
+def _read_at(f, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    return f.read(size)
+
+
+def _assign(model: nn.Module, target: str, tensor: torch.Tensor, path: Path) -> None:
+    """Replace the meta parameter (or buffer) `target` of `model` by `tensor`, checking its shape."""
+    module_path, _, name = target.rpartition(".")
+    module = model.get_submodule(module_path)
+    current = module._parameters.get(name)
+    if current is None:
+        current = module._buffers[name]
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise CorruptCheckpoint(
+            f"{path}: the tensor for {target} has shape {list(tensor.shape)} once converted, expected {list(current.shape)}"
+        )
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[name] = tensor
