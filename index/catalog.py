@@ -18,7 +18,7 @@ from scanner.hub import file_sha256
 
 from .errors import CatalogLocked
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: effect measurements (superweight scan --verify) and the Hugging Face layout
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -52,10 +52,24 @@ CREATE TABLE IF NOT EXISTS super_weights (
     note VARCHAR,
     PRIMARY KEY (repo_id, revision, scanner_version, ordinal)
 );
+"""
+
+# Added in schema 2, after the columns above, so that a version 1 file is upgraded in place.
+_ADDED = {
+    "scans": {"eval_tokens": "INTEGER", "base_ppl": "DOUBLE", "joint_ppl_ratio": "DOUBLE",
+              "base_expected_prob": "DOUBLE", "base_stopword_share": "DOUBLE"},
+    "super_weights": {"hf_tensor": "VARCHAR", "hf_index": "INTEGER[]", "ppl_ratio": "DOUBLE", "kl": "DOUBLE",
+                      "expected_prob": "DOUBLE", "stopword_share": "DOUBLE", "control_ppl_ratio": "DOUBLE",
+                      "control_kl": "DOUBLE"},
+}
+
+_VIEW = """
 CREATE OR REPLACE VIEW catalog AS
 SELECT s.repo_id, s.revision, s.model_type, s.num_layers, w.layer, w.expert, w.tensor,
-       w.out_channel, w.in_channel, w."index", w.weight, w.input_activation, w.output_activation,
-       w.spike_ratio, s.dtype, s.source, w.note, s.scanner_version, s.scanned_at
+       w.out_channel, w.in_channel, w."index", w.hf_tensor, w.hf_index, w.weight, w.input_activation,
+       w.output_activation, w.spike_ratio, w.ppl_ratio, s.joint_ppl_ratio, w.control_ppl_ratio, w.kl,
+       w.control_kl, w.expected_prob, s.base_expected_prob, w.stopword_share, s.base_stopword_share,
+       s.base_ppl, s.eval_tokens, s.dtype, s.source, w.note, s.scanner_version, s.scanned_at
 FROM scans s LEFT JOIN super_weights w USING (repo_id, revision, scanner_version);
 """
 
@@ -71,17 +85,43 @@ COLUMNS = {
     "tensor": "name of the MLP output projection tensor in the checkpoint",
     "out_channel": "row: the residual channel the weight writes (the super activation's channel)",
     "in_channel": "column: the intermediate channel the weight reads",
-    "index": "position in the stored tensor ([row, col]; [col, row] for GPT-2 Conv1D)",
+    "index": "position in the stored tensor, in the order of its stored shape ([row, col]; [col, row] for GPT-2 "
+             "Conv1D and for GGUF, whose shapes list the contiguous dimension first)",
+    "hf_tensor": "the transformers parameter holding the weight (the Hugging Face layout)",
+    "hf_index": "position in that parameter ([row, col]; [expert, row, col] for fused experts; [col, row] for Conv1D)",
     "weight": "the super weight's value",
     "input_activation": "the input that drives it on the detection prompt",
     "output_activation": "the super activation it produces",
     "spike_ratio": "the layer's peak absolute output over the median layer's",
-    "dtype": "dtype the checkpoint was scanned in",
+    "ppl_ratio": "perplexity on the evaluation text with this weight zeroed, over the original's (null: not verified)",
+    "joint_ppl_ratio": "perplexity with all of the model's super weights zeroed together, over the original's",
+    "control_ppl_ratio": "perplexity ratio for zeroing the control instead: the weight of the same layer closest "
+                         "in magnitude outside every super weight's row and column",
+    "kl": "mean KL divergence (nats) of the next-token distributions on the evaluation text from the original's, "
+          "with this weight zeroed",
+    "control_kl": "the same KL divergence for zeroing the control",
+    "expected_prob": "mean probability of the expected next word on the paper-style prompts, with this weight zeroed",
+    "base_expected_prob": "the same probability for the original model",
+    "stopword_share": "mean probability share of stopwords (the, a, commas, ...) at the prompts' next token, "
+                      "with this weight zeroed",
+    "base_stopword_share": "the same share for the original model",
+    "base_ppl": "perplexity of the original model on the evaluation text",
+    "eval_tokens": "tokens of the evaluation text the perplexities were measured on",
+    "dtype": "the checkpoint's dtype (for GGUF, the quantization type of most MLP weights, e.g. Q4_1)",
     "source": "'scan' (found by this scanner) or 'literature' (published coordinates)",
     "note": "for literature rows, the source of the coordinates; 'UNCERTAIN: ' when unconfirmed",
     "scanner_version": "superweight version that scanned it ('literature' for published rows)",
     "scanned_at": "when it was scanned (UTC)",
 }
+
+# Scan result fields of a super weight that are stored as they are.
+_WEIGHT_FIELDS = ("layer", "expert", "tensor", "out_channel", "in_channel", "index", "hf_tensor", "hf_index", "weight",
+                  "input_activation", "output_activation", "spike_ratio")
+
+
+def _key(repo_id: str, revision: str, scanner_version: str) -> dict:
+    return {"repo_id": repo_id, "revision": revision, "scanner_version": scanner_version}
+
 
 # Stable row order of the export: by model, then as found.
 _EXPORT_ORDER = "repo_id, revision, scanner_version, source, layer NULLS FIRST, expert NULLS FIRST, out_channel, in_channel"
@@ -119,8 +159,22 @@ class Catalog:
                 ) from None
             raise
         if not read_only:
+            self._create_or_upgrade()
+
+    def _create_or_upgrade(self) -> None:
+        """Create the schema, or bring an older file's up to this version, in one transaction."""
+        self.con.begin()
+        try:
             self.con.execute(_SCHEMA)
+            for table, columns in _ADDED.items():
+                for name, kind in columns.items():
+                    self.con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
+            self.con.execute(_VIEW)
             self.con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
 
     def close(self) -> None:
         self.con.close()
@@ -131,25 +185,36 @@ class Catalog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def has_scan(self, repo_id: str, revision: str, scanner_version: str) -> bool:
-        """Whether this catalog holds the finished scan of the key."""
-        return self.con.execute("SELECT count(*) FROM scans WHERE repo_id = ? AND revision = ? AND scanner_version = ?",
-                                [repo_id, revision, scanner_version]).fetchone()[0] > 0
+    def has_scan(self, repo_id: str, revision: str, scanner_version: str, *, verified: bool = False) -> bool:
+        """Whether this catalog holds the finished scan of the key (with its effects measured, if `verified`)."""
+        where = " AND (eval_tokens IS NOT NULL OR super_weight_count = 0)" if verified else ""
+        return self.con.execute(
+            f"SELECT count(*) FROM scans WHERE repo_id = ? AND revision = ? AND scanner_version = ?{where}",
+            [repo_id, revision, scanner_version]).fetchone()[0] > 0
 
     def record_scan(self, result: dict, *, scanned_at: datetime | None = None) -> None:
         """Write one finished scan (a `scanner.scan.scan_source` result), replacing its key's rows.
 
-        `scanned_at` defaults to the result's own, then to now (UTC).
+        `scanned_at` defaults to the result's own, then to now (UTC). The effect columns are filled
+        when the scan was verified (`result["verification"]`), and null otherwise.
         """
-        key = [result.get("repo_id") or result["source"], result["revision"], result["scanner_version"]]
+        key = _key(result.get("repo_id") or result["source"], result["revision"], result["scanner_version"])
         when = scanned_at or (datetime.fromisoformat(result["scanned_at"]) if result.get("scanned_at") else None)
-        scan = [*key, "scan", result["model_type"], result["num_layers"], result["dtype"],
-                when or datetime.now(UTC).replace(tzinfo=None), len(result["super_weights"])]
-        weights = [
-            [*key, i, w["layer"], w["expert"], w["tensor"], w["out_channel"], w["in_channel"], w["index"],
-             w["weight"], w["input_activation"], w["output_activation"], w["spike_ratio"], None]
-            for i, w in enumerate(result["super_weights"])
-        ]
+        verified = result.get("verification") or {}
+        scan = {**key, "source": "scan", "model_type": result["model_type"], "num_layers": result["num_layers"],
+                "dtype": result["dtype"], "scanned_at": when or datetime.now(UTC).replace(tzinfo=None),
+                "super_weight_count": len(result["super_weights"]), "eval_tokens": verified.get("tokens"),
+                **{k: verified.get(k) for k in ("base_ppl", "joint_ppl_ratio", "base_expected_prob",
+                                                "base_stopword_share")}}
+        weights = []
+        for i, w in enumerate(result["super_weights"]):
+            effect = w.get("effect") or {}
+            control = effect.get("control") or {}
+            weights.append({
+                **key, "ordinal": i, **{k: w.get(k) for k in _WEIGHT_FIELDS},
+                **{k: effect.get(k) for k in ("ppl_ratio", "kl", "expected_prob", "stopword_share")},
+                "control_ppl_ratio": control.get("ppl_ratio"), "control_kl": control.get("kl"),
+            })
         self._replace(key, scan, weights)
 
     def record_literature(self, models: dict[str, list[dict]]) -> None:
@@ -157,28 +222,31 @@ class Catalog:
         from .literature import LITERATURE_VERSION
 
         for repo_id, weights in models.items():
-            key = [repo_id, "", LITERATURE_VERSION]
-            scan = [*key, "literature", None, None, None, None, len(weights)]
-            rows = [[*key, i, w["layer"], w["expert"], None, w["out_channel"], w["in_channel"],
-                     [w["out_channel"], w["in_channel"]], None, None, None, None, w["note"]]
+            key = _key(repo_id, "", LITERATURE_VERSION)
+            scan = {**key, "source": "literature", "super_weight_count": len(weights)}
+            rows = [{**key, "ordinal": i, "layer": w["layer"], "expert": w["expert"], "out_channel": w["out_channel"],
+                     "in_channel": w["in_channel"], "index": [w["out_channel"], w["in_channel"]], "note": w["note"]}
                     for i, w in enumerate(weights)]
             self._replace(key, scan, rows)
 
-    def _replace(self, key: list, scan: list, weights: list[list]) -> None:
-        """Delete `key`'s rows and insert the new ones, in one transaction."""
+    def _replace(self, key: dict, scan: dict, weights: list[dict]) -> None:
+        """Delete `key`'s rows and insert the new ones (columns by name), in one transaction."""
         self.con.begin()
         try:
             for table in ("super_weights", "scans"):
-                self.con.execute(f"DELETE FROM {table} WHERE repo_id = ? AND revision = ? AND scanner_version = ?", key)
-            self.con.execute("INSERT INTO scans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", scan)
-            if weights:
-                self.con.executemany(
-                    "INSERT INTO super_weights VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", weights
-                )
+                self.con.execute(f"DELETE FROM {table} WHERE repo_id = ? AND revision = ? AND scanner_version = ?",
+                                 list(key.values()))
+            self._insert("scans", [scan])
+            self._insert("super_weights", weights)
             self.con.commit()
         except BaseException:
             self.con.rollback()
             raise
+
+    def _insert(self, table: str, rows: list[dict]) -> None:
+        for row in rows:
+            names = ", ".join(f'"{name}"' for name in row)
+            self.con.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
 
     def export(self, out: Path) -> Manifest:
         """Write catalog.parquet (zstd, stable row order) and catalog.json beside it, each atomically.

@@ -121,7 +121,8 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
     pool = ThreadPoolExecutor(VET_THREADS)  # Hub round trips overlap; results stay in order
     try:
         for candidate in pool.map(check, dict.fromkeys(repo_ids)):  # once each
-            outcome, also = _settle_without_scan(candidate, ledger, catalog, owner)
+            outcome, also = _settle_without_scan(candidate, ledger, catalog, owner,
+                                                 verify=options.scan.verify is not None)
             if outcome is not None:
                 report.add(outcome)
             else:
@@ -142,8 +143,8 @@ def is_local(source: str) -> bool:
     return source.startswith(EXAMPLE_PREFIX) or Path(source).expanduser().exists()
 
 
-def _settle_without_scan(candidate: Candidate, ledger: Ledger, catalog: Catalog,
-                         owner: str) -> tuple[dict | None, tuple[str, ...]]:
+def _settle_without_scan(candidate: Candidate, ledger: Ledger, catalog: Catalog, owner: str, *,
+                         verify: bool = False) -> tuple[dict | None, tuple[str, ...]]:
     """Record a model that needs no scan (settled, refused, unvettable).
 
     Returns:
@@ -151,13 +152,14 @@ def _settle_without_scan(candidate: Candidate, ledger: Ledger, catalog: Catalog,
 
     Skipped: a key that succeeded and is in this catalog, or that was refused for a reason that
     holds for the commit. A refusal for this run's limits or for gating is vetted again, and a
-    success missing from this catalog (a new --catalog, a lost volume) is scanned again.
+    success missing from this catalog (a new --catalog, a lost volume) is scanned again, and so is
+    one without measured effects when this crawl verifies.
     """
     key = (candidate.repo_id, candidate.revision, __version__)
     outcome = {"repo_id": candidate.repo_id, "revision": candidate.revision}
     record = ledger.record(*key)
     state = record["state"] if record else None
-    if state == "succeeded" and catalog.has_scan(*key):
+    if state == "succeeded" and catalog.has_scan(*key, verified=verify):
         return {**outcome, "state": "skipped", "reason": "already succeeded"}, ()
     if state == "refused" and not reconsidered(record["error"]):
         return {**outcome, "state": "skipped", "reason": "already refused"}, ()
@@ -303,8 +305,8 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
                       owner=owner)
         report.download_seconds += result.get("download_seconds", 0.0)
         report.scan_seconds += result["seconds"] - result.get("download_seconds", 0.0)
-        weights = [{k: w[k] for k in ("layer", "expert", "out_channel", "in_channel", "weight")}
-                   for w in result["super_weights"]]
+        weights = [{**{k: w[k] for k in ("layer", "expert", "out_channel", "in_channel", "weight")},
+                    "ppl_ratio": (w.get("effect") or {}).get("ppl_ratio")} for w in result["super_weights"]]
         report.add({**name, "revision": result["revision"], "state": "succeeded", "super_weights": weights,
                     "seconds": outcome["seconds"], "worker": outcome["worker"], "gpus": outcome["gpus"]})
     else:

@@ -1,5 +1,7 @@
 """The detection figure of a scan, like the paper's: per layer, the peak |input| and |output| of the
 MLP output projection on a log scale, with the super weights marked and rejected spikes shown.
+A verified scan adds a second panel with the evidence: the perplexity ratio of zeroing each super
+weight, its control, and all of them together, with the expected-word probability on the prompts.
 
 Drawn from a scan result (scanner.scan.scan_source), so the figure shows exactly what the scan
 judged: the first pass through the unmodified model.
@@ -19,6 +21,9 @@ class Figure:
     max_output: list[float]
     super_weights: list[tuple[int, int, int, float]]  # (layer, out_channel, in_channel, |output activation|)
     rejected: list[tuple[int, float, str]]  # (layer, |output activation|, reason)
+    effects: list[tuple[str, float, float, float | None]] = ()  # (label, ppl ratio, control's, expected prob)
+    joint_ppl_ratio: float | None = None
+    base_expected_prob: float | None = None
 
 
 def figure_data(result: dict) -> Figure:
@@ -33,18 +38,36 @@ def figure_data(result: dict) -> Figure:
         super_weights=[(w["layer"], w["out_channel"], w["in_channel"], abs(w["output_activation"]))
                        for w in result["super_weights"]],
         rejected=[(r["layer"], abs(r["output_activation"]), r["reason"]) for r in result.get("rejected", [])],
+        effects=[(f"L{w['layer']} [{w['out_channel']}, {w['in_channel']}]", w["effect"]["ppl_ratio"],
+                  w["effect"]["control"]["ppl_ratio"], w["effect"]["expected_prob"])
+                 for w in result["super_weights"] if w.get("effect")],
+        joint_ppl_ratio=(result.get("verification") or {}).get("joint_ppl_ratio"),
+        base_expected_prob=(result.get("verification") or {}).get("base_expected_prob"),
     )
 
 
 def plot(result: dict, out: Path) -> Figure:
-    """Draw `result`'s detection figure to `out` (PNG) and return its data."""
+    """Draw `result`'s detection figure (and its effects, if verified) to `out` (PNG) and return its data."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     data = figure_data(result)
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    if data.effects:
+        fig, (ax, ax_effect) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=110, width_ratios=(3, 2))
+        _draw_effects(ax_effect, data)
+    else:
+        fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    _draw_detection(ax, data)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return data
+
+
+def _draw_detection(ax, data: Figure) -> None:
     ax.semilogy(data.layers, data.max_input, marker="o", ms=3, label="peak |input| (down_proj)")
     ax.semilogy(data.layers, data.max_output, marker="s", ms=3, label="peak |output| (down_proj)")
     for i, (layer, row, col, value) in enumerate(data.super_weights):
@@ -60,8 +83,26 @@ def plot(result: dict, out: Path) -> Figure:
     ax.set_title(data.title, fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return data
+
+
+def _draw_effects(ax, data: Figure) -> None:
+    """Bars: perplexity ratio with each super weight zeroed, and with its control zeroed (log scale)."""
+    x = range(len(data.effects))
+    zeroed = [ppl for _, ppl, _, _ in data.effects]
+    control = [ppl for _, _, ppl, _ in data.effects]
+    ax.bar([i - 0.2 for i in x], zeroed, width=0.4, color="tab:red", label="super weight zeroed")
+    ax.bar([i + 0.2 for i in x], control, width=0.4, color="tab:gray", label="control zeroed")
+    for i, (_, ppl, _, prob) in enumerate(data.effects):
+        note = f"x{ppl:.3g}" + (f"\np(expected) {100 * prob:.1f}%" if prob is not None else "")
+        ax.annotate(note, (i - 0.2, ppl), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+    if data.joint_ppl_ratio is not None and len(data.effects) > 1:
+        ax.axhline(data.joint_ppl_ratio, color="tab:red", ls="--", lw=1,
+                   label=f"all zeroed: x{data.joint_ppl_ratio:.3g}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), [label for label, *_ in data.effects], fontsize=8)
+    ax.set_ylabel("perplexity / original perplexity")
+    base = "" if data.base_expected_prob is None else f"; p(expected) intact: {100 * data.base_expected_prob:.1f}%"
+    ax.set_title(f"effect of zeroing{base}", fontsize=9)
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    ax.legend(fontsize=8)

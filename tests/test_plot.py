@@ -41,3 +41,15 @@ def test_a_bad_source_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {tmp_path / 'missing'}: ") and result.output.count("\n") == 1
     assert not (tmp_path / "f.png").exists()
+
+
+def test_verify_adds_the_effect_of_zeroing_each_super_weight(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama", [Plant(2, 10, 20), Plant(2, 30, 40, value=2.6, boost=1.0)])
+    result = CliRunner().invoke(cli, ["plot", str(ckpt), "--verify", "--out", str(tmp_path / "f.png")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"{tmp_path / 'f.png'}: 8 layers, layer 2 [10, 20]; zeroed: ppl x")
+    assert "(control x1)" in result.stdout  # the decoy, zeroed as the control, changes nothing
+
+    scanned = scan_source(str(ckpt))
+    assert figure_data(scanned).effects == []  # an unverified scan has no effect panel
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M model: its super weight is found, and it matters (perplexity x10+)."""
+"""The real SmolLM2-135M model: its super weight is found, and it matters (perplexity x10+, recorded)."""
 
 import math
 from pathlib import Path
@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from scanner.scan import scan_source
+from index.catalog import Catalog
+from scanner.scan import ScanOptions, scan_source
+from scanner.verify import VerifyConfig
 
 TEXT = Path(__file__).parent / "data" / "GPL-3.txt"
 TOKENS, CONTEXT = 2048, 512
@@ -15,7 +17,17 @@ TOKENS, CONTEXT = 2048, 512
 
 @pytest.fixture(scope="module")
 def scanned(smollm2):
-    return scan_source(str(smollm2))
+    return scan_source(str(smollm2), ScanOptions(verify=VerifyConfig()))
+
+
+@pytest.fixture(scope="module")
+def recorded(scanned, tmp_path_factory) -> list[dict]:
+    """The catalog rows of the verified scan, as recorded and read back."""
+    with Catalog(tmp_path_factory.mktemp("catalog") / "c.duckdb") as catalog:
+        catalog.record_scan(scanned)
+        cursor = catalog.con.execute("SELECT * FROM catalog ORDER BY out_channel, in_channel")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +77,14 @@ def test_late_opposite_spike_is_not_reported(scanned):
     assert late and "cancels" in late[0]["reason"]
 
 
-def test_zeroing_the_super_weight_breaks_the_model(scanned, model, text_ids):
-    base = perplexity(model, text_ids)
-    first = scanned["super_weights"][0]
-    broken = ppl_without(model, text_ids, first["layer"], first["out_channel"], first["in_channel"])
-    assert broken / base > 10
+def test_the_recorded_effect_of_its_super_weight_is_large_and_its_control_none(recorded):
+    first = next(r for r in recorded if (r["layer"], r["out_channel"], r["in_channel"]) == (11, 507, 1229))
+    assert first["ppl_ratio"] > 10  # zeroing one scalar of 135 million
+    assert first["control_ppl_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert first["kl"] > 1000 * first["control_kl"]
+    assert first["expected_prob"] < first["base_expected_prob"] / 10  # " cold" after "Winter is", ...
+    assert first["stopword_share"] > first["base_stopword_share"]  # the paper's shift towards stopwords
+    assert first["joint_ppl_ratio"] > first["ppl_ratio"] and first["eval_tokens"] == 2048
 
 
 def test_zeroing_the_rejected_late_spike_changes_little(scanned, model, text_ids):

@@ -1,0 +1,366 @@
+"""Measure what each super weight does: zero it alone, all of them together, and a control, and
+compare the model's next-token predictions with the original's.
+
+Everything runs in one streamed pass per input group, like the scan: each decoder layer is read
+just before it runs and freed after. The evaluation text (public-domain English shipped with the
+scanner) and the prompts go through the model with one copy per variant stacked along the batch:
+the original, each super weight zeroed alone, all of them zeroed, and each super weight's control
+zeroed. Zeroing W[r, c] only changes output channel r of the MLP output projection, by
+-W[r, c] * X[:, c], so a variant's copy is corrected by that product in a hook on the projection;
+the loaded weights are never changed. The language-model head is read a slice of the vocabulary
+at a time, and the softmax statistics are accumulated online, so it is never whole in memory.
+
+The control of a super weight is the weight of the same layer (and expert) whose magnitude is
+closest to it outside every super weight's row and column: as large, but not driven by the
+massive input.
+"""
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .detect import Detection, _expert_inputs
+from .loader import StreamingModel
+
+logger = logging.getLogger(__name__)
+
+# Public-domain English in two registers, the same share of tokens from each: the effect of a
+# super weight depends on the text (on SmolLM2, x5 on the novel, x135 on the Constitution).
+EVAL_TEXTS = (
+    Path(__file__).parent / "data" / "us-constitution.txt",  # Articles I-VII (1787), a U.S. government work
+    Path(__file__).parent / "data" / "pride-and-prejudice-1-3.txt",  # Jane Austen (1813), chapters 1-3
+)
+
+# Paper-style prompts (arXiv 2411.07191, Fig. 3: "Summer is hot. Winter is" -> " cold"): the next
+# word is nearly certain for an intact model.
+PROMPTS = (
+    ("Summer is hot. Winter is", " cold"),
+    ("The capital of France is", " Paris"),
+    ("One, two, three, four,", " five"),
+    ("Monday, Tuesday, Wednesday,", " Thursday"),
+    ("January, February, March,", " April"),
+    ("The opposite of up is", " down"),
+    ("The sun rises in the east and sets in the", " west"),
+    ("Day is light. Night is", " dark"),
+)
+
+# Without its super weight a model puts its probability on these (the paper's Fig. 3).
+STOPWORDS = (" the", " a", " an", ",", ".", " and", " of", " to", " in", " is", " that", " it",
+             " was", " for", " on", " with", " as", " I", " he", "\n")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What the effect of zeroing is measured on."""
+
+    texts: tuple[Path, ...] = EVAL_TEXTS
+    tokens: int = 2048  # evaluation tokens, an equal share from the start of each text (each has 4,000+)
+    context: int = 512  # tokens per evaluated sequence
+    head_rows: int = 16384  # vocabulary rows of the LM head read at once
+    prompts: tuple = PROMPTS
+    stopwords: tuple = STOPWORDS
+
+
+@dataclass
+class Variant:
+    """One copy of the model: the weights it zeroes, as (layer, expert, row, col) in the HF layout."""
+
+    name: str
+    zeroed: list[tuple[int, int | None, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class Inputs:
+    """The token ids of both groups, and what is predicted from them."""
+
+    text: torch.Tensor  # (B, T) evaluation text, in chunks of `context`
+    prompts: torch.Tensor  # (P, Tp) prompts, right-padded (causal attention never sees the padding)
+    prompt_last: list[int]  # per prompt, the position of its last real token
+    expected: list[int] | None  # per prompt, the first token of the expected next word
+    stopwords: list[int] | None  # single-token stopwords
+    tokenizer: bool  # False: one hashed id per word (no usable tokenizer), prompt figures unknown
+
+
+def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
+           config: VerifyConfig = VerifyConfig(), on_layer=None) -> dict | None:
+    """Measure the effect of zeroing each super weight of `detection` on `model`.
+
+    Args:
+        model: the streaming model the detection ran on (its pending edits must be cleared).
+        detection: the scan's result.
+        tokenizer: the checkpoint's tokenizer, or None to use one hashed id per word.
+        config: evaluation text and prompts.
+        on_layer: optional callback, called with the index of each layer as it is loaded.
+
+    Returns:
+        None when there is no super weight; else the model-level figures (`base_ppl`,
+        `joint_ppl_ratio`, ...) and `per_weight`, one dict per super weight in detection order
+        (`ppl_ratio`, `kl`, `expected_prob`, `stopword_share`, and its `control`).
+    """
+    found = detection.super_weights
+    if not found:
+        return None
+    start = time.perf_counter()
+    inputs = _inputs(model, tokenizer, config)
+    coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in found]
+    variants = [Variant("base")] + [Variant(f"alone {i}", [c]) for i, c in enumerate(coords)]
+    if len(coords) > 1:
+        variants.append(Variant("joint", list(coords)))
+    controls = [Variant(f"control {i}") for i in range(len(coords))]  # filled when their layer loads
+    variants += controls
+    stream = _VariantStream(model, variants, coords, controls, on_layer=on_layer)
+    remapped = model.load_static(inputs.text.flatten().tolist() + inputs.prompts.flatten().tolist())[0]
+    text_ids = remapped[: inputs.text.numel()].view_as(inputs.text)
+    prompt_ids = remapped[inputs.text.numel():].view_as(inputs.prompts)
+    text_hidden = stream.run(text_ids)[:, :, :-1]  # (V, B, T-1, H): each position predicts the next
+    prompt_hidden = stream.run(prompt_ids)  # (V, P, Tp, H)
+    last = torch.tensor(inputs.prompt_last, device=prompt_hidden.device)
+    prompt_hidden = prompt_hidden[:, torch.arange(len(last)), last]  # (V, P, H)
+    targets = inputs.text[:, 1:].reshape(-1).to(model.device)
+    V = len(variants)
+    text = _head_stats(model, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets, [], config)
+    expected = torch.tensor(inputs.expected or [0] * len(last), device=model.device)
+    prompt = _head_stats(model, prompt_hidden, expected, inputs.stopwords or [], config)
+
+    return {"texts": [t.name for t in config.texts], "tokens": int(inputs.text.numel()),
+            "context": int(inputs.text.shape[1]), "tokenizer": inputs.tokenizer,
+            "prompts": [p for p, _ in config.prompts],
+            **_summary(text, prompt, inputs, stream.chosen), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _summary(text: dict, prompt: dict, inputs: Inputs, controls: list[dict]) -> dict:
+    """The figures of each variant, relative to the original's (variant 0).
+
+    Variants are, in order: the original, each super weight alone, all of them together (when
+    there are several), and each super weight's control.
+    """
+    ppl = torch.exp(text["nll"].mean(dim=1))  # (V,)
+    kl = text["kl"].mean(dim=1)  # (V,)
+    V, n = len(ppl), len(controls)
+    figures = [_prompt_figures(prompt, v, inputs) for v in range(V)]
+    joint = 1 + n if n > 1 else 1
+    per_weight = []
+    for i in range(n):
+        alone, control = 1 + i, V - n + i
+        per_weight.append({
+            "ppl_ratio": float(ppl[alone] / ppl[0]),
+            "kl": float(kl[alone]),
+            "prompt_kl": float(prompt["kl"][alone].mean()),
+            **figures[alone],
+            "control": {**controls[i], "ppl_ratio": float(ppl[control] / ppl[0]), "kl": float(kl[control]),
+                        **figures[control]},
+        })
+    return {"base_ppl": float(ppl[0]), "base_expected_prob": figures[0]["expected_prob"],
+            "base_stopword_share": figures[0]["stopword_share"], "joint_ppl_ratio": float(ppl[joint] / ppl[0]),
+            "joint_kl": float(kl[joint]), "per_weight": per_weight}
+
+
+def _prompt_figures(stats: dict, v, inputs: Inputs) -> dict:
+    """Mean expected-word probability and stopword share of variant `v` over the prompts."""
+    if inputs.expected is None:
+        return {"expected_prob": None, "stopword_share": None}
+    return {"expected_prob": float(torch.exp(-stats["nll"][v]).mean()),
+            "stopword_share": float(stats["stop_share"][v].mean())}
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+def _inputs(model: StreamingModel, tokenizer, config: VerifyConfig) -> Inputs:
+    """Token ids of the evaluation texts and the prompts, with the checkpoint's tokenizer if it has one."""
+    vocab = model.tensors[model.embed_key].shape[0]  # embedding rows
+    if tokenizer is not None:
+        prefix = tokenizer("")["input_ids"]  # the special tokens the tokenizer puts first (BOS), if any
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        prompts = [tokenizer(p)["input_ids"] for p, _ in config.prompts]
+        expected = [encode(w)[0] for _, w in config.prompts]
+        stopwords = sorted({ids[0] for w in config.stopwords if len(ids := encode(w)) == 1})
+    else:
+        from .scan import hashed_ids  # scan imports this module
+
+        prefix = hashed_ids("", model.config)  # the BOS token, if the config has one
+        encode = lambda text: hashed_ids(text, model.config)[len(prefix):]  # noqa: E731
+        prompts = [prefix + encode(p) for p, _ in config.prompts]
+        expected = stopwords = None
+    step, share = config.context - len(prefix), config.tokens // len(config.texts)
+    chunks = []
+    for text in config.texts:
+        body = encode(text.read_text(encoding="utf-8"))[:share]
+        chunks += [prefix + body[i : i + step] for i in range(0, len(body) - step + 1, step)]
+    if not chunks:
+        raise ValueError(f"evaluation texts too short for sequences of {config.context} tokens")
+    width = max(len(p) for p in prompts)
+    padded = [p + [p[-1]] * (width - len(p)) for p in prompts]
+    for ids in [*chunks, *padded]:
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:3]} fall outside the embedding ({vocab} rows)")
+    return Inputs(torch.tensor(chunks), torch.tensor(padded), [len(p) - 1 for p in prompts],
+                  expected, stopwords, tokenizer is not None)
+
+
+# -- the streamed variants --------------------------------------------------------------------------
+
+class _VariantStream:
+    """Runs inputs through the streamed model once, with one batch copy per variant."""
+
+    def __init__(self, model: StreamingModel, variants: list[Variant], coords: list[tuple],
+                 controls: list[Variant], *, on_layer=None):
+        self.sm, self.variants, self.coords, self.controls = model, variants, coords, controls
+        self.on_layer = on_layer
+        self.chosen: list[dict | None] = [None] * len(coords)  # each super weight's control
+        self.unchosen = {c[0] for c in coords}  # layers whose controls are picked when first loaded
+
+    @torch.no_grad()
+    def run(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states, (V, *ids.shape, H), for ids (N, T) repeated once per variant."""
+        hooks = []
+        for i, layer in enumerate(self.sm.layers):
+            hooks.append(layer.register_forward_pre_hook(self._enter(i)))
+            hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: self.sm.free_layer(i)))
+            proj = self.sm.out_proj_module(i)
+            if self.sm.out_projs[i].kind == "experts":
+                hooks.append(proj.register_forward_hook(self._correct_experts(i), with_kwargs=True))
+            else:
+                hooks.append(proj.register_forward_hook(self._correct_dense(i)))
+        try:
+            batch = ids.repeat(len(self.variants), 1)  # variant-major: rows [v*N, (v+1)*N) are variant v
+            out = self.sm.base_model(input_ids=batch, use_cache=False).last_hidden_state
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return out.view(len(self.variants), *ids.shape, -1)
+
+    def _enter(self, i):
+        def hook(module, args):
+            self.sm.load_layer(i)
+            if i in self.unchosen:
+                self._choose_controls(i)
+                self.unchosen.discard(i)
+            if self.on_layer is not None:
+                self.on_layer(i)
+        return hook
+
+    def _choose_controls(self, layer: int) -> None:
+        """For each super weight of `layer`, the weight of closest magnitude outside all their rows and columns."""
+        here = [(k, c) for k, c in enumerate(self.coords) if c[0] == layer]
+        for k, (_, expert, row, col) in here:
+            w = self._matrix(layer, expert)  # (out, in)
+            target = abs(float(w[row, col]))
+            gap = (w.abs().float() - target).abs()
+            for _, (_, e, r, c) in here:
+                if e == expert:
+                    gap[r, :] = math.inf
+                    gap[:, c] = math.inf
+            for taken in self.chosen:  # each super weight gets a control of its own
+                if taken is not None and taken["expert"] == expert and taken["layer"] == layer:
+                    gap[taken["out_channel"], taken["in_channel"]] = math.inf
+            r, c = divmod(int(gap.argmin()), w.shape[1])
+            self.chosen[k] = {"layer": layer, "expert": expert, "out_channel": r, "in_channel": c,
+                              "weight": float(w[r, c])}
+            self.controls[k].zeroed = [(layer, expert, r, c)]
+
+    def _matrix(self, layer: int, expert: int | None) -> torch.Tensor:
+        """The layer's MLP output projection as (out, in), of `expert` for MoE."""
+        weight = self.sm.out_proj_weight(layer)
+        kind = self.sm.out_projs[layer].kind
+        return weight[expert] if kind == "experts" else weight.T if kind == "conv1d" else weight
+
+    def _edits(self, layer: int):
+        """(variant index, expert, row, col, W[row, col]) of every weight zeroed in `layer`."""
+        for v, variant in enumerate(self.variants):
+            for lay, expert, row, col in variant.zeroed:
+                if lay == layer:
+                    yield v, expert, row, col, self._matrix(layer, expert)[row, col]
+
+    def _correct_dense(self, i):
+        def hook(module, args, output):
+            V = len(self.variants)
+            x = args[0].reshape(V, -1, args[0].shape[-1])  # (V, tokens, I)
+            y = output.view(V, -1, output.shape[-1])  # (V, tokens, H), a view: edits land in `output`
+            for v, _, row, col, w in self._edits(i):
+                y[v, :, row] -= w * x[v, :, col]
+            return output
+        return hook
+
+    def _correct_experts(self, i):
+        def hook(module, args, kwargs, output):
+            hidden, index, weights = _expert_inputs(args, kwargs)  # (N, H), (N, k), (N, k)
+            per_variant = hidden.shape[0] // len(self.variants)
+            for v, expert, row, col, w in self._edits(i):
+                token, slot = torch.where(index[v * per_variant : (v + 1) * per_variant] == expert)
+                token = token + v * per_variant
+                gate, up = F.linear(hidden[token], module.gate_up_proj[expert]).chunk(2, dim=-1)
+                x = module.act_fn(gate) * up  # (routed tokens, I): the expert's down_proj input
+                output[token, row] -= (weights[token, slot] * w * x[:, col]).to(output.dtype)
+            return output
+        return hook
+
+
+# -- the language-model head ------------------------------------------------------------------------
+
+def _head_stats(model: StreamingModel, hidden: torch.Tensor, targets: torch.Tensor, stopwords: list[int],
+                config: VerifyConfig) -> dict:
+    """Per variant and position: -log p(target), KL from variant 0, and the stopwords' probability share.
+
+    hidden: (V, N, H) final hidden states; targets: (N,). The vocabulary is read `head_rows` at a
+    time; each variant's log-sum-exp, and variant 0's expectation of (its logits - the variant's),
+    are accumulated online, rescaled whenever a slice raises the running maximum.
+    """
+    V, N, _ = hidden.shape
+    h = hidden.float()
+    zeros = lambda *shape: torch.zeros(*shape, device=h.device)  # noqa: E731
+    acc = {"peak": torch.full((V, N), -math.inf, device=h.device),  # running max logit
+           "total": zeros(V, N),  # sum exp(logit - peak)
+           "cross": zeros(V, N),  # sum exp(base logit - base peak) * (base logit - logit)
+           "target": zeros(V, N), "stop": zeros(V, N, len(stopwords))}
+    stop = torch.tensor(stopwords, dtype=torch.long, device=h.device)
+    vocab = model.head_rows
+    for lo in range(0, vocab, config.head_rows):
+        rows = model.read_head(lo, min(lo + config.head_rows, vocab))  # (S, H)
+        step = max(1, (1 << 24) // (V * rows.shape[0]))  # positions per product: logits stay ~64 MB
+        for n in range(0, N, step):
+            span = slice(n, min(n + step, N))
+            _accumulate(acc, span, _transform(model, h[:, span] @ rows.T), lo, targets[span], stop)
+    lse = acc["peak"] + torch.log(acc["total"])  # (V, N)
+    return {
+        "nll": lse - acc["target"],
+        "kl": (acc["cross"] / acc["total"][0] - lse[0] + lse).clamp_min(0.0),
+        "stop_share": torch.exp(acc["stop"] - lse[..., None]).sum(dim=2),
+    }
+
+
+def _accumulate(acc: dict, span: slice, logits: torch.Tensor, lo: int, targets: torch.Tensor,
+                stop: torch.Tensor) -> None:
+    """Fold logits (V, n, S) of vocabulary ids lo.. at positions `span` into the running sums."""
+    peak = acc["peak"][:, span]
+    new_peak = torch.maximum(peak, logits.amax(dim=2))
+    scale = torch.exp(peak - new_peak)
+    base = torch.exp(logits[0] - new_peak[0, :, None])  # (n, S), unnormalised base probabilities
+    acc["cross"][:, span] = acc["cross"][:, span] * scale[0] + (base * (logits[0] - logits)).sum(dim=2)
+    acc["total"][:, span] = acc["total"][:, span] * scale + torch.exp(logits - new_peak[..., None]).sum(dim=2)
+    acc["peak"][:, span] = new_peak
+    inside = (targets >= lo) & (targets < lo + logits.shape[2])
+    if inside.any():
+        where = torch.nonzero(inside).squeeze(1)
+        acc["target"][:, span][:, where] = logits[:, where, targets[where] - lo]
+    here = (stop >= lo) & (stop < lo + logits.shape[2])
+    if here.any():
+        acc["stop"][:, span][:, :, here] = logits[:, :, stop[here] - lo]
+
+
+def _transform(model: StreamingModel, logits: torch.Tensor) -> torch.Tensor:
+    """The model's own final logit scaling and soft-capping (Cohere, Granite, Gemma 2), elementwise."""
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "logit_scale", None):
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
