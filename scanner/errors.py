@@ -57,3 +57,7 @@ class DeviceUnavailable(ScanError):
 
 class InvalidPrompt(ScanError):
     """The prompt gives no tokens, or more than the model has positions for."""
+
+
+class CannotVerify(ScanError):
+    """The effect of zeroing cannot be measured on this model (no usable LM head, unknown logit scaling)."""

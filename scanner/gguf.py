@@ -25,6 +25,7 @@ import torch
 import transformers
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGML_QUANT_SIZES, GGUFReader, get_tensor_name_map
 from gguf.quants import dequantize, quant_shape_to_byte_shape
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
@@ -253,7 +254,7 @@ def _load_config(file: Path, architecture: str):
                 f"{file}: GGUF architecture {architecture!r} is not supported by transformers {transformers.__version__}"
             ) from e
         raise CorruptCheckpoint(f"{file}: transformers cannot read its GGUF metadata ({first_line(e)})") from e
-    except (KeyError, TypeError, IndexError, OSError) as e:
+    except (KeyError, TypeError, IndexError, OSError, StrictDataclassError) as e:
         raise CorruptCheckpoint(f"{file}: transformers cannot read its GGUF metadata ({first_line(e)})") from e
 
 

@@ -3,7 +3,7 @@
 The model is built on the meta device (no memory), every tensor's shape and dtype is checked
 against it from the file headers before anything is read, and then each decoder layer is filled
 just before it runs and emptied right after. Only the embedding rows of the prompt's tokens are
-read; the language-model head never is. A checkpoint is a safetensors folder (SafetensorsCheckpoint,
+read; the language-model head only when verifying (scanner.verify), a slice of rows at a time. A checkpoint is a safetensors folder (SafetensorsCheckpoint,
 here) or a GGUF file (scanner.gguf.GGUFCheckpoint); both answer the same few calls.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -38,9 +39,11 @@ from .arch import OutProj, find_decoder_layers, find_out_proj
 from .config import PICKLE_SUFFIXES
 from .gguf import GGUFCheckpoint, find_gguf
 from .errors import (
+    CannotVerify,
     CorruptCheckpoint,
     MissingConfig,
     RemoteCodeRefused,
+    ScanError,
     UnsafeCheckpoint,
     UnsupportedArchitecture,
     first_line,
@@ -88,7 +91,7 @@ def load_config(path: Path, *, trust_remote_code: bool = False):
         )
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code and not native)
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except (ValueError, KeyError, TypeError, OSError, StrictDataclassError) as e:  # strict: e.g. heads vs width
         raise MissingConfig(f"{config_file}: transformers cannot read it ({first_line(e)})") from e
 
 
@@ -325,7 +328,7 @@ class StreamingModel:
         self.embed_key: str | None = None
         self.other_keys: list[str] = []
         self.key_target: dict[str, str] = {}
-        head_key = None
+        head_key = self.head_bias_key = None
         sources: dict[str, list[str]] = {}
         converted: set[str] = set()  # targets built by a converter (e.g. experts merged into one tensor)
         targets = self.checkpoint.targets(self.model, meta)
@@ -334,6 +337,8 @@ class StreamingModel:
             if head_path and target.startswith(head_path + ".") and target != f"{embed_path}.weight":
                 if target == f"{head_path}.weight":
                     head_key = key
+                elif target == f"{head_path}.bias":
+                    self.head_bias_key = key  # Phi-2, GPT-J, CodeGen: their logits need it
                 continue  # the LM head is never needed to find super weights
             self.key_target[key] = target
             sources.setdefault(target, []).append(key)
@@ -398,18 +403,43 @@ class StreamingModel:
     @property
     def head_rows(self) -> int:
         """The vocabulary size of the language-model head."""
-        if self.head_key is None:
-            raise CorruptCheckpoint(f"{self.path}: checkpoint has no language-model head weight (lm_head.weight)")
         return self.tensors[self.head_key].shape[0]
 
-    def read_head(self, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of the language-model head's weight (vocabulary, hidden), as float32 on the device.
+    def check_head(self) -> None:
+        """Raise CannotVerify unless the language-model head (and its bias) can be read: present, (vocab, hidden).
+
+        The scan itself never reads the head, so it is checked only when verifying.
+        """
+        if self.head_key is None:
+            raise CannotVerify(f"{self.path}: checkpoint has no language-model head weight (lm_head.weight)")
+        shape = self.tensors[self.head_key].shape
+        if len(shape) != 2 or shape[1] != self.hidden_size:
+            raise CannotVerify(f"{self.path}: LM head tensor {self.head_key} has shape {list(shape)}, "
+                               f"not (vocabulary, {self.hidden_size})")
+        bias = self.tensors[self.head_bias_key].shape if self.head_bias_key else (shape[0],)
+        if bias != (shape[0],):
+            raise CannotVerify(f"{self.path}: LM head bias {self.head_bias_key} has shape {list(bias)}, not [{shape[0]}]")
+        parts = {self.head_key: shape, self.head_bias_key: (shape[0],)}
+        try:  # the checkpoint's own dtype (safetensors) or quantization type (GGUF) checks
+            for key, expected in parts.items():
+                if key is not None:
+                    self.checkpoint.check({key: [key]}, {key: torch.empty(expected, device="meta")}, set())
+        except ScanError as e:
+            raise CannotVerify(f"cannot read the LM head: {first_line(e)}") from e
+
+    def read_head(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows start:stop of the language-model head's weight (vocabulary, hidden) and bias, float32 on the device.
 
         The head is never loaded whole; verification reads it a slice of the vocabulary at a time.
         """
         rows, size = self.checkpoint.read_rows(self.head_key, range(start, stop))
         self.bytes_read += size
-        return rows.to(self.device, torch.float32)
+        bias = None
+        if self.head_bias_key is not None:
+            bias, size = self.checkpoint.read_rows(self.head_bias_key, range(start, stop))
+            self.bytes_read += size
+            bias = bias.reshape(-1).to(self.device, torch.float32)
+        return rows.to(self.device, torch.float32), bias
 
     def load_layer(self, index: int) -> None:
         """Fill decoder layer `index` from disk and apply any pending edits to its out projection."""

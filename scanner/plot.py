@@ -21,7 +21,7 @@ class Figure:
     max_output: list[float]
     super_weights: list[tuple[int, int, int, float]]  # (layer, out_channel, in_channel, |output activation|)
     rejected: list[tuple[int, float, str]]  # (layer, |output activation|, reason)
-    effects: list[tuple[str, float, float, float | None]] = ()  # (label, ppl ratio, control's, expected prob)
+    effects: tuple[tuple[str, float, float, float | None], ...] = ()  # (label, ppl ratio, control's, expected prob)
     joint_ppl_ratio: float | None = None
     base_expected_prob: float | None = None
 
@@ -38,9 +38,10 @@ def figure_data(result: dict) -> Figure:
         super_weights=[(w["layer"], w["out_channel"], w["in_channel"], abs(w["output_activation"]))
                        for w in result["super_weights"]],
         rejected=[(r["layer"], abs(r["output_activation"]), r["reason"]) for r in result.get("rejected", [])],
-        effects=[(f"L{w['layer']} [{w['out_channel']}, {w['in_channel']}]", w["effect"]["ppl_ratio"],
+        effects=tuple((f"L{w['layer']}" + (f" E{w['expert']}" if w["expert"] is not None else "")
+                  + f" [{w['out_channel']}, {w['in_channel']}]", w["effect"]["ppl_ratio"],
                   w["effect"]["control"]["ppl_ratio"], w["effect"]["expected_prob"])
-                 for w in result["super_weights"] if w.get("effect")],
+                 for w in result["super_weights"] if w.get("effect")),
         joint_ppl_ratio=(result.get("verification") or {}).get("joint_ppl_ratio"),
         base_expected_prob=(result.get("verification") or {}).get("base_expected_prob"),
     )

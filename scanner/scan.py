@@ -1,6 +1,5 @@
 """Scan one source end to end: resolve it, stream it through the detector, return a plain dict."""
 
-import hashlib
 import logging
 import threading
 import time
@@ -14,9 +13,10 @@ import torch
 from . import __version__
 from .config import SUPERWEIGHT_HOME, DetectConfig
 from .detect import Detector
-from .errors import DeviceUnavailable, InvalidPrompt
+from .errors import CannotVerify, DeviceUnavailable, InvalidPrompt
 from .hub import content_hash, resolve
 from .loader import StreamingModel
+from .tokens import hashed_ids, load_tokenizer
 from .verify import VerifyConfig, verify
 
 logger = logging.getLogger(__name__)
@@ -56,42 +56,16 @@ def pick_device(device: str) -> torch.device:
     return chosen
 
 
-def load_tokenizer(path: Path):
-    """The checkpoint's own tokenizer (a GGUF file's included; never remote code), or None without a usable one."""
-    from .gguf import find_gguf
-
-    gguf_file = find_gguf(path)
-    if gguf_file is None and not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    where, gguf = (gguf_file.parent, {"gguf_file": gguf_file.name}) if gguf_file else (path, {})
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **gguf)
-        tokenizer("probe")
-        return tokenizer
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        logger.warning("%s: tokenizer unusable (%s); using one id per word", path, e)
-        return None
-
-
-def hashed_ids(text: str, config) -> list[int]:
-    """One id per word of `text` (its sha256 modulo the vocabulary size), after the config's BOS token."""
-    vocab = config.get_text_config().vocab_size
-    bos = getattr(config.get_text_config(), "bos_token_id", None)
-    words = [int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "big") % vocab for w in text.split()]
-    return ([bos] if isinstance(bos, int) and 0 <= bos < vocab else []) + words
-
-
-def prompt_ids(path: Path, prompt: str, config) -> tuple[list[int], list[str] | None]:
+def prompt_ids(path: Path, prompt: str, config, *, tokenizer=...) -> tuple[list[int], list[str] | None]:
     """Token ids of `prompt` with the checkpoint's own tokenizer, and the tokens (None without one).
 
     Without a usable tokenizer each word of the prompt becomes one id (`hashed_ids`):
     deterministic, about as many tokens as a real tokenizer gives, spread over the vocabulary rather
     than on the low byte-fallback ids, and good enough, since the super activation does not depend
-    on the prompt's wording (see README).
+    on the prompt's wording (see README). `tokenizer` (None: there is none) saves loading it again.
     """
-    tokenizer = load_tokenizer(path)
+    if tokenizer is ...:
+        tokenizer = load_tokenizer(path)
     if tokenizer is None:
         return hashed_ids(prompt, config), None
     ids = tokenizer(prompt)["input_ids"]
@@ -137,15 +111,19 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         if revision is None:  # a local checkpoint: hash it while the layers stream
             hashing = pool.submit(content_hash, model.hashed_files, model.folder,
                                   cache=SUPERWEIGHT_HOME / DIGEST_CACHE, stop=stop)
-        ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config)
+        tokenizer = load_tokenizer(resolved.path)
+        ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config, tokenizer=tokenizer)
         check_prompt(resolved.path, ids, model.config)
         input_ids = model.load_static(ids)
         progress = (lambda i: on_layer(i, model.num_layers)) if on_layer else None
         detection = Detector(model, options.detect, on_layer=progress).run(input_ids)
         verification = None
         if options.verify is not None:
-            verification = verify(model, detection, tokenizer=load_tokenizer(resolved.path),
-                                  config=options.verify, on_layer=progress)
+            try:
+                verification = verify(model, detection, tokenizer=tokenizer, config=options.verify, on_layer=progress)
+            except CannotVerify as e:  # the coordinates still stand; the record says why there are no effects
+                logger.warning("%s: not verified: %s", source, e)
+                verification = {"skipped": str(e), "per_weight": []}
         if hashing is not None:
             revision = hashing.result()
     finally:

@@ -11,8 +11,9 @@ the loaded weights are never changed. The language-model head is read a slice of
 at a time, and the softmax statistics are accumulated online, so it is never whole in memory.
 
 The control of a super weight is the weight of the same layer (and expert) whose magnitude is
-closest to it outside every super weight's row and column: as large, but not driven by the
-massive input.
+closest to it outside every super weight's row and column: a weight as large as the layer offers
+that is not fed by the massive input (super weights are often the layer's largest, so the control
+can be smaller; its value is reported).
 """
 
 import logging
@@ -23,9 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .detect import Detection, _expert_inputs
+from .errors import CannotVerify
 from .loader import StreamingModel
+from .tokens import continuation, encode, hashed_ids, leading_special
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +66,8 @@ class VerifyConfig:
     tokens: int = 2048  # evaluation tokens, an equal share from the start of each text (each has 4,000+)
     context: int = 512  # tokens per evaluated sequence
     head_rows: int = 16384  # vocabulary rows of the LM head read at once
-    prompts: tuple = PROMPTS
-    stopwords: tuple = STOPWORDS
+    prompts: tuple[tuple[str, str], ...] = PROMPTS  # (prompt, expected next word)
+    stopwords: tuple[str, ...] = STOPWORDS
 
 
 @dataclass
@@ -82,7 +86,7 @@ class Inputs:
     prompts: torch.Tensor  # (P, Tp) prompts, right-padded (causal attention never sees the padding)
     prompt_last: list[int]  # per prompt, the position of its last real token
     expected: list[int] | None  # per prompt, the first token of the expected next word
-    stopwords: list[int] | None  # single-token stopwords
+    stopwords: list[int] | None  # stopwords that are one token after a word
     tokenizer: bool  # False: one hashed id per word (no usable tokenizer), prompt figures unknown
 
 
@@ -105,7 +109,10 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     found = detection.super_weights
     if not found:
         return None
+    if model.edits:
+        raise ValueError("verify() needs the model's original weights: clear model.edits first")
     start = time.perf_counter()
+    model.check_head()
     inputs = _inputs(model, tokenizer, config)
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in found]
     variants = [Variant("base")] + [Variant(f"alone {i}", [c]) for i, c in enumerate(coords)]
@@ -123,13 +130,16 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     prompt_hidden = prompt_hidden[:, torch.arange(len(last)), last]  # (V, P, H)
     targets = inputs.text[:, 1:].reshape(-1).to(model.device)
     V = len(variants)
-    text = _head_stats(model, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets, [], config)
-    expected = torch.tensor(inputs.expected or [0] * len(last), device=model.device)
-    prompt = _head_stats(model, prompt_hidden, expected, inputs.stopwords or [], config)
+    with _Head(model) as head:
+        text = _head_stats(model, head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets, [], config)
+        expected = torch.tensor(inputs.expected or [0] * len(last), device=model.device)
+        prompt = _head_stats(model, head, prompt_hidden, expected, inputs.stopwords or [], config)
 
+    logger.info("verified %d super weight(s) in %.1f s", len(found), time.perf_counter() - start)
     return {"texts": [t.name for t in config.texts], "tokens": int(inputs.text.numel()),
             "context": int(inputs.text.shape[1]), "tokenizer": inputs.tokenizer,
             "prompts": [p for p, _ in config.prompts],
+            "expected": [tokenizer.decode([i]) for i in inputs.expected] if inputs.expected else None,
             **_summary(text, prompt, inputs, stream.chosen), "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -160,45 +170,46 @@ def _summary(text: dict, prompt: dict, inputs: Inputs, controls: list[dict]) -> 
             "joint_kl": float(kl[joint]), "per_weight": per_weight}
 
 
-def _prompt_figures(stats: dict, v, inputs: Inputs) -> dict:
-    """Mean expected-word probability and stopword share of variant `v` over the prompts."""
-    if inputs.expected is None:
-        return {"expected_prob": None, "stopword_share": None}
-    return {"expected_prob": float(torch.exp(-stats["nll"][v]).mean()),
-            "stopword_share": float(stats["stop_share"][v].mean())}
+def _prompt_figures(stats: dict, v: int, inputs: Inputs) -> dict:
+    """Mean expected-word probability and stopword share of variant `v` over the prompts (None: unknown)."""
+    return {"expected_prob": float(torch.exp(-stats["nll"][v]).mean()) if inputs.expected else None,
+            "stopword_share": float(stats["stop_share"][v].mean()) if inputs.stopwords else None}
 
 
 # -- inputs ---------------------------------------------------------------------------------------
 
 def _inputs(model: StreamingModel, tokenizer, config: VerifyConfig) -> Inputs:
-    """Token ids of the evaluation texts and the prompts, with the checkpoint's tokenizer if it has one."""
+    """Token ids of the evaluation texts and the prompts, with the checkpoint's tokenizer if it has one.
+
+    Sequences are `config.context` tokens (at most the model's positions), each starting with the
+    tokenizer's leading special tokens (BOS), as the model saw text in training.
+    """
     vocab = model.tensors[model.embed_key].shape[0]  # embedding rows
     if tokenizer is not None:
-        prefix = tokenizer("")["input_ids"]  # the special tokens the tokenizer puts first (BOS), if any
-        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        prompts = [tokenizer(p)["input_ids"] for p, _ in config.prompts]
-        expected = [encode(w)[0] for _, w in config.prompts]
-        stopwords = sorted({ids[0] for w in config.stopwords if len(ids := encode(w)) == 1})
+        prefix = leading_special(tokenizer)
+        body = lambda text: encode(tokenizer, text)  # noqa: E731
+        expected = [(continuation(tokenizer, p, w) or [-1])[0] for p, w in config.prompts]
+        stopwords = sorted({ids[0] for w in config.stopwords if len(ids := continuation(tokenizer, "x", w)) == 1})
     else:
-        from .scan import hashed_ids  # scan imports this module
-
         prefix = hashed_ids("", model.config)  # the BOS token, if the config has one
-        encode = lambda text: hashed_ids(text, model.config)[len(prefix):]  # noqa: E731
-        prompts = [prefix + encode(p) for p, _ in config.prompts]
+        body = lambda text: hashed_ids(text, model.config)[len(prefix):]  # noqa: E731
         expected = stopwords = None
-    step, share = config.context - len(prefix), config.tokens // len(config.texts)
+    prompts = [prefix + body(p) for p, _ in config.prompts]
+    tcfg = model.config.get_text_config()
+    positions = getattr(tcfg, "max_position_embeddings", None) or getattr(tcfg, "n_positions", None)
+    context = min(config.context, positions or config.context)
+    step, share = context - len(prefix), config.tokens // len(config.texts)
     chunks = []
     for text in config.texts:
-        body = encode(text.read_text(encoding="utf-8"))[:share]
-        chunks += [prefix + body[i : i + step] for i in range(0, len(body) - step + 1, step)]
+        ids = body(text.read_text(encoding="utf-8"))[:share]
+        chunks += [prefix + ids[i : i + step] for i in range(0, len(ids) - step + 1, step)]
     if not chunks:
-        raise ValueError(f"evaluation texts too short for sequences of {config.context} tokens")
+        raise CannotVerify(f"the evaluation texts give no sequence of {context} tokens")
     width = max(len(p) for p in prompts)
     padded = [p + [p[-1]] * (width - len(p)) for p in prompts]
-    for ids in [*chunks, *padded]:
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:3]} fall outside the embedding ({vocab} rows)")
+    bad = sorted({i for ids in [*chunks, *padded, expected or []] for i in ids if not 0 <= i < vocab})
+    if bad:
+        raise CannotVerify(f"token ids {bad[:3]} of the evaluation fall outside the embedding ({vocab} rows)")
     return Inputs(torch.tensor(chunks), torch.tensor(padded), [len(p) - 1 for p in prompts],
                   expected, stopwords, tokenizer is not None)
 
@@ -270,41 +281,55 @@ class _VariantStream:
         kind = self.sm.out_projs[layer].kind
         return weight[expert] if kind == "experts" else weight.T if kind == "conv1d" else weight
 
-    def _edits(self, layer: int):
-        """(variant index, expert, row, col, W[row, col]) of every weight zeroed in `layer`."""
+    def _edits(self, layer: int) -> dict[tuple[int, int | None, int], list[int]]:
+        """(variant, expert, row) -> the columns zeroed there, for every weight zeroed in `layer`."""
+        edits = {}
         for v, variant in enumerate(self.variants):
             for lay, expert, row, col in variant.zeroed:
                 if lay == layer:
-                    yield v, expert, row, col, self._matrix(layer, expert)[row, col]
+                    edits.setdefault((v, expert, row), []).append(col)
+        return edits
 
     def _correct_dense(self, i):
+        """Recompute the edited output rows in float32 from the input, with the zeroed columns left out.
+
+        Recomputing rather than subtracting W[r, c] * X[:, c]: in bfloat16 the super activation's
+        rounding step (128 at 24,000) is larger than what a control or a second weight changes.
+        """
         def hook(module, args, output):
             V = len(self.variants)
             x = args[0].reshape(V, -1, args[0].shape[-1])  # (V, tokens, I)
             y = output.view(V, -1, output.shape[-1])  # (V, tokens, H), a view: edits land in `output`
-            for v, _, row, col, w in self._edits(i):
-                y[v, :, row] -= w * x[v, :, col]
+            bias = getattr(module, "bias", None)
+            for (v, _, row), cols in self._edits(i).items():
+                w = self._matrix(i, None)[row].float().clone()  # (I,)
+                w[cols] = 0.0
+                value = x[v].float() @ w + (float(bias[row]) if bias is not None else 0.0)
+                y[v, :, row] = value.to(y.dtype)
             return output
         return hook
 
     def _correct_experts(self, i):
+        """Subtract each zeroed weight's routed contribution, computed in float32 from the expert's input."""
         def hook(module, args, kwargs, output):
             hidden, index, weights = _expert_inputs(args, kwargs)  # (N, H), (N, k), (N, k)
             per_variant = hidden.shape[0] // len(self.variants)
-            for v, expert, row, col, w in self._edits(i):
+            for (v, expert, row), cols in self._edits(i).items():
                 token, slot = torch.where(index[v * per_variant : (v + 1) * per_variant] == expert)
                 token = token + v * per_variant
                 gate, up = F.linear(hidden[token], module.gate_up_proj[expert]).chunk(2, dim=-1)
-                x = module.act_fn(gate) * up  # (routed tokens, I): the expert's down_proj input
-                output[token, row] -= (weights[token, slot] * w * x[:, col]).to(output.dtype)
+                x = (module.act_fn(gate) * up).float()  # (routed tokens, I): the expert's down_proj input
+                removed = x[:, cols] @ module.down_proj[expert][row, cols].float()  # (routed tokens,)
+                change = weights[token, slot].float() * removed
+                output[token, row] = (output[token, row].float() - change).to(output.dtype)
             return output
         return hook
 
 
 # -- the language-model head ------------------------------------------------------------------------
 
-def _head_stats(model: StreamingModel, hidden: torch.Tensor, targets: torch.Tensor, stopwords: list[int],
-                config: VerifyConfig) -> dict:
+def _head_stats(model: StreamingModel, head: "_Head", hidden: torch.Tensor, targets: torch.Tensor,
+                stopwords: list[int], config: VerifyConfig) -> dict:
     """Per variant and position: -log p(target), KL from variant 0, and the stopwords' probability share.
 
     hidden: (V, N, H) final hidden states; targets: (N,). The vocabulary is read `head_rows` at a
@@ -321,11 +346,11 @@ def _head_stats(model: StreamingModel, hidden: torch.Tensor, targets: torch.Tens
     stop = torch.tensor(stopwords, dtype=torch.long, device=h.device)
     vocab = model.head_rows
     for lo in range(0, vocab, config.head_rows):
-        rows = model.read_head(lo, min(lo + config.head_rows, vocab))  # (S, H)
+        rows, bias = model.read_head(lo, min(lo + config.head_rows, vocab))  # (S, H), (S,) or None
         step = max(1, (1 << 24) // (V * rows.shape[0]))  # positions per product: logits stay ~64 MB
         for n in range(0, N, step):
             span = slice(n, min(n + step, N))
-            _accumulate(acc, span, _transform(model, h[:, span] @ rows.T), lo, targets[span], stop)
+            _accumulate(acc, span, head.logits(h[:, span], rows, bias), lo, targets[span], stop)
     lse = acc["peak"] + torch.log(acc["total"])  # (V, N)
     return {
         "nll": lse - acc["target"],
@@ -353,14 +378,58 @@ def _accumulate(acc: dict, span: slice, logits: torch.Tensor, lo: int, targets: 
         acc["stop"][:, span][:, :, here] = logits[:, :, stop[here] - lo]
 
 
-def _transform(model: StreamingModel, logits: torch.Tensor) -> torch.Tensor:
-    """The model's own final logit scaling and soft-capping (Cohere, Granite, Gemma 2), elementwise."""
-    cfg = model.config.get_text_config()
-    if getattr(cfg, "logit_scale", None):
-        logits = logits * cfg.logit_scale
-    if getattr(cfg, "logits_scaling", None):
-        logits = logits / cfg.logits_scaling
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+class _Outputs:
+    """The base model's output as a causal-LM forward reads it: the hidden states, and None for the rest."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.last_hidden_state = hidden
+
+    def __getattr__(self, name):  # past_key_values, attentions, cross_attentions, router_logits, ...
+        return None
+
+    def __getitem__(self, index):  # older forwards read outputs[0]
+        return (self.last_hidden_state,)[index]
+
+
+class _Given(nn.Module):
+    """Stands in for the base model inside the causal-LM forward: returns the hidden states it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs) -> _Outputs:
+        return _Outputs(self.hidden)
+
+
+class _Head:
+    """The model's own causal-LM forward on given hidden states and given rows of the head.
+
+    Whatever the class does to its head's output (Gemma 2's soft-capping, Cohere's and Granite's
+    scaling, ...) is then applied exactly, without a table of model types to keep up to date.
+    Use as a context manager: the base model and the head's parameters are put back on exit.
+    """
+
+    def __init__(self, model: StreamingModel):
+        self.causal, self.head = model.model, model.model.get_output_embeddings()
+        self.prefix = model.model.base_model_prefix
+        if not isinstance(self.head, nn.Linear):
+            raise CannotVerify(f"{type(self.head).__name__}: an LM head that is not a linear layer")
+        self.given = _Given()
+
+    def __enter__(self) -> "_Head":
+        self.saved = (getattr(self.causal, self.prefix), self.head.weight, self.head.bias)
+        setattr(self.causal, self.prefix, self.given)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        base, self.head.weight, self.head.bias = self.saved
+        setattr(self.causal, self.prefix, base)
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(V, n, H) hidden states and (S, H) head rows -> (V, n, S) float32 logits, as the model makes them."""
+        self.given.hidden = hidden
+        self.head.weight = nn.Parameter(rows, requires_grad=False)
+        self.head.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        dummy = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        return self.causal(input_ids=dummy, use_cache=False).logits.float()

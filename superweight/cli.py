@@ -72,7 +72,7 @@ def cli(verbose: int) -> None:
               help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
 @click.option("--verify", is_flag=True,
               help="Also measure each super weight's effect: zero it (alone, all together, a control) and "
-                   "compare perplexity and next-word predictions (about 2x6 more layer passes).")
+                   "compare perplexity and next-word predictions (two more passes over the layers).")
 def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio, progress, record,
          catalog_path, verify) -> None:
     """Scan checkpoints for super weights.
@@ -259,7 +259,7 @@ def _parse_count(ctx, param, value: str | None) -> int | None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per model, then a summary line.")
 @click.option("--verify", is_flag=True,
               help="Also measure each super weight's effect: zero it (alone, all together, a control) and "
-                   "compare perplexity and next-word predictions (about 2x6 more layer passes).")
+                   "compare perplexity and next-word predictions (two more passes over the layers).")
 def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus_per_worker, timeout, retries,
           max_cache_gb, lease_seconds, device, catalog_path, publish_target, progress, as_json, verify) -> None:
     """Scan new Hub models, or the given ones, on a Ray cluster.
@@ -474,6 +474,8 @@ def format_table(result: dict) -> str:
 def format_effects(result: dict) -> list[str]:
     """The effect of zeroing each super weight, as lines of a report."""
     v = result["verification"]
+    if "skipped" in v:
+        return [f"  not verified: {v['skipped']}"]
     pct = lambda p: "-" if p is None else f"{100 * p:.1f}%"  # noqa: E731
     lines = [f"  zeroed, on {v['tokens']} tokens of {' + '.join(v['texts'])} (perplexity {v['base_ppl']:.4g}) and "
              f"{len(v['prompts'])} prompts (expected word {pct(v['base_expected_prob'])}, "

@@ -58,9 +58,9 @@ class Plant:
 
 
 def build_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A seeded random model of family `arch`."""
+    """A seeded random model of family `arch` (others than ARCHS take COMMON and `overrides`)."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(arch, **{**COMMON, **ARCH_CONFIGS[arch], **overrides})
+    config = AutoConfig.for_model(arch, **{**COMMON, **ARCH_CONFIGS.get(arch, {}), **overrides})
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 

@@ -104,6 +104,13 @@ def test_auto_map_of_a_native_architecture_uses_the_native_code(good):
     assert [(w["layer"], w["out_channel"], w["in_channel"]) for w in json.loads(result.stdout)["super_weights"]] == [(3, 10, 20)]
 
 
+def test_config_that_transformers_rejects(good):
+    config = json.loads((good / "config.json").read_text())
+    config["num_attention_heads"] = 7  # does not divide hidden_size 64
+    (good / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run(good, "--no-record"), "config.json", "transformers cannot read it")
+
+
 def test_unknown_architecture(good):
     config = json.loads((good / "config.json").read_text())
     config["model_type"] = "no_such_family"

@@ -51,5 +51,5 @@ def test_verify_adds_the_effect_of_zeroing_each_super_weight(tmp_path):
     assert "(control x1)" in result.stdout  # the decoy, zeroed as the control, changes nothing
 
     scanned = scan_source(str(ckpt))
-    assert figure_data(scanned).effects == []  # an unverified scan has no effect panel
+    assert figure_data(scanned).effects == ()  # an unverified scan has no effect panel
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

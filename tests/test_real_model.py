@@ -87,6 +87,11 @@ def test_the_recorded_effect_of_its_super_weight_is_large_and_its_control_none(r
     assert first["joint_ppl_ratio"] > first["ppl_ratio"] and first["eval_tokens"] == 2048
 
 
+def test_the_prompts_are_scored_on_their_expected_words(scanned):
+    expected = scanned["verification"]["expected"]
+    assert expected[:3] == [" cold", " Paris", " five"]  # the first token of each expected word
+
+
 def test_zeroing_the_rejected_late_spike_changes_little(scanned, model, text_ids):
     late = next(r for r in scanned["rejected"] if r["layer"] == 28 and r["out_channel"] == 507)
     base = perplexity(model, text_ids)
