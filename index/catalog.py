@@ -16,7 +16,7 @@ import duckdb
 
 from scanner.hub import file_sha256
 
-from .errors import CatalogLocked
+from .errors import CatalogLocked, CatalogTooNew
 
 SCHEMA_VERSION = 2  # 2: effect measurements (superweight scan --verify) and the Hugging Face layout
 
@@ -85,8 +85,9 @@ COLUMNS = {
     "tensor": "name of the MLP output projection tensor in the checkpoint",
     "out_channel": "row: the residual channel the weight writes (the super activation's channel)",
     "in_channel": "column: the intermediate channel the weight reads",
-    "index": "position in the stored tensor, in the order of its stored shape ([row, col]; [col, row] for GPT-2 "
-             "Conv1D and for GGUF, whose shapes list the contiguous dimension first)",
+    "index": "position in the stored tensor, in the order of its stored shape: [row, col]; [col, row] for GPT-2 "
+             "Conv1D and for GGUF (whose shapes list the contiguous dimension first); for experts [expert, row, "
+             "col] in a fused tensor, [row, col] in a per-expert one, [col, row, expert] in GGUF",
     "hf_tensor": "the transformers parameter holding the weight (the Hugging Face layout)",
     "hf_index": "position in that parameter ([row, col]; [expert, row, col] for fused experts; [col, row] for Conv1D)",
     "weight": "the super weight's value",
@@ -106,7 +107,8 @@ COLUMNS = {
                       "with this weight zeroed",
     "base_stopword_share": "the same share for the original model",
     "base_ppl": "perplexity of the original model on the evaluation text",
-    "eval_tokens": "tokens of the evaluation text the perplexities were measured on",
+    "eval_tokens": "tokens of the evaluation text the perplexities were measured on (BOS included); 0: the "
+                   "model could not be verified (e.g. no LM head in the checkpoint); null: not verified",
     "dtype": "the checkpoint's dtype (for GGUF, the quantization type of most MLP weights, e.g. Q4_1)",
     "source": "'scan' (found by this scanner) or 'literature' (published coordinates)",
     "note": "for literature rows, the source of the coordinates; 'UNCERTAIN: ' when unconfirmed",
@@ -163,6 +165,11 @@ class Catalog:
 
     def _create_or_upgrade(self) -> None:
         """Create the schema, or bring an older file's up to this version, in one transaction."""
+        version = self._schema_version()
+        if version is not None and version > SCHEMA_VERSION:
+            self.con.close()
+            raise CatalogTooNew(f"{self.path}: catalog schema {version} is newer than this superweight's "
+                                f"({SCHEMA_VERSION}); upgrade superweight or use another --catalog")
         self.con.begin()
         try:
             self.con.execute(_SCHEMA)
@@ -175,6 +182,13 @@ class Catalog:
         except BaseException:
             self.con.rollback()
             raise
+
+    def _schema_version(self) -> int | None:
+        """The schema version recorded in the file, or None for a new file."""
+        if not self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta'").fetchone()[0]:
+            return None
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else None
 
     def close(self) -> None:
         self.con.close()
@@ -200,11 +214,12 @@ class Catalog:
         """
         key = _key(result.get("repo_id") or result["source"], result["revision"], result["scanner_version"])
         when = scanned_at or (datetime.fromisoformat(result["scanned_at"]) if result.get("scanned_at") else None)
-        verified = result.get("verification") or {}
+        verification = result.get("verification") or {}
         scan = {**key, "source": "scan", "model_type": result["model_type"], "num_layers": result["num_layers"],
                 "dtype": result["dtype"], "scanned_at": when or datetime.now(UTC).replace(tzinfo=None),
-                "super_weight_count": len(result["super_weights"]), "eval_tokens": verified.get("tokens"),
-                **{k: verified.get(k) for k in ("base_ppl", "joint_ppl_ratio", "base_expected_prob",
+                "super_weight_count": len(result["super_weights"]),
+                "eval_tokens": 0 if "skipped" in verification else verification.get("tokens"),
+                **{k: verification.get(k) for k in ("base_ppl", "joint_ppl_ratio", "base_expected_prob",
                                                 "base_stopword_share")}}
         weights = []
         for i, w in enumerate(result["super_weights"]):

@@ -31,3 +31,7 @@ class PublishFailed(IndexStoreError):
 
 class NoWorkers(IndexStoreError):
     """No scan worker could start on the Ray cluster."""
+
+
+class CatalogTooNew(IndexStoreError):
+    """The catalog was written by a newer superweight, with a schema this one does not know."""

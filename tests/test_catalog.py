@@ -9,7 +9,7 @@ import duckdb
 import pytest
 
 from index.catalog import SCHEMA_VERSION, Catalog
-from index.errors import CatalogLocked
+from index.errors import CatalogLocked, CatalogTooNew
 from scanner.scan import scan_source
 from tests.checkpoints import Plant, make_checkpoint
 
@@ -120,3 +120,13 @@ def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_rows(tmp_path, res
         catalog.export(tmp_path / "c.parquet")
     exported = duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'c.parquet'}' WHERE ppl_ratio IS NULL").fetchall()
     assert exported == [(3,)]
+
+
+def test_a_catalog_from_a_newer_superweight_is_refused_untouched(tmp_path):
+    with Catalog(tmp_path / "c.duckdb") as catalog:
+        catalog.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
+    with pytest.raises(CatalogTooNew, match=f"catalog schema {SCHEMA_VERSION + 1} is newer"):
+        Catalog(tmp_path / "c.duckdb")
+    con = duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True)
+    assert con.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION + 1),)
+    con.close()
