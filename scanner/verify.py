@@ -94,6 +94,8 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
            config: VerifyConfig = VerifyConfig(), on_layer=None) -> dict | None:
     """Measure the effect of zeroing each super weight of `detection` on `model`.
 
+    Raises CannotVerify, before any layer is read, when the model's head or texts rule it out.
+
     Args:
         model: the streaming model the detection ran on (its pending edits must be cleared).
         detection: the scan's result.
@@ -113,6 +115,7 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
         raise ValueError("verify() needs the model's original weights: clear model.edits first")
     start = time.perf_counter()
     model.check_head()
+    head = _Head(model)  # refuses an unusable head before the passes
     inputs = _inputs(model, tokenizer, config)
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in found]
     variants = [Variant("base")] + [Variant(f"alone {i}", [c]) for i, c in enumerate(coords)]
@@ -130,7 +133,7 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     prompt_hidden = prompt_hidden[:, torch.arange(len(last)), last]  # (V, P, H)
     targets = inputs.text[:, 1:].reshape(-1).to(model.device)
     V = len(variants)
-    with _Head(model) as head:
+    with head:
         text = _head_stats(model, head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets, [], config)
         expected = torch.tensor(inputs.expected or [0] * len(last), device=model.device)
         prompt = _head_stats(model, head, prompt_hidden, expected, inputs.stopwords or [], config)
