@@ -53,6 +53,12 @@ def cli(verbose: int) -> None:
     _setup_logging(verbose)
 
 
+_verify_option = click.option(
+    "--verify", is_flag=True,
+    help="Also measure each super weight's effect: zero it (alone, all together, a control) and "
+         "compare perplexity and next-word predictions (two more passes over the layers).")
+
+
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per source.")
@@ -70,9 +76,7 @@ def cli(verbose: int) -> None:
               help="Write each attempt to the ledger and each finished scan to the catalog.")
 @click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
               help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
-@click.option("--verify", is_flag=True,
-              help="Also measure each super weight's effect: zero it (alone, all together, a control) and "
-                   "compare perplexity and next-word predictions (two more passes over the layers).")
+@_verify_option
 def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio, progress, record,
          catalog_path, verify) -> None:
     """Scan checkpoints for super weights.
@@ -257,9 +261,7 @@ def _parse_count(ctx, param, value: str | None) -> int | None:
 @click.option("--publish", "publish_target", metavar="TARGET", help="Afterwards, publish the catalog here (as `superweight publish`).")
 @click.option("--progress/--no-progress", default=None, help="A progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per model, then a summary line.")
-@click.option("--verify", is_flag=True,
-              help="Also measure each super weight's effect: zero it (alone, all together, a control) and "
-                   "compare perplexity and next-word predictions (two more passes over the layers).")
+@_verify_option
 def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus_per_worker, timeout, retries,
           max_cache_gb, lease_seconds, device, catalog_path, publish_target, progress, as_json, verify) -> None:
     """Scan new Hub models, or the given ones, on a Ray cluster.
