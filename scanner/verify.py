@@ -19,7 +19,7 @@ can be smaller; its value is reported).
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,12 +70,8 @@ class VerifyConfig:
     stopwords: tuple[str, ...] = STOPWORDS
 
 
-@dataclass
-class Variant:
-    """One copy of the model: the weights it zeroes, as (layer, expert, row, col) in the HF layout."""
-
-    name: str
-    zeroed: list[tuple[int, int | None, int, int]] = field(default_factory=list)
+# One copy of the model in the batch: the weights it zeroes, as (layer, expert, row, col) in the HF layout.
+Variant = list[tuple[int, int | None, int, int]]
 
 
 @dataclass
@@ -118,10 +114,10 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     head = _Head(model)  # refuses an unusable head before the passes
     inputs = _inputs(model, tokenizer, config)
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in found]
-    variants = [Variant("base")] + [Variant(f"alone {i}", [c]) for i, c in enumerate(coords)]
+    variants: list[Variant] = [[]] + [[c] for c in coords]  # the original, then each super weight alone
     if len(coords) > 1:
-        variants.append(Variant("joint", list(coords)))
-    controls = [Variant(f"control {i}") for i in range(len(coords))]  # filled when their layer loads
+        variants.append(list(coords))  # all of them together
+    controls: list[Variant] = [[] for _ in coords]  # filled when their layer loads
     variants += controls
     stream = _VariantStream(model, variants, coords, controls, on_layer=on_layer)
     remapped = model.load_static(inputs.text.flatten().tolist() + inputs.prompts.flatten().tolist())[0]
@@ -276,7 +272,7 @@ class _VariantStream:
             r, c = divmod(int(gap.argmin()), w.shape[1])
             self.chosen[k] = {"layer": layer, "expert": expert, "out_channel": r, "in_channel": c,
                               "weight": float(w[r, c])}
-            self.controls[k].zeroed = [(layer, expert, r, c)]
+            self.controls[k].append((layer, expert, r, c))
 
     def _matrix(self, layer: int, expert: int | None) -> torch.Tensor:
         """The layer's MLP output projection as (out, in), of `expert` for MoE."""
@@ -288,7 +284,7 @@ class _VariantStream:
         """(variant, expert, row) -> the columns zeroed there, for every weight zeroed in `layer`."""
         edits = {}
         for v, variant in enumerate(self.variants):
-            for lay, expert, row, col in variant.zeroed:
+            for lay, expert, row, col in variant:
                 if lay == layer:
                     edits.setdefault((v, expert, row), []).append(col)
         return edits
