@@ -1,9 +1,18 @@
-"""Detect super weights with one prompt: spike, attribute, remove, re-run from that layer, repeat.
+"""Detect super weights with one prompt: spike, attribute, remove, re-run for what was masked.
 
 Each pass records, for every decoder layer's MLP output projection (down_proj), the peak |input|
-and the peak |output| with their token and channel. While the layer's weights are in memory the
-peak output Y[t, r] is attributed to the input channels: the column is the channel c with the
-largest contribution W[r, c] * X[t, c], so a large weight on a quiet input is never chosen.
+and the peak |output| with their token and channel. While the layer's weights are in memory each
+loud output Y[t, r] is attributed to the input channels: a column c is a candidate when its
+contribution W[r, c] * X[t, c] explains a share of Y[t, r] (the largest always, others while they
+explain at least `min_share`), so a large weight on a quiet input is never chosen.
+
+Every weight that meets all criteria in the unmodified model is a super weight, wherever it is:
+later layers that amplify the same residual channel are read off the same pass. All of a pass's
+super weights are then zeroed at once and the layers from the earliest of them re-run, only to
+find weights that were *masked* (they qualify once louder ones are gone); this repeats until a
+pass finds nothing new, so the number of passes follows the masking depth, not the number of
+weights. Weights are grouped into super neurons (same layer, expert and input channel) and super
+activations (same residual channel).
 """
 
 import logging
@@ -36,7 +45,11 @@ class LayerPeak:
 
 @dataclass
 class Candidate:
-    """A loud output Y[t, r] attributed to the one weight W[r, c] that contributes most to it."""
+    """A loud output Y[t, r] attributed to one weight W[r, c] that contributes to it.
+
+    Per loud output the column contributing most is always a candidate; further columns are while
+    each explains at least `min_share` of Y[t, r] (two or three weights can write one row).
+    """
 
     layer: int
     expert: int | None
@@ -73,6 +86,31 @@ class SuperWeight:
     input_ratio: float
     row_ratio: float
     share: float
+    round: int = 1  # the pass that found it: 1 is the unmodified model; later passes find masked weights
+    neuron: int = 0  # its super neuron: an index into Detection.super_neurons
+    activation: int = 0  # its super activation: an index into Detection.super_activations
+
+
+@dataclass
+class SuperNeuron:
+    """Super weights that read one intermediate channel: the same layer, expert and in_channel."""
+
+    layer: int
+    expert: int | None
+    in_channel: int
+    weights: list[int]  # indices into Detection.super_weights
+
+
+@dataclass
+class SuperActivation:
+    """Super weights that write one residual channel (in one or several layers): one super activation."""
+
+    channel: int  # the residual channel, the out_channel of its weights
+    value: float  # its largest residual value h[t, channel] in the unmodified model, signed: how large it is
+    token: int  # where: the prompt token ...
+    layer: int  # ... and the decoder layer whose output holds it
+    weights: list[int]  # indices into Detection.super_weights
+    layers: list[int]  # the layers of its weights, ascending
 
 
 @dataclass
@@ -82,18 +120,25 @@ class Detection:
     super_weights: list[SuperWeight]
     layers: list[LayerPeak]
     rejected: list[dict] = field(default_factory=list)
-    rounds: int = 0
-    truncated: bool = False
+    rounds: int = 0  # passes run: the masking depth + 1 (a last pass confirms that nothing is left)
+    truncated: bool = False  # max_rounds ran out before a pass found nothing new
+    super_neurons: list[SuperNeuron] = field(default_factory=list)
+    super_activations: list[SuperActivation] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-TOP_K = 8  # candidate output channels kept per layer and pass
+TOP_K = 8  # loud output channels kept per layer and pass
+MAX_COLUMNS = 4  # columns kept per loud output: at most 4 can each explain a quarter of it (with no cancelling)
 
 
-def _analyse(layer, x, y, w_row, expert=None) -> tuple[LayerPeak, list[Candidate]]:
-    """Peaks and top candidates of one projection. x: (T, I), y: (T, H); w_row(r) -> (I,) row of W."""
+def _analyse(layer, x, y, w_row, *, min_share: float, expert=None) -> tuple[LayerPeak, list[Candidate]]:
+    """Peaks and top candidates of one projection. x: (T, I), y: (T, H); w_row(r) -> (I,) row of W.
+
+    Per loud output Y[t, r], the columns in order of their contribution towards Y[t, r]'s sign: the
+    first always, the next ones while they explain at least `min_share` of it.
+    """
     x, y = x.float(), y.float()
     t_in, c_in = divmod(int(x.abs().argmax()), x.shape[1])
     t_out, r_out = divmod(int(y.abs().argmax()), y.shape[1])
@@ -103,14 +148,19 @@ def _analyse(layer, x, y, w_row, expert=None) -> tuple[LayerPeak, list[Candidate
     candidates = []
     for r in loudest.topk(min(TOP_K, y.shape[1])).indices.tolist():
         t = int(tokens[r])
-        contrib = w_row(r).float() * x[t]  # (I,)
-        c = int(contrib.abs().argmax())
+        row = w_row(r).float()
+        contrib = row * x[t]  # (I,)
         out = float(y[t, r])
-        candidates.append(Candidate(
-            layer=layer, expert=expert, out_channel=r, token=t, output_activation=out, in_channel=c,
-            weight=float(w_row(r)[c]), input_activation=float(x[t, c]),
-            share=float(contrib[c]) / out if out else 0.0, row_ratio=abs(out) / float(token_median[t]),
-        ))
+        towards = contrib * (1.0 if out >= 0 else -1.0)  # positive where a weight pushes Y[t, r] outward
+        for rank, c in enumerate(towards.topk(min(MAX_COLUMNS, len(towards))).indices.tolist()):
+            share = float(contrib[c]) / out if out else 0.0
+            if rank and share < min_share:
+                break
+            candidates.append(Candidate(
+                layer=layer, expert=expert, out_channel=r, token=t, output_activation=out, in_channel=c,
+                weight=float(row[c]), input_activation=float(x[t, c]), share=share,
+                row_ratio=abs(out) / float(token_median[t]),
+            ))
     return peak, candidates
 
 
@@ -130,6 +180,11 @@ class Detector:
         self.peaks: list[LayerPeak | None] = [None] * model.num_layers
         self.candidates: list[list[Candidate]] = [[] for _ in range(model.num_layers)]
         self.inputs: list[tuple | None] = [None] * model.num_layers  # (args, kwargs) each layer got
+        # The residual stream of the unmodified model after each layer: per channel, the signed value
+        # of largest magnitude over the tokens, and its token. (L, H) each; filled by the first pass.
+        self.stream_value = torch.zeros(model.num_layers, model.hidden_size)
+        self.stream_token = torch.zeros(model.num_layers, model.hidden_size, dtype=torch.long)
+        self._first_pass = False
         self._hooks = []
         self.cancellers: set[tuple] = set()
 
@@ -163,6 +218,10 @@ class Detector:
             out = (output[0] if isinstance(output, tuple) else output).reshape(-1, self.sm.hidden_size)  # (T, H)
             for cand in self.candidates[i]:
                 cand.delta = float(out[cand.token, cand.out_channel]) - cand.residual
+            if self._first_pass:
+                token = out.abs().argmax(dim=0)  # (H,)
+                self.stream_value[i] = out.gather(0, token[None])[0].float().cpu()
+                self.stream_token[i] = token.cpu()
             self.sm.free_layer(i)
         return hook
 
@@ -173,13 +232,13 @@ class Detector:
             w = module.weight
             w_row = (lambda r: w[:, r]) if conv else (lambda r: w[r])
             x, y = args[0].reshape(-1, args[0].shape[-1]), output.reshape(-1, output.shape[-1])
-            self._record(i, *_analyse(i, x, y, w_row))
+            self._record(i, *_analyse(i, x, y, w_row, min_share=self.config.min_share))
         return hook
 
     def _record_experts(self, i):
         def hook(module, args, kwargs, output):
             hidden, index, weights = _expert_inputs(args, kwargs)
-            self._record(i, *_analyse_experts(i, module, hidden, index, weights, output))
+            self._record(i, *_analyse_experts(i, module, hidden, index, weights, output, self.config.min_share))
         return hook
 
     def _record(self, i: int, peak: LayerPeak, candidates: list[Candidate]) -> None:
@@ -196,7 +255,11 @@ class Detector:
     @torch.no_grad()
     def first_pass(self, input_ids: torch.Tensor) -> None:
         """Run the base model's own forward; hooks stream layers and record every layer's inputs."""
-        self.sm.base_model(input_ids=input_ids, use_cache=False)
+        self._first_pass = True
+        try:
+            self.sm.base_model(input_ids=input_ids, use_cache=False)
+        finally:
+            self._first_pass = False
 
     @torch.no_grad()
     def replay(self, start: int) -> None:
@@ -213,7 +276,7 @@ class Detector:
     # -- detection ------------------------------------------------------------------------------
 
     def run(self, input_ids: torch.Tensor) -> Detection:
-        """Find all super weights: the earliest qualifying spike first, removing each and re-running."""
+        """Find all super weights: every qualifying weight of a pass, then what their removal unmasks."""
         self._attach()
         try:
             self.first_pass(input_ids)
@@ -222,67 +285,99 @@ class Detector:
             # with nothing to cancel, and it would then look like a creator.
             self.cancellers = {(c.layer, c.expert, c.out_channel) for cs in self.candidates for c in cs
                                if _cancels(c, self.config.row_ratio)}
-            found, rejected, seen = [], [], set()
-            rounds, truncated = 0, True
-            while rounds < self.config.max_rounds:
-                rounds += 1
-                pick = self._next_super_weight(seen, rejected)
-                if pick is None:
-                    truncated = False
+            found, rejected = [], {}
+            rounds, truncated = 1, False
+            picks = self._qualifying(found, rejected)
+            while picks:
+                found += [self._remove(*pick, round=rounds) for pick in picks]
+                if rounds == self.config.max_rounds:
+                    truncated = True  # no pass left to look for weights these removals unmask
                     break
-                found.append(self._remove(*pick))
-                self.replay(pick[0].layer)
+                # Weights within one pass do not interact (each is judged on the same forward), so
+                # all go at once; the layers before the earliest of them are unchanged.
+                self.replay(min(cand.layer for cand, _, _ in picks))
+                rounds += 1
+                picks = self._qualifying(found, rejected)
         finally:
             self._detach()
             self.sm.edits.clear()  # restore: later loads read the original weights again
-        return Detection(found, first, rejected, rounds, truncated)
+        neurons, activations = self._group(found)
+        return Detection(found, first, list(rejected.values()), rounds, truncated, neurons, activations)
 
-    def _next_super_weight(self, seen: set, rejected: list) -> tuple[Candidate, float, float] | None:
-        """The earliest spiking candidate that meets every criterion; spikes that fail are logged once."""
+    def _qualifying(self, found: list[SuperWeight], rejected: dict) -> list[tuple[Candidate, float, float]]:
+        """Every candidate of this pass that meets every criterion and is not `found` yet, in layer order.
+
+        A spike that fails goes into `rejected` (keyed by (layer, expert, row, col)) the first time,
+        with its figures and reasons, and leaves it if a later pass finds it (it was masked).
+        """
         cfg = self.config
         median_out = statistics.median(p.max_output for p in self.peaks) or 1e-30
         median_in = statistics.median(p.max_input for p in self.peaks) or 1e-30
+        done = {(w.layer, w.expert, w.out_channel, w.in_channel) for w in found}
+        picks = []
         for layer in range(self.sm.num_layers):
             for cand in self.candidates[layer]:
                 spike = abs(cand.output_activation) / median_out
                 if spike < cfg.spike_ratio:
                     break  # candidates are sorted loudest first
+                key = (cand.layer, cand.expert, cand.out_channel, cand.in_channel)
+                if key in done:
+                    continue
                 in_ratio = abs(cand.input_activation) / median_in
                 reasons = [
                     why for failed, why in (
                         (cand.row_ratio < cfg.row_ratio, "diffuse: the whole token is loud, not one channel"),
-                        (abs(cand.share) < cfg.min_share, "no single weight explains the output"),
+                        (cand.share < cfg.min_share, "no single weight explains the output"),
                         (in_ratio < cfg.input_ratio, "quiet input: a large weight alone"),
                         ((cand.layer, cand.expert, cand.out_channel) in self.cancellers or _cancels(cand, cfg.row_ratio),
                          "cancels: opposes a residual activation that is already massive"),
                     ) if failed
                 ]
                 if not reasons:
-                    return cand, spike, in_ratio
-                key = (cand.layer, cand.expert, cand.out_channel, cand.in_channel)
-                if key not in seen:
-                    seen.add(key)
-                    rejected.append({**asdict(cand), "spike_ratio": spike, "input_ratio": in_ratio,
-                                     "reason": "; ".join(reasons)})
-        return None
+                    picks.append((cand, spike, in_ratio))
+                    rejected.pop(key, None)
+                elif key not in rejected:
+                    rejected[key] = {**asdict(cand), "spike_ratio": spike, "input_ratio": in_ratio,
+                                     "reason": "; ".join(reasons)}
+        return picks
 
-    def _remove(self, cand: Candidate, spike: float, in_ratio: float) -> SuperWeight:
+    def _remove(self, cand: Candidate, spike: float, in_ratio: float, *, round: int) -> SuperWeight:
         """Record `cand`'s weight as a super weight and zero it for the following passes."""
         r, c, e = cand.out_channel, cand.in_channel, cand.expert
         kind = self.sm.out_projs[cand.layer].kind
         position = (e, r, c) if kind == "experts" else (c, r) if kind == "conv1d" else (r, c)
         self.sm.edits.setdefault(cand.layer, []).append((position, 0.0))
         tensor, index = self.sm.stored_location(cand.layer, r, c, e)
-        logger.info("layer %d%s: super weight [%d, %d] = %.4g drives %.4g (x%.0f the median layer's peak)",
+        logger.info("layer %d%s: super weight [%d, %d] = %.4g drives %.4g (x%.0f the median layer's peak), pass %d",
                     cand.layer, f" expert {e}" if e is not None else "", r, c, cand.weight,
-                    cand.output_activation, spike)
+                    cand.output_activation, spike, round)
         return SuperWeight(
             layer=cand.layer, expert=e, out_channel=r, in_channel=c, tensor=tensor, index=index,
             hf_tensor=self.sm.out_proj_name(cand.layer), hf_index=list(position),
             weight=cand.weight, input_activation=cand.input_activation,
             output_activation=cand.output_activation, token=cand.token,
-            spike_ratio=spike, input_ratio=in_ratio, row_ratio=cand.row_ratio, share=cand.share,
+            spike_ratio=spike, input_ratio=in_ratio, row_ratio=cand.row_ratio, share=cand.share, round=round,
         )
+
+    def _group(self, found: list[SuperWeight]) -> tuple[list[SuperNeuron], list[SuperActivation]]:
+        """Group `found` into super neurons and super activations (numbered in the order found)."""
+        neurons: dict[tuple, SuperNeuron] = {}
+        activations: dict[int, SuperActivation] = {}
+        for i, w in enumerate(found):
+            neuron = neurons.setdefault((w.layer, w.expert, w.in_channel),
+                                        SuperNeuron(w.layer, w.expert, w.in_channel, []))
+            neuron.weights.append(i)
+            w.neuron = list(neurons).index((w.layer, w.expert, w.in_channel))
+            if w.out_channel not in activations:
+                layer = int(self.stream_value[:, w.out_channel].abs().argmax())
+                activations[w.out_channel] = SuperActivation(
+                    channel=w.out_channel, value=float(self.stream_value[layer, w.out_channel]),
+                    token=int(self.stream_token[layer, w.out_channel]), layer=layer, weights=[], layers=[])
+            activation = activations[w.out_channel]
+            activation.weights.append(i)
+            activation.layers = sorted(set(activation.layers) | {w.layer})
+            w.activation = list(activations).index(w.out_channel)
+        return list(neurons.values()), list(activations.values())
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -309,7 +404,7 @@ def _expert_inputs(args, kwargs):
     return values[0], values[1], values[2]
 
 
-def _analyse_experts(layer, module, hidden, top_k_index, top_k_weights, output):
+def _analyse_experts(layer, module, hidden, top_k_index, top_k_weights, output, min_share):
     """Recompute each routed expert's down projection (before routing weights) and analyse it.
 
     The recomputation follows the fused-experts definition (gate_up -> act(gate) * up -> down); it
@@ -323,7 +418,7 @@ def _analyse_experts(layer, module, hidden, top_k_index, top_k_weights, output):
         x = module.act_fn(gate) * up  # (tokens routed to e, I)
         y = F.linear(x, module.down_proj[e])  # (tokens routed to e, H)
         rebuilt.index_add_(0, token_pos, y.float() * top_k_weights[token_pos, k_pos, None].float())
-        p, cands = _analyse(layer, x, y, lambda r, e=e: module.down_proj[e][r], expert=e)
+        p, cands = _analyse(layer, x, y, lambda r, e=e: module.down_proj[e][r], min_share=min_share, expert=e)
         p.input_token, p.output_token = int(token_pos[p.input_token]), int(token_pos[p.output_token])
         for cand in cands:
             cand.token = int(token_pos[cand.token])
@@ -332,8 +427,9 @@ def _analyse_experts(layer, module, hidden, top_k_index, top_k_weights, output):
     scale = float(output.float().abs().max()) or 1.0
     if float((rebuilt - output.float()).abs().max()) > 1e-2 * scale:
         raise UnsupportedArchitecture(f"{type(module).__name__}: recomputed experts disagree with the module")
-    candidates.sort(key=lambda c: -abs(c.output_activation))
-    return peak, candidates[:TOP_K]
+    candidates.sort(key=lambda c: -abs(c.output_activation))  # stable: a row's columns stay in order
+    rows = list(dict.fromkeys((c.expert, c.out_channel, c.token) for c in candidates))[:TOP_K]
+    return peak, [c for c in candidates if (c.expert, c.out_channel, c.token) in rows]
 
 
 def _merge_peaks(a: LayerPeak, b: LayerPeak) -> LayerPeak:

@@ -37,6 +37,7 @@ ARCH_CONFIGS = {
     "olmo2": {"pad_token_id": 250},
     "gpt_neox": {"rotary_pct": 0.25},
     "gpt2": {"n_embd": 64, "n_inner": 128, "n_layer": 8, "n_head": 4, "n_positions": 128},
+    "falcon": {"multi_query": True, "parallel_attn": True, "new_decoder_architecture": False},  # Falcon-7B's layout
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
                   "decoder_sparse_step": 1, "mlp_only_layers": [], "head_dim": 16},
@@ -54,7 +55,11 @@ class Plant:
     col: int
     value: float = 2.5
     expert: int | None = None
-    boost: float = 10.0  # input rows of `col` become this times the first token's unit input; 1 = leave quiet
+    boost: float = 10.0  # the input of `col` on the first token becomes this times its input's norm; 1 = leave quiet
+    # Read only this channel of the first token's (normalized) MLP input: a later super weight driven
+    # by an earlier super activation in residual channel `reads`. None: the whole first-token input.
+    reads: int | None = None
+    token: int = 0  # the prompt token whose input `col` is aimed at (real super activations: the first)
 
 
 def build_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -68,22 +73,32 @@ def plant(model, plants: list[Plant]) -> None:
     """Plant super weights (and decoys, with boost=1) into `model` in place, in layer order.
 
     For each plant the prompt is run up to the layer, and the input rows of channel `col` are aimed
-    along the MLP input of the first token, so that channel is loud there, as real super
-    activations are on the first token. For an expert, the router is aimed the same way so the
-    first token is routed to it.
+    along what is the first token's own in its MLP input (orthogonal to the other tokens' inputs),
+    so that channel is loud on the first token only, as real super activations are. For an expert,
+    the router is aimed the same way so the first token is routed to it. Where the MLP output is
+    normalized before it joins the residual (Gemma 2, OLMo 2), that norm's gain on `row` is raised
+    as trained post-norm models have it, so the super activation is massive in the residual stream too.
     """
     tcfg = model.config.get_text_config()
     _, layers = find_decoder_layers(model.base_model, tcfg.num_hidden_layers)
     ids = torch.tensor([prompt_ids(Path("/nonexistent"), DEFAULT_PROMPT, model.config)[0]])
+    amplified = set()
     for p in sorted(plants, key=lambda p: p.layer):
+        if p.boost != 1 and (p.layer, p.row) not in amplified:
+            _raise_post_norm_gain(layers[p.layer], p.row)
+            amplified.add((p.layer, p.row))
         spec = find_out_proj(layers[p.layer], tcfg.hidden_size)
         mlp = layers[p.layer].get_submodule(spec.module_path.rpartition(".")[0])
         proj = layers[p.layer].get_submodule(spec.module_path)
-        direction = _first_token_input(model, proj if spec.kind == "experts" else mlp, ids)
+        direction = _token_input(model, proj if spec.kind == "experts" else mlp, ids, p.token)
+        if p.reads is not None:  # that one channel, with its sign, so the neuron fires on it
+            one_hot = torch.zeros_like(direction)
+            one_hot[p.reads] = direction[p.reads].sign()
+            direction = one_hot
         with torch.no_grad():
             if spec.kind == "experts":
                 proj.down_proj[p.expert, p.row, p.col] = p.value
-                mlp.gate.weight[p.expert] = direction * 10.0  # token 0 is routed to this expert
+                mlp.gate.weight[p.expert] = direction * 10.0  # the token is routed to this expert
                 if p.boost != 1:
                     inter = proj.down_proj.shape[2]
                     proj.gate_up_proj[p.expert, [p.col, inter + p.col]] = direction * p.boost
@@ -94,19 +109,44 @@ def plant(model, plants: list[Plant]) -> None:
                 _aim_inputs(mlp, proj, p.col, direction * p.boost)
 
 
-def _first_token_input(model, module, ids) -> torch.Tensor:
-    """Unit vector of the first token's input to `module` when the model reads `ids`."""
+def _token_input(model, module, ids, token: int = 0) -> torch.Tensor:
+    """A vector v with v . x = |x| for `token`'s input x to `module` when the model reads `ids`, and
+    v . x' = 0 for every other token's input x': a channel aimed along it is as loud on that token as
+    aiming along x / |x| makes it, and quiet on the others.
+    """
     seen = {}
 
     def hook(mod, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        seen["h"] = hidden.reshape(-1, hidden.shape[-1])[0].detach().clone()
+        seen["h"] = hidden.reshape(-1, hidden.shape[-1]).detach().float().clone()  # (T, H)
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
         model(ids)
     handle.remove()
-    return seen["h"] / seen["h"].norm()
+    first = seen["h"][token]
+    others = torch.cat([seen["h"][:token], seen["h"][token + 1:]])
+    own = first
+    if len(others):
+        basis, _ = torch.linalg.qr(others.T)  # (H, T-1): the span of the other tokens' inputs
+        own = first - basis @ (basis.T @ first)
+    return (own * (first.norm() / own.norm() ** 2)).to(seen["h"].dtype)
+
+
+POST_NORM_GAIN = 30.0  # trained post-norm models carry super activations through large gains
+
+
+def _raise_post_norm_gain(layer: nn.Module, row: int) -> None:
+    """Multiply the gain of channel `row` of the norm applied to the MLP output, if the layer has one."""
+    norm = getattr(layer, "post_feedforward_layernorm", None)
+    if norm is None:
+        return
+    with torch.no_grad():
+        probe = torch.ones(1, norm.weight.shape[0], dtype=norm.weight.dtype)
+        before = float(norm(probe)[0, row])  # the output is affine in the gain parameter (w or 1 + w)
+        norm.weight[row] += 1.0
+        slope = float(norm(probe)[0, row]) - before
+        norm.weight[row] += (POST_NORM_GAIN - 1.0) * before / slope - 1.0
 
 
 def _aim_inputs(mlp: nn.Module, proj: nn.Module, col: int, row: torch.Tensor) -> None:
@@ -173,8 +213,9 @@ def write_gguf(path: Path, config, tensors: dict[str, np.ndarray | tuple[np.ndar
     """Write `tensors` as a GGUF file, matrices quantized to `qtype` (vectors stay F32, as llama.cpp keeps them).
 
     A (uint8 array, type) pair is written as is: bytes already in that type's blocks. The metadata
-    holds every config value transformers reads back (its GGUF_CONFIG_MAPPING, inverted) and no
-    tokenizer, so a scan reads the prompt one hashed id per word, as for a folder without one.
+    holds every config value transformers reads back (its GGUF_CONFIG_MAPPING, inverted, and the BOS
+    and EOS ids) and no tokenizer, so a scan reads the prompt one hashed id per word, as for a folder
+    without one.
     """
     arch = arch or config.model_type
     writer = GGUFWriter(path, arch)
@@ -186,6 +227,9 @@ def write_gguf(path: Path, config, tensors: dict[str, np.ndarray | tuple[np.ndar
             writer.add_uint32(f"{arch}.{gguf_key}", value)
         else:
             writer.add_float32(f"{arch}.{gguf_key}", value)
+    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
+        if isinstance(getattr(config, key, None), int):  # read back into the config: the prompt starts with BOS
+            add(getattr(config, key))
     for name, array in tensors.items():
         if isinstance(array, tuple):
             writer.add_tensor(name, array[0], raw_dtype=array[1])

@@ -40,6 +40,64 @@ def test_finds_exactly_the_planted_super_weights(tmp_path, arch, scenario):
     assert not result["truncated"]
 
 
+# Later super weights of one super activation (OLMo-7B layers 1, 2, 7 and 24, all row 269; Llama-30B
+# layers 3 and 10, row 5633): each reads the channel the earlier one made massive and writes the same
+# row with the same sign, 1, 7 and 20 layers later. Their neurons are aimed weakly (boost 1.5), so they
+# fire only on the massive channel: removing the first weight silences them (the detection before
+# this rule lost 11 of 42 such cases, one later weight each), so they must be read off the
+# unmodified model. A canceller of the same shape, with the opposite sign, is not a super weight.
+def _later(expert):
+    return [Plant(2, 10, 20, expert=expert)] + [Plant(2 + gap, 10, 30 + gap, reads=10, boost=1.5, expert=expert)
+                                                for gap in (1, 7, 20)]
+
+
+def _canceller(expert):
+    return Plant(9, 10, 44, value=-2.5, reads=10, boost=1.5, expert=expert)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_later_layers_writing_the_same_channel_are_found_and_a_canceller_is_not(tmp_path, arch):
+    expert = 1 if arch in MOE_ARCHS else None
+    amplifiers = make_checkpoint(tmp_path / "amplifiers", arch, _later(expert), num_hidden_layers=24)
+    cancelled = make_checkpoint(tmp_path / "cancelled", arch, [Plant(2, 10, 20, expert=expert), _canceller(expert)],
+                                num_hidden_layers=24)
+
+    found = scan_source(str(amplifiers))
+    assert coordinates(found) == {(p.layer, p.expert, p.row, p.col) for p in _later(expert)}
+    assert [w["round"] for w in found["super_weights"]] == [1, 1, 1, 1]  # all in the unmodified model
+    assert found["rounds"] == 2  # one replay confirms that nothing was masked
+    (activation,) = found["super_activations"]  # one residual channel, written by four layers
+    assert (activation["channel"], activation["layers"], activation["weights"]) == (10, [2, 3, 9, 22], [0, 1, 2, 3])
+    assert len(found["super_neurons"]) == 4
+
+    cancelling = scan_source(str(cancelled))
+    assert coordinates(cancelling) == {(2, expert, 10, 20)}
+    reasons = {(r["layer"], r["out_channel"], r["in_channel"]): r["reason"] for r in cancelling["rejected"]}
+    assert "cancels" in reasons[(9, 10, 44)]
+
+
+def test_a_masked_weight_is_found_by_a_replay(tmp_path):
+    """Two weights write one row; the second explains less than min_share of it until the first is gone."""
+    make_checkpoint(tmp_path, "llama", [Plant(3, 10, 20, value=2.5), Plant(3, 10, 21, value=0.4)])
+
+    result = scan_source(str(tmp_path))
+
+    assert [(w["in_channel"], w["round"]) for w in result["super_weights"]] == [(20, 1), (21, 2)]
+    assert result["rounds"] == 3  # masking depth 2, and a last pass that finds nothing
+    assert [w["activation"] for w in result["super_weights"]] == [0, 0]
+
+
+def test_two_weights_sharing_a_row_are_found_in_one_pass(tmp_path):
+    """Llama-13B layer 2, row 2231: two columns of one row, each explaining half of it."""
+    make_checkpoint(tmp_path, "llama", [Plant(2, 10, 20), Plant(2, 10, 21)])
+
+    result = scan_source(str(tmp_path))
+
+    assert coordinates(result) == {(2, None, 10, 20), (2, None, 10, 21)}
+    assert [w["round"] for w in result["super_weights"]] == [1, 1] and result["rounds"] == 2
+    assert all(0.25 < w["share"] < 0.75 for w in result["super_weights"])
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral", "qwen3_moe", "phi3", "gpt_neox"])
 def test_reported_index_points_at_the_stored_weight(tmp_path, arch):
     """`tensor` and `index` locate the weight in the checkpoint as stored (GPT-2 Conv1D is [col, row])."""

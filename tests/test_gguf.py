@@ -64,7 +64,11 @@ def test_agrees_with_the_same_model_in_safetensors(planted, qtype):
         assert w["weight"] == pytest.approx(ref["weight"], rel=weight_tol)
         for field in ("input_activation", "output_activation"):
             assert w[field] == pytest.approx(ref[field], rel=activation_tol)
-    assert [p["output_channel"] for p in result["layers"]] == [p["output_channel"] for p in reference["layers"]]
+    for layer, ref in zip(result["layers"], reference["layers"], strict=True):
+        # A quiet layer's peak is noise, which Q8_0's rounding moves; the spiking layers must agree.
+        if qtype == F32 or layer["layer"] in {p.layer for p in PLANTS}:
+            assert layer["output_channel"] == ref["output_channel"]
+            assert layer["max_output"] == pytest.approx(ref["max_output"], rel=activation_tol)
 
 
 @pytest.mark.parametrize("qtype", [F32, Q8_0], ids=["F32", "Q8_0"])
@@ -118,7 +122,8 @@ def test_layers_are_dequantized_one_at_a_time(planted, monkeypatch):
 
     loads = [layers[0] for layers in resident]
     assert all(len(layers) == 1 for layers in resident)
-    assert loads == list(range(8)) + [2, 3, 4, 5, 6, 7] + [5, 6, 7]  # replays after each removal
+    # Both plants are found in the first pass; one replay from the earlier one confirms nothing is left.
+    assert loads == list(range(8)) + [2, 3, 4, 5, 6, 7]
     assert model.model.get_input_embeddings().weight.shape[0] == len(set(ids))
     stored = {t.name: int(t.n_bytes) for t in GGUFReader(files[Q8_0]).tensors}
     layer_bytes = sum(n for name, n in stored.items() if name.startswith("blk.0."))
