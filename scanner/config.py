@@ -12,6 +12,7 @@ SUPERWEIGHT_HOME = Path(
 )
 DEBUG = os.getenv("SUPERWEIGHT_DEBUG", "") not in ("", "0")
 CATALOG_FILE = "catalog.duckdb"  # under SUPERWEIGHT_HOME unless --catalog
+DIGEST_CACHE = "file-digests.json"  # per-file sha256s of local checkpoints, under SUPERWEIGHT_HOME
 
 # Files a scan needs from a checkpoint; everything else in a repo is left alone.
 CHECKPOINT_PATTERNS = [

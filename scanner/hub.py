@@ -30,9 +30,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .config import CHECKPOINT_PATTERNS, PICKLE_SUFFIXES
+from .config import CHECKPOINT_PATTERNS, DIGEST_CACHE, PICKLE_SUFFIXES, SUPERWEIGHT_HOME
 from .errors import CorruptCheckpoint, HubError, HubUnavailable, SourceNotFound, UnsafeCheckpoint, first_line
-from .examples import example_checkpoint
+from .examples import example_checkpoint, find_example
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,10 @@ class Resolved:
 
     source: str  # as the user gave it
     path: Path  # the checkpoint folder, or a GGUF file
-    repo_id: str | None  # the Hub repo, None for local folders and examples
-    revision: str | None  # the Hub commit sha; None until a local folder is hashed
+    repo_id: str | None  # the Hub repo (for an example, the model it ships); None for local folders
+    revision: str | None  # the Hub commit sha, an example's GGUF hash; None until a local folder is hashed
+    artifact: str | None = None  # what is read when it is not the repo's own weights at `revision`
+    dtype: str | None = None  # the weights' own precision when the files read hold another (examples)
 
 
 def resolve(source: str, *, revision: str | None = None, endpoint: str | None = None,
@@ -64,7 +66,7 @@ def resolve(source: str, *, revision: str | None = None, endpoint: str | None = 
         The Resolved source. Hub checkpoints carry their commit sha.
     """
     if source.startswith(EXAMPLE_PREFIX):
-        return Resolved(source, example_checkpoint(source[len(EXAMPLE_PREFIX):]), None, None)
+        return _example(source)
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir() and path.suffix != ".gguf":
@@ -77,6 +79,15 @@ def resolve(source: str, *, revision: str | None = None, endpoint: str | None = 
     except HFValidationError:
         raise SourceNotFound(f"{source}: no such folder, and not a Hub repo id (owner/name)") from None
     return _download(source, revision or "main", endpoint=endpoint, token=token, cache_dir=cache_dir)
+
+
+def _example(source: str) -> Resolved:
+    """A built-in example: named by the model it ships, revised by its GGUF file's content hash."""
+    example = find_example(source[len(EXAMPLE_PREFIX):])
+    gguf = example.gguf()
+    revision = content_hash([gguf], gguf.parent, cache=SUPERWEIGHT_HOME / DIGEST_CACHE)
+    folder = example_checkpoint(example, revision, home=SUPERWEIGHT_HOME)
+    return Resolved(source, folder, example.repo_id, revision, artifact=example.artifact, dtype=example.quantization)
 
 
 def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Resolved:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import SUPERWEIGHT_HOME, DetectConfig
+from .config import DIGEST_CACHE, SUPERWEIGHT_HOME, DetectConfig
 from .detect import Detector
 from .errors import CannotVerify, DeviceUnavailable, InvalidPrompt
 from .hub import content_hash, resolve
@@ -21,7 +21,6 @@ from .verify import VerifyConfig, verify
 
 logger = logging.getLogger(__name__)
 
-DIGEST_CACHE = "file-digests.json"  # per-file sha256s of local checkpoints, under SUPERWEIGHT_HOME
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -138,13 +137,14 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         "source": source,
         "repo_id": resolved.repo_id,
         "revision": revision,
+        "artifact": resolved.artifact,
         "path": str(resolved.path),
         "model_type": tcfg.model_type,
         "architecture": type(model.model).__name__,
         "num_layers": model.num_layers,
         "hidden_size": model.hidden_size,
         "out_proj": sorted({f"{model.layers_prefix}.N.{p.module_path}" for p in model.out_projs}),
-        "dtype": str(model.checkpoint_dtype).removeprefix("torch."),
+        "dtype": resolved.dtype or str(model.checkpoint_dtype).removeprefix("torch."),
         "compute_dtype": str(model.dtype).removeprefix("torch."),
         "device": str(device),
         "prompt": options.detect.prompt,

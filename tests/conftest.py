@@ -27,17 +27,32 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 
-from scanner.examples import convert_gguf, smollm2_gguf  # noqa: E402
+from scanner.config import SUPERWEIGHT_HOME  # noqa: E402
+from scanner.examples import EXAMPLES, example_checkpoint  # noqa: E402
+from scanner.hub import content_hash  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 
 
 @pytest.fixture(scope="session")
 def smollm2(request) -> Path:
-    """The real SmolLM2-135M checkpoint as safetensors, converted once and kept in pytest's cache."""
-    dest = Path(request.config.cache.mkdir("smollm2-safetensors")) / "SmolLM2-135M-Instruct"
-    if not (dest / "model.safetensors").is_file():
-        convert_gguf(smollm2_gguf(), dest)
+    """The real SmolLM2-135M checkpoint as safetensors, converted once and kept in pytest's cache.
+
+    It is also linked where `example:smollm2` looks in this session's SUPERWEIGHT_HOME, so scans
+    of the example do not convert it again.
+    """
+    example = EXAMPLES["smollm2"]
+    gguf = example.gguf()
+    revision = content_hash([gguf], gguf.parent)
+    dest = example_checkpoint(example, revision, home=Path(request.config.cache.mkdir("smollm2-example")))
+    linked = SUPERWEIGHT_HOME / "examples" / example.name
+    if not linked.exists():
+        linked.mkdir(parents=True)
+        for file in dest.iterdir():
+            try:
+                os.link(file, linked / file.name)
+            except OSError:  # another file system
+                shutil.copy2(file, linked / file.name)
     return dest
 
 

