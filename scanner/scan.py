@@ -122,17 +122,14 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
                 verification = verify(model, detection, tokenizer=tokenizer, config=options.verify, on_layer=progress)
             except CannotVerify as e:  # the coordinates still stand; the record says why there are no effects
                 logger.warning("%s: not verified: %s", source, e)
-                verification = {"skipped": str(e), "per_weight": []}
+                verification = {"skipped": str(e)}
         if hashing is not None:
             revision = hashing.result()
     finally:
         stop.set()  # a failed scan does not wait for the hash of the whole checkpoint
         pool.shutdown(wait=True)
     tcfg = model.config.get_text_config()
-    found = detection.to_dict()
-    if verification is not None:  # each super weight carries its own figures
-        for weight, effect in zip(found["super_weights"], verification.pop("per_weight")):
-            weight["effect"] = effect
+    found = _with_effects(detection.to_dict(), verification)
     return {
         "source": source,
         "repo_id": resolved.repo_id,
@@ -158,3 +155,21 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         "seconds": round(time.perf_counter() - start, 3),
         "download_seconds": round(resolved_at - start, 3),  # resolving: the Hub download, if any
     }
+
+
+def _with_effects(found: dict, verification: dict | None) -> dict:
+    """Detection results with each super weight's `effect` and `verdict`, and each super activation's `effect`.
+
+    Without a verification (not asked for, or the model cannot be verified) every verdict is
+    "unverified" and there are no effects.
+    """
+    weights, activations = found["super_weights"], found["super_activations"]
+    measured = verification is not None and "skipped" not in verification
+    effects = verification.pop("per_weight") if measured else [None] * len(weights)
+    verdicts = verification.pop("verdicts") if measured else ["unverified"] * len(weights)
+    for weight, effect, verdict in zip(weights, effects, verdicts, strict=True):
+        weight["effect"], weight["verdict"] = effect, verdict
+    groups = verification.pop("activations") if measured else [None] * len(activations)
+    for activation, effect in zip(activations, groups, strict=True):
+        activation["effect"] = effect
+    return found

@@ -1,19 +1,25 @@
-"""Measure what each super weight does: zero it alone, all of them together, and a control, and
-compare the model's next-token predictions with the original's.
+"""Measure what each super weight does: zero its super activation's weights together, each weight
+alone, all of them, and same-magnitude controls, and compare the model's next-token predictions
+with the original's; then give each weight a verdict.
 
-Everything runs in one streamed pass per input group, like the scan: each decoder layer is read
-just before it runs and freed after. The evaluation text (public-domain English shipped with the
-scanner) and the prompts go through the model with one copy per variant stacked along the batch:
-the original, each super weight zeroed alone, all of them zeroed, and each super weight's control
-zeroed. Zeroing W[r, c] only changes output channel r of the MLP output projection, by
--W[r, c] * X[:, c], so a variant's copy is corrected by that product in a hook on the projection;
-the loaded weights are never changed. The language-model head is read a slice of the vocabulary
-at a time, and the softmax statistics are accumulated online, so it is never whole in memory.
+Everything runs in streamed passes, like the scan: each decoder layer is read just before it runs
+and freed after. The evaluation text (public-domain English shipped with the scanner) and the
+prompts go through the model with one copy per variant stacked along the batch. Zeroing W[r, c]
+only changes output channel r of the MLP output projection, by -W[r, c] * X[:, c], so a variant's
+copy is corrected in a hook on the projection; the loaded weights are never changed. The
+language-model head is read a slice of the vocabulary at a time, and the softmax statistics are
+accumulated online, so it is never whole in memory.
+
+The cost stays bounded however many weights a scan finds. The first stage measures, besides the
+original, each super activation (all the weights writing one residual channel, zeroed together),
+all of them together, and each group's control. Only inside groups that matter and hold several
+weights does a second stage measure each weight alone, with its own control: a model with 15
+inert weights in 5 channels costs 12 copies, not 32. Variants go `max_copies` at a time.
 
 The control of a super weight is the weight of the same layer (and expert) whose magnitude is
 closest to it outside every super weight's row and column: a weight as large as the layer offers
 that is not fed by the massive input (super weights are often the layer's largest, so the control
-can be smaller; its value is reported).
+can be smaller; its value is reported). A group's control zeroes its weights' controls together.
 """
 
 import logging
@@ -68,10 +74,20 @@ class VerifyConfig:
     head_rows: int = 16384  # vocabulary rows of the LM head read at once
     prompts: tuple[tuple[str, str], ...] = PROMPTS  # (prompt, expected next word)
     stopwords: tuple[str, ...] = STOPWORDS
+    # Zeroing matters when it multiplies perplexity by at least this, and by this much more than
+    # zeroing its control does. Measured (README "Verdicts"): SmolLM2's super weight x20.8, its
+    # super activation's two weights together x51,880; its second weight alone x1.21; controls
+    # 0.9999-1.0004; the spikes of a Qwen2.5-family 0.5B model x0.999-1.017 alone, x1.05 together;
+    # published near-inert candidates on other Qwen2.5 models raise NLL by 0.6-3% (x1.006-1.03).
+    # The paper's super weights multiply it by orders of magnitude. 2 sits 10x below the smallest
+    # super weight and 1.65x above the largest weight that matters only with others.
+    matters: float = 2.0
+    max_copies: int = 12  # model copies per streamed pass (memory scales with copies x tokens x width)
 
 
-# One copy of the model in the batch: the weights it zeroes, as (layer, expert, row, col) in the HF layout.
-Variant = list[tuple[int, int | None, int, int]]
+# One copy of the model in the batch: what it zeroes, as ("weight", k) for super weight k or
+# ("control", k) for its control (chosen when k's layer is first loaded).
+Variant = tuple[tuple[str, int], ...]
 
 
 @dataclass
@@ -88,7 +104,7 @@ class Inputs:
 
 def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
            config: VerifyConfig = VerifyConfig(), on_layer=None) -> dict | None:
-    """Measure the effect of zeroing each super weight of `detection` on `model`.
+    """Measure the effect of zeroing the super weights of `detection` on `model`, and judge each.
 
     Raises CannotVerify, before any layer is read, when the model's head or texts rule it out.
 
@@ -96,13 +112,15 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
         model: the streaming model the detection ran on (its pending edits must be cleared).
         detection: the scan's result.
         tokenizer: the checkpoint's tokenizer, or None to use one hashed id per word.
-        config: evaluation text and prompts.
+        config: evaluation text and prompts, the `matters` threshold, copies per pass.
         on_layer: optional callback, called with the index of each layer as it is loaded.
 
     Returns:
         None when there is no super weight; else the model-level figures (`base_ppl`,
-        `joint_ppl_ratio`, ...) and `per_weight`, one dict per super weight in detection order
-        (`ppl_ratio`, `kl`, `expected_prob`, `stopword_share`, and its `control`).
+        `joint_ppl_ratio`, ...), `activations` (one effect per super activation, in detection
+        order, with its `control` and whether it `matters`), `per_weight` (one effect per super
+        weight, with its `control`; None where not measured alone), `verdicts` (one per super
+        weight: super, group or inert) and what it cost (`passes`, `copies`).
     """
     found = detection.super_weights
     if not found:
@@ -114,62 +132,147 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     head = _Head(model)  # refuses an unusable head before the passes
     inputs = _inputs(model, tokenizer, config)
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in found]
-    variants: list[Variant] = [[]] + [[c] for c in coords]  # the original, then each super weight alone
-    if len(coords) > 1:
-        variants.append(list(coords))  # all of them together
-    controls: list[Variant] = [[] for _ in coords]  # filled when their layer loads
-    variants += controls
-    stream = _VariantStream(model, variants, coords, controls, on_layer=on_layer)
-    remapped = model.load_static(inputs.text.flatten().tolist() + inputs.prompts.flatten().tolist())[0]
-    text_ids = remapped[: inputs.text.numel()].view_as(inputs.text)
-    prompt_ids = remapped[inputs.text.numel():].view_as(inputs.prompts)
-    text_hidden = stream.run(text_ids)[:, :, :-1]  # (V, B, T-1, H): each position predicts the next
-    prompt_hidden = stream.run(prompt_ids)  # (V, P, Tp, H)
-    last = torch.tensor(inputs.prompt_last, device=prompt_hidden.device)
-    prompt_hidden = prompt_hidden[:, torch.arange(len(last)), last]  # (V, P, H)
-    targets = inputs.text[:, 1:].reshape(-1).to(model.device)
-    V = len(variants)
-    with head:
-        text = _head_stats(model, head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets, [], config)
-        expected = torch.tensor(inputs.expected or [0] * len(last), device=model.device)
-        prompt = _head_stats(model, head, prompt_hidden, expected, inputs.stopwords or [], config)
+    groups = [a.weights for a in detection.super_activations]
+    meter = _Meter(model, head, inputs, coords, config, on_layer=on_layer)
 
-    logger.info("verified %d super weight(s) in %.1f s", len(found), time.perf_counter() - start)
+    activations, joint = _measure_groups(meter, groups, config)
+    per_weight = _measure_alone(meter, groups, activations)
+    group_of = {k: g for g, ks in enumerate(groups) for k in ks}
+    verdicts = [verdict(per_weight[k], activations[group_of[k]], config) for k in range(len(found))]
+
+    logger.info("verified %d super weight(s) in %.1f s, %d passes", len(found), time.perf_counter() - start,
+                meter.passes)
+    base = meter.base
     return {"texts": [t.name for t in config.texts], "tokens": int(inputs.text.numel()),
             "context": int(inputs.text.shape[1]), "tokenizer": inputs.tokenizer,
             "prompts": [p for p, _ in config.prompts],
             "expected": [tokenizer.decode([i]) for i in inputs.expected] if inputs.expected else None,
-            **_summary(text, prompt, inputs, stream.chosen), "seconds": round(time.perf_counter() - start, 3)}
+            "base_ppl": base["ppl"], "base_expected_prob": base["expected_prob"],
+            "base_stopword_share": base["stopword_share"],
+            "joint_ppl_ratio": joint["ppl_ratio"], "joint_kl": joint["kl"],
+            "matters": config.matters, "activations": activations, "per_weight": per_weight, "verdicts": verdicts,
+            "passes": meter.passes, "copies": meter.copies, "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _summary(text: dict, prompt: dict, inputs: Inputs, controls: list[dict]) -> dict:
-    """The figures of each variant, relative to the original's (variant 0).
+def _measure_groups(meter: "_Meter", groups: list[list[int]], config: VerifyConfig) -> tuple[list[dict], dict]:
+    """Stage 1: each super activation's weights zeroed together, all of them, and each group's controls.
 
-    Variants are, in order: the original, each super weight alone, all of them together (when
-    there are several), and each super weight's control.
+    Returns:
+        Per group its figures, with its `control` (and the controls' coordinates, `weights`) and
+        whether it `matters`; and the figures of all the weights zeroed together.
     """
-    ppl = torch.exp(text["nll"].mean(dim=1))  # (V,)
-    kl = text["kl"].mean(dim=1)  # (V,)
-    V, n = len(ppl), len(controls)
-    figures = [_prompt_figures(prompt, v, inputs) for v in range(V)]
-    joint = 1 + n if n > 1 else 1
-    per_weight = []
-    for i in range(n):
-        alone, control = 1 + i, V - n + i
-        per_weight.append({
-            "ppl_ratio": float(ppl[alone] / ppl[0]),
-            "kl": float(kl[alone]),
-            "prompt_kl": float(prompt["kl"][alone].mean()),
-            **figures[alone],
-            "control": {**controls[i], "ppl_ratio": float(ppl[control] / ppl[0]), "kl": float(kl[control]),
-                        **figures[control]},
-        })
-    return {"base_ppl": float(ppl[0]), "base_expected_prob": figures[0]["expected_prob"],
-            "base_stopword_share": figures[0]["stopword_share"], "joint_ppl_ratio": float(ppl[joint] / ppl[0]),
-            "joint_kl": float(kl[joint]), "per_weight": per_weight}
+    together = [tuple(("weight", k) for k in ks) for ks in groups]
+    controls = [tuple(("control", k) for k in ks) for ks in groups]
+    everything = [tuple(("weight", k) for ks in groups for k in ks)] if len(groups) > 1 else []
+    figures = meter.measure(together + everything + controls)
+    activations = []
+    for g, ks in enumerate(groups):
+        control = {**figures[controls[g]], "weights": [meter.chosen[k] for k in ks]}
+        activation = {**figures[together[g]], "control": control}
+        activations.append({**activation, "matters": matters(activation, config)})
+    return activations, figures[everything[0]] if everything else activations[0]
 
 
-def _prompt_figures(stats: dict, v: int, inputs: Inputs) -> dict:
+def _measure_alone(meter: "_Meter", groups: list[list[int]], activations: list[dict]) -> list[dict | None]:
+    """Stage 2: each weight alone, with its own control, inside groups that matter and hold several.
+
+    Returns:
+        Per super weight its figures with its `control` (its coordinates and figures); a group of
+        one weight is that weight; None for the weights of inert groups, not measured alone.
+    """
+    alone = [k for g, ks in enumerate(groups) if activations[g]["matters"] and len(ks) > 1 for k in ks]
+    figures = meter.measure([(("weight", k),) for k in alone] + [(("control", k),) for k in alone])
+    per_weight: list[dict | None] = [None] * sum(len(ks) for ks in groups)
+    for g, ks in enumerate(groups):
+        for k in ks:
+            if len(ks) == 1:
+                group = {key: value for key, value in activations[g].items() if key != "matters"}
+                control = {key: value for key, value in group["control"].items() if key != "weights"}
+                per_weight[k] = {**group, "control": {**meter.chosen[k], **control}}
+            elif k in alone:
+                per_weight[k] = {**figures[(("weight", k),)],
+                                 "control": {**meter.chosen[k], **figures[(("control", k),)]}}
+    return per_weight
+
+
+def matters(effect: dict, config: VerifyConfig) -> bool:
+    """Whether a measured zeroing matters: perplexity x`config.matters` or more, and that much over its control's."""
+    ratio, control = effect["ppl_ratio"], effect["control"]["ppl_ratio"]
+    return ratio >= config.matters and ratio >= config.matters * control
+
+
+def verdict(alone: dict | None, group: dict | None, config: VerifyConfig) -> str:
+    """A super weight's verdict from its measured effects (None: not measured).
+
+    super: zeroing it alone matters. group: not alone, but zeroing its super activation's weights
+    together does. inert: neither. unverified: nothing was measured.
+    """
+    if group is None:
+        return "unverified"
+    if alone is not None and matters(alone, config):
+        return "super"
+    return "group" if matters(group, config) else "inert"
+
+
+class _Meter:
+    """Runs variants through the streamed model, `max_copies` copies per pass, and keeps their figures."""
+
+    def __init__(self, model: StreamingModel, head: "_Head", inputs: "Inputs", coords: list[tuple],
+                 config: VerifyConfig, *, on_layer=None):
+        self.sm, self.head, self.inputs, self.coords, self.config = model, head, inputs, coords, config
+        self.on_layer = on_layer
+        self.chosen: list[dict | None] = [None] * len(coords)  # each super weight's control, once picked
+        remapped = model.load_static(inputs.text.flatten().tolist() + inputs.prompts.flatten().tolist())[0]
+        self.text_ids = remapped[: inputs.text.numel()].view_as(inputs.text)
+        self.prompt_ids = remapped[inputs.text.numel():].view_as(inputs.prompts)
+        self.base: dict | None = None  # the original model's perplexity and prompt figures
+        self.base_hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # its final hidden states (text, prompts)
+        self.passes = self.copies = 0  # streamed passes over the layers, model copies in them
+
+    def measure(self, variants: list[Variant]) -> dict[Variant, dict]:
+        """Each variant's figures relative to the original: ppl_ratio, kl, prompt_kl, expected_prob, stopword_share.
+
+        The first pass also runs the original, the reference of every figure; its final hidden
+        states are kept, so later passes need not run it again.
+        """
+        figures = {}
+        while variants:
+            take = self.config.max_copies - (self.base_hidden is None)
+            chunk, variants = variants[:max(1, take)], variants[max(1, take):]
+            figures.update(zip(chunk, self._run(chunk)))
+        return figures
+
+    def _run(self, variants: list[Variant]) -> list[dict]:
+        """Stream the text and the prompts through one copy per variant (and the original, the first time)."""
+        first = self.base_hidden is None
+        stream = _VariantStream(self.sm, [()] * first + variants, self.coords, self.chosen, on_layer=self.on_layer)
+        text_hidden = stream.run(self.text_ids)[:, :, :-1]  # (V, B, T-1, H): each position predicts the next
+        prompt_hidden = stream.run(self.prompt_ids)  # (V, P, Tp, H)
+        self.passes += 2
+        self.copies += len(variants) + first
+        last = torch.tensor(self.inputs.prompt_last, device=prompt_hidden.device)
+        prompt_hidden = prompt_hidden[:, torch.arange(len(last)), last]  # (V, P, H)
+        if first:
+            self.base_hidden = (text_hidden[:1].clone(), prompt_hidden[:1].clone())
+        else:  # the original goes first: every figure is relative to it
+            text_hidden = torch.cat([self.base_hidden[0], text_hidden])
+            prompt_hidden = torch.cat([self.base_hidden[1], prompt_hidden])
+        targets = self.inputs.text[:, 1:].reshape(-1).to(self.sm.device)
+        V = len(variants) + 1
+        with self.head:
+            text = _head_stats(self.sm, self.head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets,
+                               [], self.config)
+            expected = torch.tensor(self.inputs.expected or [0] * len(last), device=self.sm.device)
+            prompt = _head_stats(self.sm, self.head, prompt_hidden, expected, self.inputs.stopwords or [], self.config)
+        ppl = torch.exp(text["nll"].mean(dim=1))  # (V,)
+        if first:
+            self.base = {"ppl": float(ppl[0]), **_prompt_figures(prompt, 0, self.inputs)}
+        return [{"ppl_ratio": float(ppl[v] / ppl[0]), "kl": float(text["kl"][v].mean()),
+                 "prompt_kl": float(prompt["kl"][v].mean()), **_prompt_figures(prompt, v, self.inputs)}
+                for v in range(1, V)]
+
+
+def _prompt_figures(stats: dict, v: int, inputs: "Inputs") -> dict:
     """Mean expected-word probability and stopword share of variant `v` over the prompts (None: unknown)."""
     return {"expected_prob": float(torch.exp(-stats["nll"][v]).mean()) if inputs.expected else None,
             "stopword_share": float(stats["stop_share"][v].mean()) if inputs.stopwords else None}
@@ -216,14 +319,16 @@ def _inputs(model: StreamingModel, tokenizer, config: VerifyConfig) -> Inputs:
 # -- the streamed variants --------------------------------------------------------------------------
 
 class _VariantStream:
-    """Runs inputs through the streamed model once, with one batch copy per variant."""
+    """Runs inputs through the streamed model once, with one batch copy per variant.
+
+    `chosen` holds each super weight's control, shared between streams: a control is picked when
+    its super weight's layer is first loaded, and the same one serves every later stream.
+    """
 
     def __init__(self, model: StreamingModel, variants: list[Variant], coords: list[tuple],
-                 controls: list[Variant], *, on_layer=None):
-        self.sm, self.variants, self.coords, self.controls = model, variants, coords, controls
+                 chosen: list[dict | None], *, on_layer=None):
+        self.sm, self.variants, self.coords, self.chosen = model, variants, coords, chosen
         self.on_layer = on_layer
-        self.chosen: list[dict | None] = [None] * len(coords)  # each super weight's control
-        self.unchosen = {c[0] for c in coords}  # layers whose controls are picked when first loaded
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor) -> torch.Tensor:
@@ -248,9 +353,8 @@ class _VariantStream:
     def _enter(self, i):
         def hook(module, args):
             self.sm.load_layer(i)
-            if i in self.unchosen:
+            if any(c[0] == i and self.chosen[k] is None for k, c in enumerate(self.coords)):
                 self._choose_controls(i)
-                self.unchosen.discard(i)
             if self.on_layer is not None:
                 self.on_layer(i)
         return hook
@@ -272,7 +376,6 @@ class _VariantStream:
             r, c = divmod(int(gap.argmin()), w.shape[1])
             self.chosen[k] = {"layer": layer, "expert": expert, "out_channel": r, "in_channel": c,
                               "weight": float(w[r, c])}
-            self.controls[k].append((layer, expert, r, c))
 
     def _matrix(self, layer: int, expert: int | None) -> torch.Tensor:
         """The layer's MLP output projection as (out, in), of `expert` for MoE."""
@@ -284,9 +387,15 @@ class _VariantStream:
         """(variant, expert, row) -> the columns zeroed there, for every weight zeroed in `layer`."""
         edits = {}
         for v, variant in enumerate(self.variants):
-            for lay, expert, row, col in variant:
-                if lay == layer:
-                    edits.setdefault((v, expert, row), []).append(col)
+            for kind, k in variant:
+                if self.coords[k][0] != layer:
+                    continue
+                if kind == "weight":
+                    _, expert, row, col = self.coords[k]
+                else:  # chosen when this layer was loaded, before its projection ran
+                    control = self.chosen[k]
+                    expert, row, col = control["expert"], control["out_channel"], control["in_channel"]
+                edits.setdefault((v, expert, row), []).append(col)
         return edits
 
     def _correct_dense(self, i):

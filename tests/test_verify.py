@@ -19,7 +19,7 @@ from scanner.config import DetectConfig
 from scanner.loader import StreamingModel
 from scanner.scan import ScanOptions, prompt_ids, scan_source
 from scanner.tokens import load_tokenizer
-from scanner.verify import PROMPTS, STOPWORDS, VerifyConfig, _inputs, verify
+from scanner.verify import PROMPTS, STOPWORDS, VerifyConfig, _inputs, verdict, verify
 from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, make_checkpoint
 
 CLI = str(Path(sys.executable).with_name("superweight"))
@@ -59,38 +59,118 @@ WHOLE_MODEL_CASES = {
 
 @pytest.mark.parametrize("case", WHOLE_MODEL_CASES)
 def test_the_figures_equal_zeroing_the_weight_in_a_whole_model(tmp_path, case):
+    """Three super weights in two super activations: a layer-5 weight that amplifies the layer-2
+    one's channel, and one of its own. Every figure (each weight alone, each super activation's
+    weights together, all together, each control and each group's controls) equals zeroing the
+    same weights in a whole in-memory model."""
     arch, overrides = WHOLE_MODEL_CASES[case]
-    plants = [Plant(2, 10, 20, expert=1 if arch in MOE_ARCHS else None), Plant(5, 7, 99)]
-    if arch in MOE_ARCHS:
-        plants[1] = Plant(5, 7, 99, expert=0)
+    expert = 1 if arch in MOE_ARCHS else None
+    plants = [Plant(2, 10, 20, expert=expert), Plant(5, 10, 99, reads=10, expert=expert),
+              Plant(3, 7, 50, expert=0 if arch in MOE_ARCHS else None)]
     ckpt = make_checkpoint(tmp_path / arch, arch, plants, **overrides)
     dtype = overrides.get("dtype", torch.float32)
     rel = 1e-4 if dtype == torch.float32 else 2e-2
     sm = StreamingModel(ckpt)
     ids, _ = prompt_ids(ckpt, DetectConfig().prompt, sm.config)
     detection = Detector(sm, DetectConfig()).run(sm.load_static(ids))
-    assert len(detection.super_weights) == 2
-    figures = verify(sm, detection, config=QUICK)
+    coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in detection.super_weights]
+    assert sorted(coords) == sorted((p.layer, p.expert, p.row, p.col) for p in plants)
+    everything = VerifyConfig(tokens=256, context=64, head_rows=100, matters=0.0)  # every group "matters"
+    figures = verify(sm, detection, config=everything)
 
     text = _inputs(sm, None, QUICK).text  # (B, T): the same sequences the streamed pass read
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
     base = _log_probs(model, text)
-    zeroed = []
-    for w in detection.super_weights:
-        with _zeroed(model, [(w.layer, w.expert, w.out_channel, w.in_channel)]):
-            zeroed.append(_log_probs(model, text))
-    with _zeroed(model, [(w.layer, w.expert, w.out_channel, w.in_channel) for w in detection.super_weights]):
-        joint = _log_probs(model, text)
 
-    for w, logp, effect in zip(detection.super_weights, zeroed, figures["per_weight"]):
+    def expect(effect: dict, zero: list[tuple]) -> None:
+        with _zeroed(model, zero):
+            logp = _log_probs(model, text)
         assert effect["ppl_ratio"] == pytest.approx(_ppl(logp, text) / _ppl(base, text), rel=rel)
         assert effect["kl"] == pytest.approx(_kl(base, logp), rel=10 * rel, abs=1e-5)
-        control = effect["control"]
-        with _zeroed(model, [(w.layer, w.expert, control["out_channel"], control["in_channel"])]):
-            assert control["ppl_ratio"] == pytest.approx(_ppl(_log_probs(model, text), text) / _ppl(base, text),
-                                                         rel=rel)
-    assert figures["joint_ppl_ratio"] == pytest.approx(_ppl(joint, text) / _ppl(base, text), rel=rel)
+
+    def control_of(k: int) -> tuple:
+        control = figures["per_weight"][k]["control"]
+        return control["layer"], control["expert"], control["out_channel"], control["in_channel"]
+
+    for k, effect in enumerate(figures["per_weight"]):
+        expect(effect, [coords[k]])
+        expect(effect["control"], [control_of(k)])
+    for activation, effect in zip(detection.super_activations, figures["activations"]):
+        expect(effect, [coords[k] for k in activation.weights])
+        expect(effect["control"], [control_of(k) for k in activation.weights])
+    assert [len(a.weights) for a in detection.super_activations] == [2, 1]  # channel 10 twice, channel 7
+    with _zeroed(model, coords):
+        assert figures["joint_ppl_ratio"] == pytest.approx(_ppl(_log_probs(model, text), text) / _ppl(base, text),
+                                                           rel=rel)
     assert figures["base_ppl"] == pytest.approx(_ppl(base, text), rel=rel)
+    assert figures["passes"] == 4  # the groups, then the weights of the two-weight group alone
+
+
+def test_weights_alone_are_measured_only_inside_super_activations_that_matter(tmp_path):
+    """Five weights in two super activations: with the default threshold a random model's groups are
+    inert, so only the groups are measured (one stage); with every group mattering, the weights
+    of multi-weight groups are measured alone too (a second stage)."""
+    plants = [Plant(2, 10, 20), Plant(2, 10, 21), Plant(4, 10, 30, reads=10), Plant(3, 40, 50), Plant(3, 41, 50)]
+    ckpt = make_checkpoint(tmp_path / "m", "llama", plants)
+
+    inert = scan_source(str(ckpt), ScanOptions(verify=QUICK))
+    assert [len(a["weights"]) for a in inert["super_activations"]] == [3, 1, 1]
+    assert (inert["verification"]["passes"], inert["verification"]["copies"]) == (2, 8)  # 1 + 3 + joint + 3
+    assert [a["effect"]["matters"] for a in inert["super_activations"]] == [False] * 3
+    assert [w["verdict"] for w in inert["super_weights"]] == ["inert"] * 5
+    alone = {(w["layer"], w["out_channel"]): w["effect"] for w in inert["super_weights"]}
+    assert alone[(2, 10)] is None and alone[(3, 40)] is not None  # a one-weight group is its weight
+
+    matters = scan_source(str(ckpt), ScanOptions(verify=VerifyConfig(tokens=256, context=64, head_rows=100,
+                                                                      matters=0.0)))
+    # The second stage reuses the original's hidden states: 3 weights alone and their 3 controls.
+    assert (matters["verification"]["passes"], matters["verification"]["copies"]) == (4, 8 + 6)
+    assert all(w["effect"] is not None for w in matters["super_weights"])
+    assert [w["verdict"] for w in matters["super_weights"]] == ["super"] * 5
+
+    # Two copies per pass: the same figures, in more passes.
+    small = scan_source(str(ckpt), ScanOptions(verify=VerifyConfig(tokens=256, context=64, head_rows=100,
+                                                                   matters=0.0, max_copies=2)))
+    # Stage 1: the original and 1 variant, then 2, 2, 2; stage 2: 2, 2, 2. Two passes (text, prompts) each.
+    assert small["verification"]["passes"] == 2 * (4 + 3)
+    for a, b in zip(small["super_weights"], matters["super_weights"], strict=True):
+        assert a["effect"]["ppl_ratio"] == pytest.approx(b["effect"]["ppl_ratio"], rel=1e-5)
+        assert a["effect"]["control"]["kl"] == pytest.approx(b["effect"]["control"]["kl"], rel=1e-4, abs=1e-9)
+
+
+def test_what_verifying_fifteen_weights_costs(tmp_path):
+    """The 1.5B Qwen2-family pattern (bench/rounds.py), tiny: one channel writes five rows in layer 1,
+    three channels write the same rows in layer 2. 15 weights in 5 super activations: 12 copies in
+    one pass when the groups are inert (weight by weight it was 32); 42 in 8 when all of them matter."""
+    rows = (10, 11, 12, 13, 14)
+    plants = [Plant(1, r, 20) for r in rows] + [Plant(2, r, 21, token=1) for r in rows]
+    plants += [Plant(2, r, 22, token=1) for r in rows[:3]] + [Plant(2, r, 23, token=1) for r in rows[3:]]
+    ckpt = make_checkpoint(tmp_path / "m", "qwen2", plants)
+
+    inert = scan_source(str(ckpt), ScanOptions(verify=QUICK))
+    assert len(inert["super_weights"]) == 15 and len(inert["super_activations"]) == 5
+    assert (inert["verification"]["copies"], inert["verification"]["passes"]) == (1 + 5 + 1 + 5, 2)
+
+    matters = scan_source(str(ckpt), ScanOptions(verify=VerifyConfig(tokens=256, context=64, head_rows=100,
+                                                                     matters=0.0)))
+    assert (matters["verification"]["copies"], matters["verification"]["passes"]) == (12 + 30, 2 + 2 * 3)
+
+
+def _effect(ratio: float, control: float = 1.0) -> dict:
+    return {"ppl_ratio": ratio, "control": {"ppl_ratio": control}}
+
+
+@pytest.mark.parametrize("alone,group,expected", [
+    (_effect(20.8), _effect(51880.0), "super"),  # SmolLM2's W[507, 1229]
+    (_effect(1.21), _effect(51880.0), "group"),  # SmolLM2's W[507, 1487]: matters only with the other
+    (None, _effect(51880.0), "group"),  # not measured alone, in a group that matters
+    (_effect(1.017), _effect(1.05), "inert"),  # the Qwen2.5-0.5B-family spikes
+    (None, _effect(1.05), "inert"),
+    (_effect(3.0, control=2.0), _effect(3.0, control=2.0), "inert"),  # no more than zeroing its control does
+    (None, None, "unverified"),
+])
+def test_verdicts(alone, group, expected):
+    assert verdict(alone, group, VerifyConfig()) == expected
 
 
 def test_each_super_weight_gets_its_own_control_outside_their_rows_and_columns(tmp_path):
@@ -129,10 +209,12 @@ def test_scan_verify_records_the_effects_in_the_catalog_and_its_export(tmp_path)
 
 def test_an_unverified_scan_has_null_effects(tmp_path):
     result = scan_source(str(make_checkpoint(tmp_path / "m", "llama", planted("llama"))))
-    assert result["verification"] is None and "effect" not in result["super_weights"][0]
+    (weight,) = result["super_weights"]
+    assert result["verification"] is None and (weight["effect"], weight["verdict"]) == (None, "unverified")
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_scan(result)
-        assert catalog.con.execute("SELECT ppl_ratio, kl, eval_tokens FROM catalog").fetchall() == [(None, None, None)]
+        assert catalog.con.execute("SELECT ppl_ratio, group_ppl_ratio, kl, eval_tokens, verdict FROM catalog").fetchall() == [
+            (None, None, None, None, "unverified")]
         assert catalog.has_scan(result["source"], result["revision"], result["scanner_version"])
         assert not catalog.has_scan(result["source"], result["revision"], result["scanner_version"], verified=True)
 
