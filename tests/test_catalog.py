@@ -10,6 +10,7 @@ import pytest
 
 from index.catalog import SCHEMA_VERSION, Catalog
 from index.errors import CatalogLocked, CatalogTooNew
+from index.literature import read_literature
 from scanner.scan import scan_source
 from tests.checkpoints import Plant, make_checkpoint
 
@@ -113,8 +114,8 @@ def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_rows(tmp_path, res
     con.close()
     with Catalog(tmp_path / "c.duckdb") as catalog:
         assert catalog.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
-        assert rows(catalog, "SELECT repo_id, layer, out_channel, in_channel, ppl_ratio, hf_tensor FROM catalog") == [
-            ("old/model", 2, 10, 20, None, None)]
+        assert rows(catalog, "SELECT repo_id, layer, out_channel, in_channel, ppl_ratio, hf_tensor, verdict "
+                             "FROM catalog") == [("old/model", 2, 10, 20, None, None, "unverified")]
         catalog.record_scan(results[0], scanned_at=WHEN)  # a new scan goes in beside it
         assert len(rows(catalog)) == 3
         catalog.export(tmp_path / "c.parquet")
@@ -130,3 +131,30 @@ def test_a_catalog_from_a_newer_superweight_is_refused_untouched(tmp_path):
     con = duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True)
     assert con.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION + 1),)
     con.close()
+
+
+def test_super_activations_and_neurons_are_one_query_away(tmp_path, results):
+    """How many distinct super activations a model has, and how large: one SQL query over the catalog."""
+    from index.query import open_session, run_query
+
+    with Catalog(tmp_path / "c.duckdb") as catalog:
+        catalog.record_scan(results[0], scanned_at=WHEN)
+        catalog.record_literature(read_literature())
+    con = open_session(catalog=tmp_path / "c.duckdb")
+    _, rows = run_query(con, "SELECT repo_id, count(DISTINCT super_activation), count(DISTINCT super_neuron), "
+                             "max(abs(super_activation_value)) FROM catalog GROUP BY repo_id ORDER BY repo_id")
+    counts = {repo: (activations, neurons, largest) for repo, activations, neurons, largest in rows}
+    two = results[0]
+    assert counts[two["source"]][:2] == (2, 2)  # rows 10 and 7, columns 20 and 99
+    assert counts[two["source"]][2] == max(abs(a["value"]) for a in two["super_activations"]) > 1000
+    assert counts["allenai/OLMo-7B-0724-hf"][:2] == (1, 4)  # row 269 in four layers
+    assert counts["microsoft/Phi-3-mini-4k-instruct"][:2] == (4, 2)  # rows 525, 1113, 1693, 2046; columns 808, 2723
+    assert counts["allenai/OLMo-7B-0724-hf"][2] is None  # published coordinates carry no measured value
+
+
+def test_the_catalog_view_has_the_documented_columns_in_order(tmp_path):
+    from index.catalog import COLUMNS
+
+    with Catalog(tmp_path / "c.duckdb") as catalog:
+        names = [d[0] for d in catalog.con.execute("SELECT * FROM catalog LIMIT 0").description]
+    assert names == list(COLUMNS)
