@@ -305,7 +305,7 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
                       owner=owner)
         report.download_seconds += result.get("download_seconds", 0.0)
         report.scan_seconds += result["seconds"] - result.get("download_seconds", 0.0)
-        weights = [{**{k: w[k] for k in ("layer", "expert", "out_channel", "in_channel", "weight")},
+        weights = [{**{k: w[k] for k in ("layer", "expert", "out_channel", "in_channel", "weight", "verdict")},
                     "ppl_ratio": (w.get("effect") or {}).get("ppl_ratio")} for w in result["super_weights"]]
         report.add({**name, "revision": result["revision"], "state": "succeeded", "super_weights": weights,
                     "seconds": outcome["seconds"], "worker": outcome["worker"], "gpus": outcome["gpus"]})

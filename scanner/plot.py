@@ -22,7 +22,10 @@ class Figure:
     super_weights: list[tuple[int, int, int, float]]  # (layer, out_channel, in_channel, |output activation|)
     rejected: list[tuple[int, float, str]]  # (layer, |output activation|, reason)
     effects: tuple[tuple[str, float, float, float | None], ...] = ()  # (label, ppl ratio, control's, expected prob)
-    joint_ppl_ratio: float | None = None
+    groups: tuple[tuple[str, float, float], ...] = ()  # per super activation: (label, ppl ratio, its controls')
+    joint_ppl_ratio: float | None = None  # all super weights zeroed together
+    activations: int = 0  # super activations
+    matters: float | None = None  # the verdicts' threshold on the perplexity ratio
     base_expected_prob: float | None = None
 
 
@@ -39,10 +42,15 @@ def figure_data(result: dict) -> Figure:
                        for w in result["super_weights"]],
         rejected=[(r["layer"], abs(r["output_activation"]), r["reason"]) for r in result.get("rejected", [])],
         effects=tuple((f"L{w['layer']}" + (f" E{w['expert']}" if w["expert"] is not None else "")
-                  + f" [{w['out_channel']}, {w['in_channel']}]", w["effect"]["ppl_ratio"],
+                  + f" [{w['out_channel']}, {w['in_channel']}]\n{w['verdict']}", w["effect"]["ppl_ratio"],
                   w["effect"]["control"]["ppl_ratio"], w["effect"]["expected_prob"])
                  for w in result["super_weights"] if w.get("effect")),
+        groups=tuple((f"channel {a['channel']}\n{len(a['weights'])} together", a["effect"]["ppl_ratio"],
+                      a["effect"]["control"]["ppl_ratio"])
+                     for a in result.get("super_activations", []) if a.get("effect") and len(a["weights"]) > 1),
         joint_ppl_ratio=(result.get("verification") or {}).get("joint_ppl_ratio"),
+        activations=len(result.get("super_activations", [])),
+        matters=(result.get("verification") or {}).get("matters"),
         base_expected_prob=(result.get("verification") or {}).get("base_expected_prob"),
     )
 
@@ -71,11 +79,14 @@ def plot(result: dict, out: Path) -> Figure:
 def _draw_detection(ax, data: Figure) -> None:
     ax.semilogy(data.layers, data.max_input, marker="o", ms=3, label="peak |input| (down_proj)")
     ax.semilogy(data.layers, data.max_output, marker="s", ms=3, label="peak |output| (down_proj)")
-    for i, (layer, row, col, value) in enumerate(data.super_weights):
+    marks: dict[tuple[int, float], list[str]] = {}  # weights of one pass writing one row share a point
+    for layer, row, col, value in data.super_weights:
+        marks.setdefault((layer, value), []).append(f"[{row}, {col}]")
+    for i, ((layer, value), cells) in enumerate(marks.items()):
         ax.scatter([layer], [value], s=120, facecolors="none", edgecolors="red", zorder=3,
                    label="super weight" if i == 0 else None)
-        ax.annotate(f"L{layer} [{row}, {col}]", (layer, value), textcoords="offset points", xytext=(6, 6 + 10 * i),
-                    color="red", fontsize=8)
+        ax.annotate(f"L{layer} " + ", ".join(cells), (layer, value), textcoords="offset points",
+                    xytext=(6, 6 + 10 * i), color="red", fontsize=8)
     for i, (layer, value, _reason) in enumerate(data.rejected):
         ax.scatter([layer], [value], marker="x", color="gray", zorder=3,
                    label="rejected spike (see the scan's reasons)" if i == 0 else None)
@@ -87,21 +98,26 @@ def _draw_detection(ax, data: Figure) -> None:
 
 
 def _draw_effects(ax, data: Figure) -> None:
-    """Bars: perplexity ratio with each super weight zeroed, and with its control zeroed (log scale)."""
-    x = range(len(data.effects))
-    zeroed = [ppl for _, ppl, _, _ in data.effects]
-    control = [ppl for _, _, ppl, _ in data.effects]
-    ax.bar([i - 0.2 for i in x], zeroed, width=0.4, color="tab:red", label="super weight zeroed")
+    """Bars: perplexity ratio with each super weight zeroed, each super activation's weights zeroed
+    together (where it has several), and with their controls zeroed (log scale)."""
+    x = range(len(data.effects) + len(data.groups))
+    zeroed = [ppl for _, ppl, _, _ in data.effects] + [ppl for _, ppl, _ in data.groups]
+    control = [ppl for _, _, ppl, _ in data.effects] + [ppl for _, _, ppl in data.groups]
+    colors = ["tab:red"] * len(data.effects) + ["darkred"] * len(data.groups)
+    ax.bar([i - 0.2 for i in x], zeroed, width=0.4, color=colors, label="zeroed")
     ax.bar([i + 0.2 for i in x], control, width=0.4, color="tab:gray", label="control zeroed")
-    for i, (_, ppl, _, prob) in enumerate(data.effects):
+    notes = [(ppl, prob) for _, ppl, _, prob in data.effects] + [(ppl, None) for _, ppl, _ in data.groups]
+    for i, (ppl, prob) in enumerate(notes):
         note = f"x{ppl:.3g}" + (f"\np(expected) {100 * prob:.1f}%" if prob is not None else "")
         ax.annotate(note, (i - 0.2, ppl), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
-    if data.joint_ppl_ratio is not None and len(data.effects) > 1:
+    if data.joint_ppl_ratio is not None and data.activations > 1:  # with one, it is that group's bar
         ax.axhline(data.joint_ppl_ratio, color="tab:red", ls="--", lw=1,
                    label=f"all zeroed: x{data.joint_ppl_ratio:.3g}")
     ax.axhline(1.0, color="black", lw=0.8)
+    if data.matters is not None:
+        ax.axhline(data.matters, color="black", ls=":", lw=1, label=f"matters from x{data.matters:g}")
     ax.set_yscale("log")
-    ax.set_xticks(list(x), [label for label, *_ in data.effects], fontsize=8)
+    ax.set_xticks(list(x), [label for label, *_ in data.effects] + [label for label, *_ in data.groups], fontsize=8)
     ax.set_ylabel("perplexity / original perplexity")
     base = "" if data.base_expected_prob is None else f"; p(expected) intact: {100 * data.base_expected_prob:.1f}%"
     ax.set_title(f"effect of zeroing{base}", fontsize=9)

@@ -53,10 +53,12 @@ def cli(verbose: int) -> None:
     _setup_logging(verbose)
 
 
-_verify_option = click.option(
-    "--verify", is_flag=True,
-    help="Also measure each super weight's effect: zero it (alone, all together, a control) and "
-         "compare perplexity and next-word predictions (two more passes over the layers).")
+def _verify_option(*, default: bool):
+    return click.option(
+        "--verify/--no-verify", default=default, show_default=True,
+        help="Measure what zeroing the super weights does (each super activation's weights together, "
+             "each weight alone inside those that matter, controls) and give each a verdict: super, "
+             "group or inert (two to four more passes over the layers).")
 
 
 @cli.command()
@@ -76,7 +78,7 @@ _verify_option = click.option(
               help="Write each attempt to the ledger and each finished scan to the catalog.")
 @click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
               help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
-@_verify_option
+@_verify_option(default=False)
 def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio, progress, record,
          catalog_path, verify) -> None:
     """Scan checkpoints for super weights.
@@ -261,7 +263,7 @@ def _parse_count(ctx, param, value: str | None) -> int | None:
 @click.option("--publish", "publish_target", metavar="TARGET", help="Afterwards, publish the catalog here (as `superweight publish`).")
 @click.option("--progress/--no-progress", default=None, help="A progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per model, then a summary line.")
-@_verify_option
+@_verify_option(default=True)
 def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus_per_worker, timeout, retries,
           max_cache_gb, lease_seconds, device, catalog_path, publish_target, progress, as_json, verify) -> None:
     """Scan new Hub models, or the given ones, on a Ray cluster.
@@ -333,6 +335,7 @@ def _crawl_line(outcome: dict) -> str:
     if outcome["state"] == "succeeded":
         detail = "; ".join(f"layer {w['layer']}" + (f" expert {w['expert']}" if w["expert"] is not None else "")
                            + f" [{w['out_channel']}, {w['in_channel']}] = {w['weight']:.4g}"
+                           + (f" {w['verdict']}" if w.get("verdict", "unverified") != "unverified" else "")
                            + (f" (ppl x{w['ppl_ratio']:.3g} zeroed)" if w.get("ppl_ratio") is not None else "")
                            for w in outcome["super_weights"]) or "no super weight"
     else:
@@ -450,22 +453,29 @@ def _explain(source: str, error: Exception) -> str:
 def format_table(result: dict) -> str:
     """A readable report of one scan."""
     rev = (result["revision"] or "")[:12]
-    lines = [f"{result['source']}  {result['model_type']}, {result['num_layers']} layers, "
+    named = f" ({result['repo_id']})" if result.get("repo_id") not in (None, result["source"]) else ""
+    lines = [f"{result['source']}{named}  {result['model_type']}, {result['num_layers']} layers, "
              f"{result['dtype']}, revision {rev}, {result['seconds']:.1f} s"]
+    if result.get("artifact"):
+        lines.append(f"  scanned: {result['artifact']}")
     weights = result["super_weights"]
     if not weights:
         top = max(result["layers"], key=lambda p: p["max_output"])
         lines.append(f"  no super weight (loudest layer: {top['layer']}, |down_proj output| {top['max_output']:.4g})")
     else:
         lines.append(f"  {'layer':>5} {'expert':>6} {'row':>6} {'col':>6} {'weight':>10} {'input':>10} "
-                     f"{'output':>11} {'token':>5} {'spike':>7}  tensor[index]")
+                     f"{'output':>11} {'token':>5} {'spike':>7} {'pass':>4}  {'verdict':<10} tensor[index]")
         for w in weights:
             expert = "-" if w["expert"] is None else w["expert"]
             lines.append(
                 f"  {w['layer']:>5} {expert:>6} {w['out_channel']:>6} {w['in_channel']:>6} {w['weight']:>10.4g} "
                 f"{w['input_activation']:>10.4g} {w['output_activation']:>11.5g} {w['token']:>5} "
-                f"{'x%.0f' % w['spike_ratio']:>7}  {w['tensor']}{w['index']}"
+                f"{'x%.0f' % w['spike_ratio']:>7} {w['round']:>4}  {w['verdict']:<10} {w['tensor']}{w['index']}"
             )
+        for i, a in enumerate(result["super_activations"]):
+            where = ", ".join(str(layer) for layer in a["layers"])
+            lines.append(f"  super activation {i}: channel {a['channel']} reaches {a['value']:.5g} (token {a['token']}, "
+                         f"after layer {a['layer']}); {len(a['weights'])} weight(s) write it, in layer(s) {where}")
     if result.get("verification"):
         lines += format_effects(result)
     if result["rejected"]:
@@ -474,23 +484,34 @@ def format_table(result: dict) -> str:
 
 
 def format_effects(result: dict) -> list[str]:
-    """The effect of zeroing each super weight, as lines of a report."""
+    """The effect of zeroing each super activation and each super weight, as lines of a report."""
     v = result["verification"]
     if "skipped" in v:
         return [f"  not verified: {v['skipped']}"]
     pct = lambda p: "-" if p is None else f"{100 * p:.1f}%"  # noqa: E731
     lines = [f"  zeroed, on {v['tokens']} tokens of {' + '.join(v['texts'])} (perplexity {v['base_ppl']:.4g}) and "
              f"{len(v['prompts'])} prompts (expected word {pct(v['base_expected_prob'])}, "
-             f"stopwords {pct(v['base_stopword_share'])}):",
-             f"  {'layer':>5} {'row':>6} {'col':>6} {'ppl':>9} {'KL':>8} {'expected':>9} {'stopwords':>9}"
-             f"   control [row, col] = weight: ppl, KL"]
+             f"stopwords {pct(v['base_stopword_share'])}); it matters at ppl x{v['matters']:g} and over:"]
+    for i, a in enumerate(result["super_activations"]):
+        e = a["effect"]
+        lines.append(f"  super activation {i}, its {len(a['weights'])} weight(s) together: ppl x{e['ppl_ratio']:.4g}, "
+                     f"KL {e['kl']:.3g}; their controls x{e['control']['ppl_ratio']:.4g}"
+                     f"{'' if e['matters'] else ': inert'}")
+    lines.append(f"  {'layer':>5} {'row':>6} {'col':>6} {'ppl':>9} {'KL':>8} {'expected':>9} {'stopwords':>9}"
+                 f"   control [row, col] = weight: ppl, KL")
     for w in result["super_weights"]:
-        e, c = w["effect"], w["effect"]["control"]
+        e = w["effect"]
+        if e is None:
+            lines.append(f"  {w['layer']:>5} {w['out_channel']:>6} {w['in_channel']:>6}   not measured alone: "
+                         "its super activation is inert")
+            continue
+        c = e["control"]
         lines.append(f"  {w['layer']:>5} {w['out_channel']:>6} {w['in_channel']:>6} {'x%.4g' % e['ppl_ratio']:>9} "
                      f"{e['kl']:>8.3g} {pct(e['expected_prob']):>9} {pct(e['stopword_share']):>9}   "
                      f"[{c['out_channel']}, {c['in_channel']}] = {c['weight']:.4g}: x{c['ppl_ratio']:.4g}, {c['kl']:.3g}")
-    if len(result["super_weights"]) > 1:
+    if len(result["super_activations"]) > 1:
         lines.append(f"  all {len(result['super_weights'])} together: ppl x{v['joint_ppl_ratio']:.4g}, KL {v['joint_kl']:.3g}")
+    lines.append(f"  {v['passes']} passes, {v['copies']} model copies, {v['seconds']:.1f} s")
     return lines
 
 

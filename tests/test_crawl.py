@@ -307,6 +307,8 @@ def test_the_command_joins_the_cluster_and_exits_3_when_a_model_failed(ray_clust
     outcomes, summary = [json.loads(line) for line in outcomes], json.loads(summary)
     assert {o["repo_id"]: o["state"] for o in outcomes} == {"crawl/llama": "succeeded", BROKEN: "failed"}
     assert summary["summary"]["succeeded"] == 1 and summary["summary"]["failed"] == 1
+    (weight,) = next(o for o in outcomes if o["repo_id"] == "crawl/llama")["super_weights"]
+    assert weight["ppl_ratio"] > 0 and weight["verdict"] == "inert"  # verified by default; a random model's is inert
     with Catalog(tmp_path / "catalog.duckdb", read_only=True) as catalog:
         assert found(catalog, "crawl/llama") == [(3, 10, 20)]
 
@@ -324,10 +326,10 @@ def test_ctrl_c_gives_the_model_back_and_a_rerun_finishes_it(ray_cluster, front,
     assert ledger_row(ledger, "crawl/llama")["state"] == "queued"  # given back, not left running
     ledger.close()
 
-    again = run_crawl_cli("crawl/llama", home=tmp_path, front=front, address=ray_cluster)
+    again = run_crawl_cli("crawl/llama", "--no-verify", home=tmp_path, front=front, address=ray_cluster)
     stdout, stderr = again.communicate(timeout=WAIT * 2)
     assert again.returncode == 0, stderr
-    assert "crawl/llama@" in stdout and "succeeded" in stdout
+    assert "crawl/llama@" in stdout and "succeeded  layer 3 [10, 20] = 2.5\n" in stdout  # no verdict, no ppl
 
 
 def test_a_local_folder_is_crawled_under_its_content_hash(ray_cluster, front, stores, tmp_path):
