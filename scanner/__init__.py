@@ -1,3 +1,3 @@
 """Find super weights in LLM checkpoints: streaming, one-prompt, data-free detection."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

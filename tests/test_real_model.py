@@ -87,6 +87,19 @@ def test_the_recorded_effect_of_its_super_weight_is_large_and_its_control_none(r
     assert first["joint_ppl_ratio"] > first["ppl_ratio"] and first["eval_tokens"] == 2048
 
 
+def test_its_verdicts_super_alone_and_group_with_the_second_weight(scanned, recorded):
+    """W[507, 1229] breaks the model alone; W[507, 1487] only together with it (x1.2 alone)."""
+    verdicts = {(w["out_channel"], w["in_channel"]): w["verdict"] for w in scanned["super_weights"]}
+    assert verdicts == {(507, 1229): "super", (507, 1487): "group"}
+    (activation,) = scanned["super_activations"]
+    assert activation["channel"] == 507 and activation["value"] > 20_000 and activation["token"] == 0
+    assert activation["effect"]["matters"] and activation["effect"]["ppl_ratio"] > 1000
+    assert activation["effect"]["control"]["ppl_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert {(r["in_channel"], r["verdict"], r["super_activation"]) for r in recorded} == {
+        (1229, "super", 0), (1487, "group", 0)}
+    assert all(r["group_ppl_ratio"] == r["joint_ppl_ratio"] > 1000 for r in recorded)
+
+
 def test_the_prompts_are_scored_on_their_expected_words(scanned):
     expected = scanned["verification"]["expected"]
     assert expected[:3] == [" cold", " Paris", " five"]  # the first token of each expected word
