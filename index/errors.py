@@ -35,3 +35,15 @@ class NoWorkers(IndexStoreError):
 
 class CatalogTooNew(IndexStoreError):
     """The catalog was written by a newer superweight, with a schema this one does not know."""
+
+
+class CatalogUnavailable(IndexStoreError):
+    """The catalog file cannot be created, read or written (not a catalog, no permission, a full disk)."""
+
+
+class NonFiniteFigures(IndexStoreError):
+    """A scan result holds a NaN or an infinity: it is never written as rows."""
+
+
+class NotACatalog(IndexStoreError):
+    """A file offered as a catalog.parquet (or its manifest) is not one: the local copy is kept."""

@@ -22,7 +22,7 @@ from sqlalchemy import (
     BigInteger, CheckConstraint, DateTime, Integer, String, Text, UniqueConstraint, and_, create_engine, or_, select,
     text, update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .errors import LedgerUnavailable
@@ -77,13 +77,22 @@ class Ledger:
 
     def __init__(self, url: str):
         self.url = url
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, pool_pre_ping=True)  # a PostgreSQL restart mid-crawl
         try:
+            self.engine = create_engine(url, pool_pre_ping=True)  # a PostgreSQL restart mid-crawl
+        except (ArgumentError, NoSuchModuleError, ImportError) as e:
+            raise LedgerUnavailable(f"{_safe_or_raw(url)}: not a ledger URL ({_first(e)}); set "
+                                    "SUPERWEIGHT_LEDGER_URL to e.g. postgresql+psycopg://user@host/db") from None
+        try:
+            if url.startswith("sqlite:///"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             upgrade(self.engine)
-        except (OperationalError, ProgrammingError) as e:
-            raise LedgerUnavailable(f"{_safe(url)}: cannot open the ledger ({str(e.orig).strip().splitlines()[0]})") from None
+        except DBAPIError as e:  # unreachable, not a database, read-only
+            self.engine.dispose()
+            raise LedgerUnavailable(f"{_safe(url)}: cannot open the ledger ({_first(e.orig)})") from None
+        except OSError as e:  # its folder or the migration lock file cannot be written
+            self.engine.dispose()
+            raise LedgerUnavailable(f"{_safe(url)}: cannot open the ledger ({e.strerror}: {e.filename}); "
+                                    "set SUPERWEIGHT_HOME to a writable folder") from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -200,6 +209,32 @@ class Ledger:
             return [r.to_dict() for r in session.scalars(query)]
 
 
+def read_records(url: str) -> list[dict]:
+    """The ledger's rows, newest first, read without migrating or writing anything.
+
+    For `superweight query`, which must work where it may not write (a read-only SUPERWEIGHT_HOME):
+    a SQLite ledger that does not exist yet has no rows.
+
+    Raises:
+        LedgerUnavailable: the database cannot be read, or is older than this superweight.
+    """
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return []
+    try:
+        engine = create_engine(url)
+    except (ArgumentError, NoSuchModuleError, ImportError) as e:
+        raise LedgerUnavailable(f"{_safe_or_raw(url)}: not a ledger URL ({_first(e)})") from None
+    try:
+        with Session(engine) as session:
+            query = select(ScanRecord).order_by(ScanRecord.started_at.desc(), ScanRecord.id.desc())
+            return [r.to_dict() for r in session.scalars(query)]
+    except DBAPIError as e:
+        raise LedgerUnavailable(f"{_safe(url)}: cannot read the ledger ({_first(e.orig)}); "
+                                "`superweight ledger` upgrades an older one") from None
+    finally:
+        engine.dispose()
+
+
 def upgrade(engine) -> None:
     """Create or upgrade the ledger schema to the newest migration, one process at a time.
 
@@ -242,3 +277,15 @@ def _safe(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _safe_or_raw(url: str) -> str:
+    """The URL without its password, or a URL too broken to parse cut before anything like one."""
+    try:
+        return _safe(url)
+    except (ArgumentError, ValueError):
+        return url.split("@")[-1] if "@" in url else url.split("://")[0] + "://..."
+
+
+def _first(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

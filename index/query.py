@@ -1,68 +1,166 @@
-"""Read-only SQL over the index: a view `catalog` (catalog.parquet's columns) and a view `scans` (the ledger).
+"""Read-only SQL over the index: a table `catalog` (catalog.parquet's columns) and a table `scans` (the ledger).
 
-Queries run in an in-memory DuckDB session in which the catalog database is attached read-only (or
-a catalog.parquet is read: a local file directly, a URL or hf://datasets/... fetched first) and the ledger's rows are copied in. Only one SELECT or EXPLAIN
-statement is accepted: the index cannot be changed through a query.
+A query runs in an in-memory DuckDB session that holds copies of the catalog (read from the local
+catalog database, which is then detached at once, so a writer is held up for no longer than the
+copy; or from a catalog.parquet: a local file, or a URL or hf://datasets/... fetched first) and of
+the ledger's rows. Before the query runs, the session is closed to the outside: DuckDB's own
+settings turn off file system and network access and extension installs and loads, spilling to
+disk is off, memory is capped, and the settings are locked so a query cannot turn them back on.
+Only one SELECT (or EXPLAIN of one) is accepted, and it is interrupted at its timeout.
 """
 
+import re
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 from sqlalchemy import DateTime, Integer
 
+from .catalog import attach_read_only
 from .errors import QueryRefused
-from .ledger import Ledger, ScanRecord
+from .ledger import ScanRecord, read_records
 from .publish import PARQUET, fetch
 
-_READ = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+_READ = {duckdb.StatementType.SELECT}
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALYZE\s+)?", re.IGNORECASE)
 
 
-def open_session(*, catalog: Path | None = None, parquet: str | None = None,
-                 ledger_url: str | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory session with the `catalog` view (from `catalog` or `parquet`) and the `scans` view."""
-    con = duckdb.connect()
+@dataclass(frozen=True)
+class Limits:
+    """What one query may take."""
+
+    timeout: float = 60.0  # seconds, then it is interrupted
+    max_memory: str = "2GB"  # DuckDB's memory limit for the session (no spilling to disk)
+    max_rows: int = 1_000_000  # rows returned at most; the rest are cut, with a note
+
+
+@dataclass(frozen=True)
+class Result:
+    columns: list[str]
+    rows: list[tuple]
+    cut: bool  # more rows than Limits.max_rows
+
+
+def choose_index(catalog: Path | None, parquet: str | None, *, home: Path) -> tuple[Path | None, str | None, str]:
+    """Which index a query reads, and a note saying so: --from, else the local catalog, else the
+    downloaded catalog.parquet in `home`.
+
+    Raises:
+        QueryRefused: there is none of them.
+    """
+    from scanner.config import CATALOG_FILE
+
+    if parquet is not None:
+        return None, parquet, parquet
+    local = catalog or home / CATALOG_FILE
+    if local.is_file():
+        return local, None, str(local)
+    downloaded = home / PARQUET
+    if catalog is None and downloaded.is_file():
+        return None, str(downloaded), f"{downloaded} (no local catalog)"
+    raise QueryRefused(f"{local}: no index here; run 'superweight download' for the published one, or "
+                       "'superweight scan' to make one, or give --from")
+
+
+def open_session(*, catalog: Path | None = None, parquet: str | None = None, ledger_url: str | None = None,
+                 limits: Limits = Limits()) -> duckdb.DuckDBPyConnection:
+    """A closed in-memory session with the tables `catalog` (from `catalog` or `parquet`) and `scans`.
+
+    Raises:
+        QueryRefused: the catalog or parquet cannot be read, or `limits.max_memory` is not a size.
+    """
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    try:
+        con.execute("SET max_memory = ?", [limits.max_memory])
+    except duckdb.Error:
+        raise QueryRefused(f"--max-memory {limits.max_memory}: not a size DuckDB knows (e.g. 2GB, 500MB)") from None
     if parquet is not None:
         _read_parquet(con, parquet)
-    elif catalog is not None and catalog.is_file():
-        con.execute(f"ATTACH '{_quote(catalog)}' AS stored (READ_ONLY)")
-        con.execute("CREATE VIEW catalog AS SELECT * FROM stored.catalog")
+    elif catalog is not None:
+        with attach_read_only(con, catalog, "stored"):
+            con.execute("CREATE TABLE catalog AS SELECT * FROM stored.catalog")
     columns = ", ".join(f'"{c.name}" {_duck_type(c.type)}' for c in ScanRecord.__table__.columns)
     con.execute(f"CREATE TABLE scans ({columns})")
-    if ledger_url is not None:
-        ledger = Ledger(ledger_url)
-        rows = [list(r.values()) for r in ledger.records()]
-        ledger.close()
-        if rows:
-            con.executemany(f"INSERT INTO scans VALUES ({', '.join('?' * len(rows[0]))})", rows)
+    rows = [list(r.values()) for r in read_records(ledger_url)] if ledger_url else []
+    if rows:
+        con.executemany(f"INSERT INTO scans VALUES ({', '.join('?' * len(rows[0]))})", rows)
+    _close_to_the_outside(con)
     return con
 
 
-def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tuple]]:
-    """(column names, rows) of one read-only statement.
+def _close_to_the_outside(con: duckdb.DuckDBPyConnection) -> None:
+    """No file, network or extension access from here on, no spilling to disk, and no way back."""
+    con.execute("SET temp_directory = ''")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str, *, limits: Limits = Limits()) -> Result:
+    """Column names and rows of one read-only statement, within `limits`.
 
     Raises:
-        QueryRefused: for anything but exactly one SELECT or EXPLAIN, or SQL DuckDB rejects.
+        QueryRefused: for anything but exactly one SELECT (or EXPLAIN of one), SQL DuckDB rejects or
+        cannot run within the limits.
     """
+    _check_is_one_read(con, sql)
+    outcome: dict = {}
+
+    def execute() -> None:
+        try:
+            result = con.execute(sql)
+            rows = result.fetchmany(limits.max_rows + 1)
+            outcome["result"] = Result([d[0] for d in result.description], rows[: limits.max_rows],
+                                       len(rows) > limits.max_rows)
+        except duckdb.Error as e:
+            outcome["error"] = e
+
+    worker = threading.Thread(target=execute, name="superweight-query", daemon=True)
+    worker.start()
+    worker.join(limits.timeout)
+    if worker.is_alive():
+        con.interrupt()
+        worker.join()
+        raise QueryRefused(f"query: stopped after {limits.timeout:g} s; narrow it, or raise --timeout")
+    error = outcome.get("error")
+    if isinstance(error, duckdb.OutOfMemoryException):
+        raise QueryRefused(f"query: needs more memory than --max-memory {limits.max_memory} allows; "
+                           "narrow it, or raise --max-memory")
+    if error is not None:
+        raise QueryRefused(f"query: {str(error).splitlines()[0]}")
+    return outcome["result"]
+
+
+def check_is_one_read(sql: str) -> None:
+    """Raise QueryRefused unless `sql` is exactly one SELECT, or EXPLAIN [ANALYZE] of one (before any index is read)."""
+    with duckdb.connect() as parser:
+        _check_is_one_read(parser, sql)
+
+
+def _check_is_one_read(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise QueryRefused unless `sql` is exactly one SELECT, or EXPLAIN [ANALYZE] of one."""
     try:
         statements = con.extract_statements(sql)
+        inner = con.extract_statements(_EXPLAIN.sub("", sql, count=1)) if _is_explain(statements) else statements
     except duckdb.Error as e:
         raise QueryRefused(f"query: {str(e).splitlines()[0]}") from None
-    if len(statements) != 1 or statements[0].type not in _READ:
+    if len(statements) != 1 or len(inner) != 1 or inner[0].type not in _READ:
         kinds = ", ".join(s.type.name for s in statements) or "nothing"
+        if len(statements) == 1 and _is_explain(statements):
+            kinds = f"EXPLAIN of {', '.join(s.type.name for s in inner) or 'nothing'}"
         raise QueryRefused(f"query: only one read-only SELECT is accepted, not {kinds}")
-    try:
-        result = con.execute(sql)
-        return [d[0] for d in result.description], result.fetchall()
-    except duckdb.Error as e:
-        raise QueryRefused(f"query: {str(e).splitlines()[0]}") from None
+
+
+def _is_explain(statements) -> bool:
+    return len(statements) == 1 and statements[0].type == duckdb.StatementType.EXPLAIN
 
 
 def _read_parquet(con: duckdb.DuckDBPyConnection, source: str) -> None:
-    """The view (a local file) or table (fetched: URL, hf://datasets/...) `catalog` from a catalog.parquet."""
+    """The table `catalog` from a catalog.parquet: a local file, or fetched (URL, hf://datasets/...)."""
     try:
-        if Path(source).exists():  # a view cannot take a prepared parameter, hence the quoted literal
-            con.execute(f"CREATE VIEW catalog AS SELECT * FROM read_parquet('{_quote(source)}')")
+        if Path(source).exists():  # a prepared parameter would do, but a table function takes a literal here
+            con.execute(f"CREATE TABLE catalog AS SELECT * FROM read_parquet('{_quote(source)}')")
             return
         with tempfile.TemporaryDirectory(prefix="superweight-query-") as tmp:
             local = Path(tmp) / PARQUET

@@ -9,6 +9,7 @@ import socket
 
 from scanner import __version__
 from scanner.errors import RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture, UnsupportedQuantization
+from scanner.hub import source_name
 from scanner.scan import ScanOptions, scan_source
 
 from .catalog import Catalog
@@ -32,7 +33,7 @@ def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledg
     Raises:
         The scan's or the catalog's exception, after recording it in the ledger as failed or refused.
     """
-    record_id = ledger.start(source, options.revision or "", __version__, worker=worker or worker_name())
+    record_id = ledger.start(source_name(source), options.revision or "", __version__, worker=worker or worker_name())
     try:
         result = scan_source(source, options, on_layer=on_layer)
         catalog.record_scan(result)

@@ -51,6 +51,15 @@ class Resolved:
     dtype: str | None = None  # the weights' own precision when the files read hold another (examples)
 
 
+def source_name(source: str) -> str:
+    """The name a source is recorded under: a local folder or file by its absolute path, however it
+    was typed (`m`, `m/`, `./m` and `/abs/m` are one checkpoint); anything else as given."""
+    if source.startswith(EXAMPLE_PREFIX):
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def resolve(source: str, *, revision: str | None = None, endpoint: str | None = None,
             token: str | None = None, cache_dir: Path | None = None) -> Resolved:
     """Make `source` available locally.

@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 
 from .errors import ScanError, ScanTimeout
+from .files import alive
 from .hub import with_retries
 from .scan import ScanOptions, scan_source
 
@@ -42,7 +43,7 @@ class ScanWorker:
         # against the disk budget until someone deletes them: the next worker to start does.
         for folder in Path(config.scratch).glob(f"{host}-*"):
             pid = folder.name.removeprefix(f"{host}-")
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not alive(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(self.scratch, ignore_errors=True)  # left by an earlier process with this pid
 
@@ -84,16 +85,6 @@ class ScanWorker:
             shutil.rmtree(cache, ignore_errors=True)
         outcome["seconds"] = round(time.monotonic() - start, 3)
         return outcome
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def actor_class(*, num_gpus: float, num_cpus: float):

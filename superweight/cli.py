@@ -6,7 +6,9 @@ but some sources failed.
 
 import json
 import logging
+import math
 import os
+import re
 import sys
 import traceback
 from contextlib import ExitStack, contextmanager
@@ -22,6 +24,45 @@ from scanner.errors import ScanError, first_line
 
 EXIT_SOME_FAILED = 3
 _DEFAULTS = DetectConfig()
+
+
+class _Finite(click.FloatRange):
+    """A float range that also refuses NaN and infinities (a NaN compares false with every bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class _Size(click.ParamType):
+    """A memory size such as 2GB, 500MB or 1.5GiB."""
+
+    name = "size"
+    _FORM = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
+
+    def convert(self, value, param, ctx):
+        if not self._FORM.match(str(value)):
+            self.fail(f"{value!r} is not a size like 2GB or 500MB", param, ctx)
+        return str(value).strip()
+
+
+_SIZE = _Size()
+
+
+def to_json(value) -> str:
+    """One line of valid JSON: NaN and infinities (which JSON has no words for) become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), default=str, allow_nan=False)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -126,10 +167,10 @@ def _scan_one(run, source: str, options, *, as_json: bool, progress: bool) -> bo
         message = _explain(source, e)
         click.echo(f"Error: {message}", err=True)
         if as_json:
-            click.echo(json.dumps({"source": source, "status": "failed", "error": message}))
+            click.echo(to_json({"source": source, "status": "failed", "error": message}))
         return False
     if as_json:
-        click.echo(json.dumps({"status": "ok", **result}))
+        click.echo(to_json({"status": "ok", **result}))
     else:
         click.echo(format_table(result))
     return True
@@ -154,33 +195,48 @@ def export(out, catalog_path) -> None:
 
 @cli.command()
 @click.argument("sql")
-@click.option("--from", "source", metavar="PATH_OR_URL", help="Query this catalog.parquet instead of the local catalog.")
+@click.option("--from", "source", metavar="PATH_OR_URL",
+              help="Query this catalog.parquet (a path, an http(s) URL or hf://datasets/OWNER/NAME).")
 @click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
+              help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}, else the downloaded "
+                   "$SUPERWEIGHT_HOME/catalog.parquet).")
 @click.option("--csv", "as_csv", is_flag=True, help="Comma-separated values with a header.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per row.")
-def query(sql, source, catalog_path, as_csv, as_json) -> None:
-    """Run read-only SQL over the views `catalog` and `scans` (the ledger)."""
+@click.option("--timeout", type=_Finite(min=0, min_open=True), default=60, show_default=True,
+              help="Stop the query after this many seconds.")
+@click.option("--max-memory", type=_SIZE, default="2GB", show_default=True, help="Memory the query may use.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Print at most this many rows.")
+def query(sql, source, catalog_path, as_csv, as_json, timeout, max_memory, max_rows) -> None:
+    """Run one read-only SELECT over the tables `catalog` and `scans` (the ledger).
+
+    The query cannot write, read other files, reach the network or load extensions.
+    """
     import csv
 
     from index.ledger import default_url
-    from index.query import open_session, run_query
+    from index.query import Limits, check_is_one_read, choose_index, open_session, run_query
 
-    con = open_session(catalog=catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE, parquet=source,
-                       ledger_url=default_url(SUPERWEIGHT_HOME))
-    columns, rows = run_query(con, sql)
+    limits = Limits(timeout=timeout, max_memory=max_memory, max_rows=max_rows)
+    check_is_one_read(sql)
+    catalog, parquet, note = choose_index(catalog_path, source, home=SUPERWEIGHT_HOME)
+    con = open_session(catalog=catalog, parquet=parquet, ledger_url=default_url(SUPERWEIGHT_HOME), limits=limits)
+    result = run_query(con, sql, limits=limits)
+    click.echo(f"query: reading {note}", err=True)
     if as_json:
-        for row in rows:
-            click.echo(json.dumps(dict(zip(columns, row)), default=str))
+        for row in result.rows:
+            click.echo(to_json(dict(zip(result.columns, row))))
     elif as_csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(rows)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
     else:
-        cells = [columns] + [["" if v is None else str(v) for v in row] for row in rows]
-        widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+        cells = [result.columns] + [["" if v is None else str(v) for v in row] for row in result.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(result.columns))]
         for r in cells:
             click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    if result.cut:
+        click.echo(f"query: printed the first {max_rows} rows; there are more (raise --max-rows)", err=True)
 
 
 @cli.command()
@@ -314,11 +370,11 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
         report = run_crawl(ids, catalog=catalog, ledger=ledger, options=options, on_update=on_update)
         bar.render_finish()
         for outcome in report.outcomes:
-            click.echo(json.dumps(outcome) if as_json else _crawl_line(outcome))
+            click.echo(to_json(outcome) if as_json else _crawl_line(outcome))
         summary = {**report.counts, "models": len(report.outcomes), "seconds": round(report.seconds, 1),
                    "download_seconds": round(report.download_seconds, 1),
                    "scan_seconds": round(report.scan_seconds, 1)}
-        click.echo(json.dumps({"summary": summary}) if as_json else f"crawl: {_crawl_counts(report)} in {report.seconds:.0f} s")
+        click.echo(to_json({"summary": summary}) if as_json else f"crawl: {_crawl_counts(report)} in {report.seconds:.0f} s")
         if publish_target:
             _publish_catalog(catalog, publish_target)
     if report.counts["failed"]:
@@ -410,7 +466,7 @@ def ledger_command(state, as_json) -> None:
     ledger.close()
     for r in records:
         if as_json:
-            click.echo(json.dumps(r, default=str))
+            click.echo(to_json(r))
         else:
             when = r["finished_at"] or r["started_at"]
             when = f"{when:%Y-%m-%d %H:%M}" if when else "-".ljust(16)  # queued: not started yet

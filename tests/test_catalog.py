@@ -9,7 +9,7 @@ import duckdb
 import pytest
 
 from index.catalog import SCHEMA_VERSION, Catalog
-from index.errors import CatalogLocked, CatalogTooNew
+from index.errors import CatalogLocked, CatalogTooNew, CatalogUnavailable
 from index.literature import read_literature
 from scanner.scan import scan_source
 from tests.checkpoints import Plant, make_checkpoint
@@ -27,7 +27,7 @@ def results(tmp_path_factory):
 
 
 def rows(catalog, sql="SELECT repo_id, layer, out_channel, in_channel, source FROM catalog ORDER BY repo_id, layer"):
-    return catalog.con.execute(sql).fetchall()
+    return catalog.fetch(sql)
 
 
 def test_scans_with_and_without_super_weights(tmp_path, results):
@@ -36,7 +36,7 @@ def test_scans_with_and_without_super_weights(tmp_path, results):
         catalog.record_scan(two, scanned_at=WHEN)
         catalog.record_scan(none, scanned_at=WHEN)
         got = rows(catalog)
-        counts = catalog.con.execute("SELECT repo_id, super_weight_count FROM scans ORDER BY repo_id").fetchall()
+        counts = catalog.fetch("SELECT repo_id, super_weight_count FROM scans ORDER BY repo_id")
     assert got == sorted([(two["source"], 2, 10, 20, "scan"), (two["source"], 5, 7, 99, "scan"),
                           (none["source"], None, None, None, "scan")], key=lambda r: (r[0], r[1] or -1))
     assert dict(counts) == {two["source"]: 2, none["source"]: 0}  # "none found" is a row, not an absence
@@ -57,7 +57,7 @@ def test_a_failed_write_leaves_the_old_rows(tmp_path, results):
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_scan(two, scanned_at=WHEN)
         broken = {**two, "super_weights": [{**two["super_weights"][0], "layer": None}]}  # violates NOT NULL
-        with pytest.raises(duckdb.ConstraintException):
+        with pytest.raises(CatalogUnavailable, match=r"NOT NULL constraint failed: super_weights.layer\); nothing was changed"):
             catalog.record_scan(broken, scanned_at=WHEN)
         assert len(rows(catalog)) == 2
 
@@ -77,7 +77,7 @@ def test_export_is_deterministic_with_a_manifest(tmp_path, results):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["catalog.json", "catalog.parquet"]
 
 
-def test_a_second_writer_gets_a_clear_message(tmp_path):
+def test_a_writer_waits_for_a_process_holding_the_file_and_then_gives_up_clearly(tmp_path):
     path = tmp_path / "c.duckdb"
     Catalog(path).close()
     holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(path)!r}); "
@@ -85,10 +85,11 @@ def test_a_second_writer_gets_a_clear_message(tmp_path):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(CatalogLocked, match="another process is writing this catalog"):
-            Catalog(path)
+        with pytest.raises(CatalogLocked, match="another process has held this catalog for 0.5 s"):
+            Catalog(path, lock_wait=0.5)
     finally:
         holder.communicate("", timeout=30)
+    Catalog(path, lock_wait=0.5).record_literature({})  # released: it writes again
 
 
 # The version 1 schema, as released: a catalog written by an older superweight.
@@ -113,7 +114,7 @@ def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_rows(tmp_path, res
     con.execute(_V1)
     con.close()
     with Catalog(tmp_path / "c.duckdb") as catalog:
-        assert catalog.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+        assert catalog.fetch("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
         assert rows(catalog, "SELECT repo_id, layer, out_channel, in_channel, ppl_ratio, hf_tensor, verdict "
                              "FROM catalog") == [("old/model", 2, 10, 20, None, None, "unverified")]
         catalog.record_scan(results[0], scanned_at=WHEN)  # a new scan goes in beside it
@@ -125,7 +126,7 @@ def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_rows(tmp_path, res
 
 def test_a_catalog_from_a_newer_superweight_is_refused_untouched(tmp_path):
     with Catalog(tmp_path / "c.duckdb") as catalog:
-        catalog.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
+        catalog.fetch("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
     with pytest.raises(CatalogTooNew, match=f"catalog schema {SCHEMA_VERSION + 1} is newer"):
         Catalog(tmp_path / "c.duckdb")
     con = duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True)
@@ -141,8 +142,8 @@ def test_super_activations_and_neurons_are_one_query_away(tmp_path, results):
         catalog.record_scan(results[0], scanned_at=WHEN)
         catalog.record_literature(read_literature())
     con = open_session(catalog=tmp_path / "c.duckdb")
-    _, rows = run_query(con, "SELECT repo_id, count(DISTINCT super_activation), count(DISTINCT super_neuron), "
-                             "max(abs(super_activation_value)) FROM catalog GROUP BY repo_id ORDER BY repo_id")
+    rows = run_query(con, "SELECT repo_id, count(DISTINCT super_activation), count(DISTINCT super_neuron), "
+                             "max(abs(super_activation_value)) FROM catalog GROUP BY repo_id ORDER BY repo_id").rows
     counts = {repo: (activations, neurons, largest) for repo, activations, neurons, largest in rows}
     two = results[0]
     assert counts[two["source"]][:2] == (2, 2)  # rows 10 and 7, columns 20 and 99
@@ -155,6 +156,6 @@ def test_super_activations_and_neurons_are_one_query_away(tmp_path, results):
 def test_the_catalog_view_has_the_documented_columns_in_order(tmp_path):
     from index.catalog import COLUMNS
 
-    with Catalog(tmp_path / "c.duckdb") as catalog:
-        names = [d[0] for d in catalog.con.execute("SELECT * FROM catalog LIMIT 0").description]
+    with Catalog(tmp_path / "c.duckdb") as catalog, catalog.connect() as con:
+        names = [d[0] for d in con.execute("SELECT * FROM catalog LIMIT 0").description]
     assert names == list(COLUMNS)

@@ -98,8 +98,8 @@ def by_repo(report) -> dict[str, dict]:
 
 
 def found(catalog: Catalog, repo_id: str) -> list[tuple]:
-    return catalog.con.execute("SELECT layer, out_channel, in_channel FROM catalog WHERE repo_id = ? ORDER BY layer",
-                               [repo_id]).fetchall()
+    return catalog.fetch("SELECT layer, out_channel, in_channel FROM catalog WHERE repo_id = ? ORDER BY layer",
+                         [repo_id])
 
 
 def ledger_row(ledger: Ledger, repo_id: str) -> dict:
@@ -313,6 +313,31 @@ def test_the_command_joins_the_cluster_and_exits_3_when_a_model_failed(ray_clust
         assert found(catalog, "crawl/llama") == [(3, 10, 20)]
 
 
+def test_the_index_can_be_queried_and_exported_while_a_crawl_writes_it(ray_cluster, front, tmp_path):
+    first = run_crawl_cli("crawl/qwen2", "--no-verify", home=tmp_path, front=front, address=ray_cluster)
+    assert first.communicate(timeout=WAIT * 2)[0].count("succeeded") == 1
+    held = front.hold(weights_of("crawl/llama"))
+    running = run_crawl_cli("crawl/llama", "--no-verify", home=tmp_path, front=front, address=ray_cluster)
+    try:
+        assert held.arrived.wait(WAIT)  # the crawl is running, between two writes of the catalog
+        env = {**os.environ, "SUPERWEIGHT_HOME": str(tmp_path)}
+        query = subprocess.run([CLI, "query", "SELECT repo_id, layer FROM catalog", "--json"], env=env,
+                               capture_output=True, text=True, timeout=WAIT)
+        export = subprocess.run([CLI, "export", "--out", str(tmp_path / "out" / "catalog.parquet")], env=env,
+                                capture_output=True, text=True, timeout=WAIT)
+    finally:
+        front.holds.remove(held)
+        held.release.set()
+    assert query.returncode == 0, query.stderr
+    assert [json.loads(line) for line in query.stdout.splitlines()] == [{"repo_id": "crawl/qwen2", "layer": 2}]
+    assert export.returncode == 0, export.stderr
+    assert export.stdout.startswith(f"{tmp_path / 'out' / 'catalog.parquet'}: 1 rows, sha256 ")
+    stdout, stderr = running.communicate(timeout=WAIT * 2)
+    assert running.returncode == 0, stderr
+    with Catalog(tmp_path / "catalog.duckdb", read_only=True) as catalog:
+        assert found(catalog, "crawl/llama") == [(3, 10, 20)]  # and the crawl wrote its result after
+
+
 def test_ctrl_c_gives_the_model_back_and_a_rerun_finishes_it(ray_cluster, front, tmp_path):
     held = front.hold(weights_of("crawl/llama"))
     proc = run_crawl_cli("crawl/llama", home=tmp_path, front=front, address=ray_cluster)
@@ -419,8 +444,8 @@ def test_a_verifying_crawl_rescans_an_unverified_success_and_records_its_effects
     verified = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=verifying)
     (weight,) = verified.outcomes[0]["super_weights"]
     assert verified.outcomes[0]["state"] == "succeeded" and weight["ppl_ratio"] > 0
-    row = catalog.con.execute("SELECT ppl_ratio, control_ppl_ratio, kl, eval_tokens FROM catalog "
-                              "WHERE repo_id = 'crawl/llama'").fetchall()
+    row = catalog.fetch("SELECT ppl_ratio, control_ppl_ratio, kl, eval_tokens FROM catalog "
+                        "WHERE repo_id = 'crawl/llama'")
     assert row == [(weight["ppl_ratio"], row[0][1], row[0][2], 256)] and row[0][2] > 0
 
     again = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=verifying)

@@ -11,9 +11,9 @@ def test_every_published_row_is_imported(tmp_path):
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_literature(read_literature())
         catalog.record_literature(read_literature())  # importing again replaces, never duplicates
-        rows = catalog.con.execute(
+        rows = catalog.fetch(
             "SELECT repo_id, layer, out_channel, in_channel, expert, note FROM catalog WHERE source = 'literature'"
-        ).fetchall()
+        )
     assert len(rows) == len(published) == 47
     assert sorted((r[0], r[1], r[2], r[3]) for r in rows) == sorted(
         (p["hub_id"], int(p["layer"]), int(p["row"]), int(p["col"])) for p in published)

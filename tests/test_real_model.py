@@ -25,9 +25,7 @@ def recorded(scanned, tmp_path_factory) -> list[dict]:
     """The catalog rows of the verified scan, as recorded and read back."""
     with Catalog(tmp_path_factory.mktemp("catalog") / "c.duckdb") as catalog:
         catalog.record_scan(scanned)
-        cursor = catalog.con.execute("SELECT * FROM catalog ORDER BY out_channel, in_channel")
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor.fetchall()]
+        return catalog.fetch_dicts("SELECT * FROM catalog ORDER BY out_channel, in_channel")
 
 
 @pytest.fixture(scope="module")

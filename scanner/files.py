@@ -1,0 +1,77 @@
+"""Files on disk: writing aside and renaming into place, cleaning up what a failure leaves, and
+reading only regular files that lie inside the folder they belong to."""
+
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import UnsafeCheckpoint
+
+
+@contextmanager
+def written_aside(dest: Path) -> Iterator[Path]:
+    """A temporary path beside `dest` to write; renamed over `dest` when the block succeeds.
+
+    Readers see the old `dest` or the new one, never half of one. When the block fails, or the
+    rename does, the temporary file or folder is deleted; one left by a process that was killed is
+    deleted by the next writer of `dest` (`remove_stale`).
+    """
+    dest = Path(dest)
+    remove_stale(dest)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if tmp.is_dir() and dest.is_dir():
+            shutil.rmtree(dest)
+        tmp.replace(dest)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def remove_stale(dest: Path) -> None:
+    """Delete what `written_aside` left beside `dest` in processes that no longer run."""
+    for tmp in Path(dest).parent.glob(f".{Path(dest).name}.*.tmp"):
+        pid = tmp.name.removeprefix(f".{Path(dest).name}.").removesuffix(".tmp")
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+            _remove(tmp)
+
+
+def inside(path: Path, root: Path, *, what: str = "file") -> Path:
+    """`path` if it is a regular file that resolves inside `root`, else UnsafeCheckpoint.
+
+    A checkpoint is untrusted: a link or a shard index may point anywhere on the machine, and a
+    FIFO or a device would block a read forever.
+    """
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if not resolved.is_relative_to(base):
+        raise UnsafeCheckpoint(f"{path}: the {what} lies outside {root} (it resolves to {resolved}); "
+                               "only files inside the checkpoint are read")
+    try:
+        mode = resolved.stat().st_mode
+    except OSError as e:
+        raise UnsafeCheckpoint(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise UnsafeCheckpoint(f"{path}: the {what} is not a regular file; only regular files are read")
+    return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (on this host)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
