@@ -10,6 +10,7 @@ from beside catalog.parquet.
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's HTTP client
+import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
@@ -24,7 +26,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from scanner.errors import first_line
 from scanner.hub import file_sha256
 
-from .errors import ChecksumMismatch, DownloadFailed, PublishFailed
+from .errors import ChecksumMismatch, DownloadFailed, NotACatalog, PublishFailed
 
 # Where `superweight publish` pushes the index; overridable for mirrors.
 DEFAULT_INDEX = os.getenv("SUPERWEIGHT_INDEX_URL", "hf://datasets/superweight/index")
@@ -62,18 +64,56 @@ def publish(target: str, parquet: Path, *, endpoint: str | None = None, private:
 
 
 def _verified_manifest(parquet: Path) -> dict:
-    """The manifest beside `parquet` (as export writes it), checked against the file, renamed to PARQUET."""
+    """The manifest beside `parquet` (as export writes it), checked with the file, renamed to PARQUET."""
     manifest_path = parquet.with_suffix(".json")
     try:
         manifest = json.loads(manifest_path.read_text())
-        expected = manifest["sha256"]
     except FileNotFoundError:
         raise PublishFailed(f"{parquet}: no manifest {manifest_path.name} beside it; write both with 'superweight export'") from None
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PublishFailed(f"{manifest_path}: not a catalog manifest ({first_line(e)})") from None
-    if file_sha256(parquet) != expected:
-        raise PublishFailed(f"{parquet}: does not match the sha256 in {manifest_path.name}; export it again")
+    try:
+        check_export(parquet, manifest, where=str(parquet))
+    except ChecksumMismatch:
+        raise PublishFailed(f"{parquet}: does not match the sha256 in {manifest_path.name}; export it again") from None
     return {**manifest, "file": PARQUET}
+
+
+def check_export(parquet: Path, manifest, *, where: str) -> None:
+    """Raise unless `parquet` is a catalog export that its `manifest` describes.
+
+    Raises:
+        NotACatalog: the manifest is not one (a sha256 of 64 hex digits, rows, a schema version
+            this superweight knows), or the file is not Parquet with the catalog's columns and rows.
+        ChecksumMismatch: the file is not the one the manifest names.
+    """
+    from .schema import COLUMNS, KEY_COLUMNS, SCHEMA_VERSION
+
+    if not isinstance(manifest, dict):
+        raise NotACatalog(f"{where}: {MANIFEST} is not a catalog manifest (not a JSON object)")
+    sha, rows, version = manifest.get("sha256"), manifest.get("rows"), manifest.get("schema_version")
+    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise NotACatalog(f"{where}: {MANIFEST} is not a catalog manifest (sha256 {sha!r} is not 64 hex digits)")
+    for name, value in (("rows", rows), ("schema_version", version)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise NotACatalog(f"{where}: {MANIFEST} is not a catalog manifest ({name} is {value!r}, not a count)")
+    if version > SCHEMA_VERSION:
+        raise NotACatalog(f"{where}: the catalog has schema {version}, newer than this superweight's "
+                          f"({SCHEMA_VERSION}); upgrade superweight")
+    actual = file_sha256(parquet)
+    if actual != sha:
+        raise ChecksumMismatch(f"{where}: {PARQUET} has sha256 {actual[:16]}..., its manifest says {sha[:16]}...")
+    try:
+        metadata = pq.ParquetFile(parquet).metadata
+        names = metadata.schema.to_arrow_schema().names
+    except (pa.ArrowException, OSError) as e:
+        raise NotACatalog(f"{where}: {PARQUET} is not a Parquet file ({first_line(e)})") from None
+    missing = [c for c in KEY_COLUMNS if c not in names]
+    if missing or (version == SCHEMA_VERSION and names != list(COLUMNS)):
+        raise NotACatalog(f"{where}: {PARQUET} does not have the catalog's columns "
+                          f"({'lacks ' + ', '.join(missing[:3]) if missing else 'other columns than schema ' + str(version)})")
+    if metadata.num_rows != rows:
+        raise NotACatalog(f"{where}: {PARQUET} has {metadata.num_rows} rows, its manifest says {rows}")
 
 
 def _publish_to_folder(target: str, parquet: Path, manifest: dict) -> Published:
@@ -183,24 +223,28 @@ def download(source: str, dest: Path) -> dict:
         ChecksumMismatch: the file does not match its manifest; `dest` is left as it was.
         DownloadFailed: either file could not be fetched or the manifest is unreadable.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-")
+    except OSError as e:
+        raise DownloadFailed(f"{dest.parent}: cannot write the download here ({e.strerror})") from None
+    with staging as tmp:
         parquet, manifest_file = Path(tmp) / PARQUET, Path(tmp) / MANIFEST
         fetch(source, PARQUET, parquet)
         fetch(source, MANIFEST, manifest_file)
         try:
             manifest = json.loads(manifest_file.read_text())
-            expected = manifest["sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DownloadFailed(f"{source}: {MANIFEST} is not a catalog manifest ({e})") from None
-        actual = file_sha256(parquet)
-        if actual != expected:
-            raise ChecksumMismatch(
-                f"{source}: {PARQUET} has sha256 {actual[:16]}..., its manifest says {expected[:16]}...; "
-                f"kept the local copy {dest}"
-            )
-        parquet.replace(dest)  # same folder as dest: an atomic rename
-        manifest_file.replace(dest.with_name(MANIFEST))
+        try:
+            check_export(parquet, manifest, where=source)
+        except ChecksumMismatch as e:
+            raise ChecksumMismatch(f"{e}; kept the local copy {dest}") from None
+        try:
+            parquet.replace(dest)  # same folder as dest: an atomic rename
+            manifest_file.replace(dest.with_name(MANIFEST))
+        except OSError as e:
+            raise DownloadFailed(f"{dest}: cannot write the download here ({e.strerror})") from None
     return manifest
 
 

@@ -135,3 +135,9 @@ def catalog_key(repo_id: str, revision: str, scanner_version: str) -> dict:
 EXPORT_ORDER = "repo_id, revision, scanner_version, source, layer NULLS FIRST, expert NULLS FIRST, out_channel, in_channel"
 
 
+
+
+# Columns every schema version has had (version 1's): a catalog.parquet of any version carries them.
+KEY_COLUMNS = ("repo_id", "revision", "model_type", "num_layers", "layer", "expert", "tensor", "out_channel",
+               "in_channel", "index", "weight", "input_activation", "output_activation", "spike_ratio", "dtype",
+               "source", "note", "scanner_version", "scanned_at")

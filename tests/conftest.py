@@ -70,3 +70,35 @@ def ray_cluster():
     yield context.address_info["gcs_address"]
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A factory of real small file systems (tmpfs): `small_disk("name", "64k")` -> a folder that holds
+    at most that much; `small_disk("name", read_only=True)` -> one that cannot be written at all.
+
+    Mounting needs root (CI runs as root and must run these tests); elsewhere they are skipped.
+    """
+    import subprocess
+
+    if os.geteuid() != 0:
+        if os.getenv("CI"):
+            pytest.fail("CI runs as root and must run the full-disk and read-only tests")
+        pytest.skip("a real full or read-only disk needs root to mount a tmpfs")
+    mounted = []
+
+    def make(name: str, size: str = "1m", *, read_only: bool = False, files: dict[str, bytes] | None = None) -> Path:
+        path = tmp_path / name
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        for rel, data in (files or {}).items():
+            (path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (path / rel).write_bytes(data)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        return path
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -81,3 +81,75 @@ def test_query_from_a_url_reads_it_through_the_same_fetch(http_server):
                                       "--from", f"{http_server}/catalog.parquet", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"n": 47}
+
+
+def _forge(folder, data: bytes, **manifest_changes):
+    """Replace the published catalog.parquet with `data` and make its manifest agree (sha256 and all)."""
+    (folder / "catalog.parquet").write_bytes(data)
+    manifest = json.loads((folder / "catalog.json").read_text())
+    manifest.update(sha256=hashlib.sha256(data).hexdigest(), **manifest_changes)
+    (folder / "catalog.json").write_text(json.dumps({k: v for k, v in manifest.items() if v is not ...}))
+
+
+def _local_copy(tmp_path):
+    """A local catalog.parquet that must survive every refused download."""
+    local = tmp_path / "home" / "catalog.parquet"
+    local.parent.mkdir()
+    local.write_bytes(b"the old copy")
+    return local
+
+
+@pytest.mark.parametrize("case", ["text file", "other parquet", "rows disagree", "newer schema",
+                                  "sha256 a number", "no rows"])
+def test_a_file_that_is_not_a_catalog_is_refused_and_the_old_copy_kept(published, tmp_path, case):
+    import duckdb
+
+    other = tmp_path / "other.parquet"
+    duckdb.sql(f"COPY (SELECT 1 AS a, 'x' AS b) TO '{other}' (FORMAT parquet)")
+    parquet = (published / "catalog.parquet").read_bytes()
+    forged = {
+        "text file": (b"#!/bin/sh\necho pwned\n", {}),
+        "other parquet": (other.read_bytes(), {}),
+        "rows disagree": (parquet, {"rows": 3}),
+        "newer schema": (parquet, {"schema_version": 99}),
+        "sha256 a number": (parquet, {}),
+        "no rows": (parquet, {"rows": ...}),
+    }[case]
+    _forge(published, forged[0], **forged[1])
+    if case == "sha256 a number":
+        manifest = json.loads((published / "catalog.json").read_text())
+        (published / "catalog.json").write_text(json.dumps({**manifest, "sha256": 12345}))
+    local = _local_copy(tmp_path)
+
+    result = CliRunner().invoke(cli, ["download", str(published), "--out", str(local)])
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"Error: {published}: ")
+    assert "Traceback" not in result.output
+    assert local.read_bytes() == b"the old copy"
+    assert sorted(p.name for p in local.parent.iterdir()) == ["catalog.parquet"]  # nothing left beside it
+
+
+def test_a_download_into_a_read_only_folder_is_one_line(published, small_disk):
+    home = small_disk("home", read_only=True, files={"catalog.parquet": b"the old copy"})
+    result = CliRunner().invoke(cli, ["download", str(published), "--out", str(home / "catalog.parquet")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr == f"Error: {home}: cannot write the download here (Read-only file system)\n"
+    assert (home / "catalog.parquet").read_bytes() == b"the old copy"
+
+
+@pytest.mark.parametrize("case", ["not a catalog", "no rows", "sha256 a number"])
+def test_publish_refuses_a_file_that_is_not_a_catalog(published, tmp_path, case):
+    if case == "not a catalog":
+        _forge(published, b"hello\n")
+    elif case == "no rows":
+        _forge(published, (published / "catalog.parquet").read_bytes(), rows=...)
+    else:
+        manifest = json.loads((published / "catalog.json").read_text())
+        (published / "catalog.json").write_text(json.dumps({**manifest, "sha256": 7}))
+
+    result = CliRunner().invoke(cli, ["publish", str(tmp_path / "site"), "--file", str(published / "catalog.parquet")])
+
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("Error: ") and "Traceback" not in result.output
+    assert not (tmp_path / "site").exists()
