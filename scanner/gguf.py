@@ -61,7 +61,7 @@ def find_gguf(path: Path) -> Path | None:
     Raises:
         SourceNotFound: a folder holds several GGUF files and no safetensors.
     """
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a file, or something posing as one (checked before it is read)
         return path if path.suffix == GGUF_SUFFIX else None
     if not path.is_dir() or any(path.glob("*.safetensors")):
         return None

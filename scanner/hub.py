@@ -49,6 +49,7 @@ class Resolved:
     revision: str | None  # the Hub commit sha, an example's GGUF hash; None until a local folder is hashed
     artifact: str | None = None  # what is read when it is not the repo's own weights at `revision`
     dtype: str | None = None  # the weights' own precision when the files read hold another (examples)
+    root: Path | None = None  # every file read must lie inside it (None: the folder, or the file's folder)
 
 
 def source_name(source: str) -> str:
@@ -134,7 +135,8 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Res
     if info is not None and folder.name != info.sha:
         raise HubError(f"{where}: moved from {info.sha[:12]} to {folder.name[:12]} while downloading; scan again")
     logger.info("%s resolved to %s", where, folder)
-    return Resolved(repo_id, folder, repo_id, folder.name)  # snapshot folders are named by commit sha
+    # Snapshot files link into the repo's blobs/: the repo's cache folder is what they may resolve into.
+    return Resolved(repo_id, folder, repo_id, folder.name, root=folder.parent.parent)  # named by commit sha
 
 
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)

@@ -37,6 +37,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .arch import OutProj, find_decoder_layers, find_out_proj
 from .config import PICKLE_SUFFIXES
+from .files import inside
 from .gguf import GGUFCheckpoint, find_gguf
 from .errors import (
     CannotVerify,
@@ -65,15 +66,16 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def load_config(path: Path, *, trust_remote_code: bool = False):
+def load_config(path: Path, *, trust_remote_code: bool = False, root: Path | None = None):
     """Read config.json, refusing custom code unless trusted.
 
     A config with `auto_map` whose `model_type` transformers implements natively (Phi-3 repos do
     this) is read with the native implementation; any other `auto_map` needs the operator's opt-in.
     """
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists() and not config_file.is_symlink():
         raise MissingConfig(f"{path}: no config.json (is this a model checkpoint folder?)")
+    inside(config_file, root or path, what="config")
     try:
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -95,23 +97,29 @@ def load_config(path: Path, *, trust_remote_code: bool = False):
         raise MissingConfig(f"{config_file}: transformers cannot read it ({first_line(e)})") from e
 
 
-def find_weight_files(path: Path) -> list[Path]:
-    """The safetensors files that hold the model, refusing pickle-only checkpoints."""
+def find_weight_files(path: Path, *, root: Path | None = None) -> list[Path]:
+    """The safetensors files that hold the model, refusing pickle-only checkpoints.
+
+    Every file must be a regular file inside `root` (default `path`): a shard index or a link
+    pointing elsewhere on the machine, or a FIFO, is refused.
+    """
+    root = root or path
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists() or index.is_symlink():
+        inside(index, root, what="shard index")
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError) as e:
             raise CorruptCheckpoint(f"{index}: not a valid shard index ({e})") from e
-        missing = [n for n in names if not (path / n).is_file()]
+        missing = [n for n in names if not isinstance(n, str) or not (path / n).exists()]
         if missing:
-            raise CorruptCheckpoint(f"{index}: names shard(s) that are missing: {', '.join(missing)}")
-        return [path / n for n in names]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
+            raise CorruptCheckpoint(f"{index}: names shard(s) that are missing: {', '.join(map(str, missing))}")
+        return [inside(path / n, root, what="weight file") for n in names]
+    if (path / "model.safetensors").exists() or (path / "model.safetensors").is_symlink():
+        return [inside(path / "model.safetensors", root, what="weight file")]
     files = sorted(path.glob("*.safetensors"))
     if files:
-        return files
+        return [inside(f, root, what="weight file") for f in files]
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise UnsafeCheckpoint(
@@ -143,10 +151,10 @@ class SafetensorsCheckpoint:
         trust_remote_code: allow repo code named by config.json's auto_map.
     """
 
-    def __init__(self, path: Path, *, trust_remote_code: bool = False):
+    def __init__(self, path: Path, *, trust_remote_code: bool = False, root: Path | None = None):
         self.path = self.folder = path
-        self.config = load_config(path, trust_remote_code=trust_remote_code)
-        self.weight_files = find_weight_files(path)
+        self.config = load_config(path, trust_remote_code=trust_remote_code, root=root)
+        self.weight_files = find_weight_files(path, root=root)
         self.hashed_files = self.weight_files + [path / "config.json"]  # what a local folder's revision hashes
         self.tensors = read_headers(self.weight_files)
         self.dtype = _majority_dtype(self.tensors, path)
@@ -254,12 +262,17 @@ class SafetensorsCheckpoint:
         return keys[0], [row, col]
 
 
-def open_checkpoint(path: Path, *, trust_remote_code: bool = False) -> SafetensorsCheckpoint | GGUFCheckpoint:
-    """The checkpoint at `path`: a GGUF file, a folder holding one GGUF file, or a safetensors folder."""
+def open_checkpoint(path: Path, *, trust_remote_code: bool = False,
+                    root: Path | None = None) -> SafetensorsCheckpoint | GGUFCheckpoint:
+    """The checkpoint at `path`: a GGUF file, a folder holding one GGUF file, or a safetensors folder.
+
+    Every file it reads must be a regular file inside `root` (default: the folder, or the GGUF file's).
+    """
     gguf_file = find_gguf(path)
     if gguf_file is not None:
+        inside(gguf_file, root or gguf_file.parent, what="GGUF file")
         return GGUFCheckpoint(gguf_file)  # holds no code: trust_remote_code does not apply
-    return SafetensorsCheckpoint(path, trust_remote_code=trust_remote_code)
+    return SafetensorsCheckpoint(path, trust_remote_code=trust_remote_code, root=root)
 
 
 class StreamingModel:
@@ -267,6 +280,7 @@ class StreamingModel:
 
     Args:
         path: the checkpoint folder, or a GGUF file.
+        root: every file read must lie inside it (default: the folder, or the GGUF file's folder).
         device: where layers run.
         dtype: the compute dtype; None keeps the checkpoint's (float16 runs as float32 on CPU;
             GGUF is dequantized to float32).
@@ -274,10 +288,10 @@ class StreamingModel:
     """
 
     def __init__(self, path: Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, root: Path | None = None):
         self.path = path = Path(path)
         self.device = torch.device(device)
-        self.checkpoint = open_checkpoint(path, trust_remote_code=trust_remote_code)
+        self.checkpoint = open_checkpoint(path, trust_remote_code=trust_remote_code, root=root)
         self.config = self.checkpoint.config
         self.folder = self.checkpoint.folder  # hashed file names are relative to it
         self.weight_files = self.checkpoint.weight_files

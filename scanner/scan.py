@@ -105,12 +105,12 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
     pool, stop = ThreadPoolExecutor(max_workers=1), threading.Event()
     try:
         model = StreamingModel(resolved.path, device=str(device), dtype=DTYPES.get(options.dtype),
-                               trust_remote_code=options.trust_remote_code)
+                               trust_remote_code=options.trust_remote_code, root=resolved.root)
         revision, hashing = resolved.revision, None
         if revision is None:  # a local checkpoint: hash it while the layers stream
             hashing = pool.submit(content_hash, model.hashed_files, model.folder,
                                   cache=SUPERWEIGHT_HOME / DIGEST_CACHE, stop=stop)
-        tokenizer = load_tokenizer(resolved.path)
+        tokenizer = load_tokenizer(resolved.path, root=resolved.root)
         ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config, tokenizer=tokenizer)
         check_prompt(resolved.path, ids, model.config)
         input_ids = model.load_static(ids)

@@ -9,16 +9,32 @@ import hashlib
 import logging
 from pathlib import Path
 
+from .files import inside
+
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(path: Path):
-    """The checkpoint's own tokenizer (a GGUF file's included), or None without a usable one."""
+# Files transformers may read to build a tokenizer from a folder: each must be a regular file inside it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json", "config.json")
+
+
+def load_tokenizer(path: Path, *, root: Path | None = None):
+    """The checkpoint's own tokenizer (a GGUF file's included), or None without a usable one.
+
+    Raises:
+        UnsafeCheckpoint: a tokenizer file links outside `root` (default `path`) or is not a regular file.
+    """
     from .gguf import find_gguf
 
     gguf_file = find_gguf(path)
-    if gguf_file is None and not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        return None
+    if gguf_file is None:
+        present = [path / name for name in TOKENIZER_FILES if (path / name).exists() or (path / name).is_symlink()]
+        for file in present:
+            inside(file, root or path, what="tokenizer file")
+        if not {"tokenizer.json", "tokenizer_config.json"} & {f.name for f in present}:
+            return None
     from transformers import AutoTokenizer
 
     where, gguf = (gguf_file.parent, {"gguf_file": gguf_file.name}) if gguf_file else (path, {})

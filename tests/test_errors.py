@@ -218,3 +218,43 @@ def test_prompt_longer_than_the_model(good):
 
 def test_device_that_is_not_supported(good):
     assert_one_line_error(run(good, "--device", "meta"), "--device meta: only cpu and cuda devices are supported")
+
+
+# -- files outside the checkpoint, and files that are not files ----------------------------------
+
+def test_a_weight_linked_from_outside_the_checkpoint_is_refused(tmp_path, good):
+    outside = tmp_path / "elsewhere.safetensors"
+    (good / "model.safetensors").rename(outside)
+    (good / "model.safetensors").symlink_to(outside)
+    assert_one_line_error(run(good, "--no-record"), "model.safetensors", "lies outside", str(good))
+
+
+def test_a_shard_index_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, good):
+    outside = tmp_path / "x.safetensors"
+    (good / "model.safetensors").rename(outside)
+    (good / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../x.safetensors"}}))
+    assert_one_line_error(run(good, "--no-record"), "x.safetensors", "lies outside")
+
+
+def test_a_tokenizer_linked_from_outside_is_refused(tmp_path, good):
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    (good / "tokenizer.json").symlink_to(secret)
+    assert_one_line_error(run(good, "--no-record"), "tokenizer.json", "lies outside")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(good, name):
+    (good / name).unlink()
+    os.mkfifo(good / name)
+    proc = subprocess.run([sys.executable, "-m", "superweight.cli", "scan", str(good), "--no-record"],
+                          capture_output=True, text=True, timeout=120)  # a blocked open would hang here
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "not a regular file" in proc.stderr and name in proc.stderr
+
+
+def test_a_gguf_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "model.gguf")
+    proc = subprocess.run([sys.executable, "-m", "superweight.cli", "scan", str(tmp_path / "model.gguf"), "--no-record"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "not a regular file" in proc.stderr
