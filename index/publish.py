@@ -24,7 +24,7 @@ from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, Hf
 from huggingface_hub.errors import HfHubHTTPError
 
 from scanner.errors import first_line
-from scanner.hub import file_sha256
+from scanner.hub import file_sha256, use_timeouts
 
 from .errors import ChecksumMismatch, DownloadFailed, NotACatalog, PublishFailed
 
@@ -139,6 +139,7 @@ def _publish_to_hub(target: str, parquet: Path, manifest: dict, *, endpoint: str
     if not token:
         raise PublishFailed(f"{target}: publishing to the Hub needs a write token in the HF_TOKEN environment variable")
     card = dataset_card(parquet, manifest, where=target)
+    use_timeouts()
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
@@ -251,6 +252,7 @@ def download(source: str, dest: Path) -> dict:
 def fetch(source: str, name: str, target: Path) -> None:
     """Copy file `name` of `source` (folder, file beside it, URL, or hf://datasets/...) to `target`."""
     try:
+        use_timeouts()
         if source.startswith("hf://datasets/"):
             repo_id = source.removeprefix("hf://datasets/").strip("/")
             shutil.copyfile(hf_hub_download(repo_id, name, repo_type="dataset"), target)

@@ -11,6 +11,7 @@ SUPERWEIGHT_HOME = Path(
     os.getenv("SUPERWEIGHT_HOME", Path(os.getenv("XDG_CACHE_HOME", Path.home() / ".cache")) / "superweight")
 )
 DEBUG = os.getenv("SUPERWEIGHT_DEBUG", "") not in ("", "0")
+HUB_TIMEOUT = float(os.getenv("SUPERWEIGHT_HUB_TIMEOUT", "30"))  # seconds any one Hub request may wait for bytes
 CATALOG_FILE = "catalog.duckdb"  # under SUPERWEIGHT_HOME unless --catalog
 DIGEST_CACHE = "file-digests.json"  # per-file sha256s of local checkpoints, under SUPERWEIGHT_HOME
 
@@ -42,3 +43,19 @@ class DetectConfig:
     input_ratio: float = 5.0
     # Safety bound on remove-and-rerun rounds (published models have at most 7 super weights).
     max_rounds: int = 16
+
+
+# Sizes a config.json may give, each far above any released model (largest known in the comment),
+# checked before anything is built: a config is untrusted, and a size of 1e12 would be allocated.
+SIZE_LIMITS = {
+    "hidden_size": 2**20, "n_embd": 2**20, "d_model": 2**20,  # 16,384 (Llama-3.1-405B)
+    "intermediate_size": 2**21, "n_inner": 2**21, "ffn_hidden_size": 2**21, "moe_intermediate_size": 2**21,  # 53,248
+    "num_hidden_layers": 2**12, "n_layer": 2**12,  # 126
+    "num_attention_heads": 2**14, "n_head": 2**14, "num_key_value_heads": 2**14, "head_dim": 2**16,  # 128, 256
+    "vocab_size": 2**24,  # 262,144 (Gemma 3)
+    "max_position_embeddings": 2**27, "n_positions": 2**27, "n_ctx": 2**27,  # 10,485,760 (Llama 4 Scout)
+    "num_local_experts": 2**16, "num_experts": 2**16, "num_experts_per_tok": 2**16,  # 384 (Kimi K2)
+}
+# Of those, the ones null may stand for (derived from others, or no experts).
+NULLABLE_SIZES = {"head_dim", "num_key_value_heads", "n_inner", "ffn_hidden_size", "moe_intermediate_size",
+                  "num_local_experts", "num_experts", "num_experts_per_tok", "n_ctx"}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DetectConfig
-from .errors import UnsupportedArchitecture
+from .errors import NonFiniteActivation, UnsupportedArchitecture
 from .loader import StreamingModel
 
 logger = logging.getLogger(__name__)
@@ -232,14 +232,28 @@ class Detector:
             w = module.weight
             w_row = (lambda r: w[:, r]) if conv else (lambda r: w[r])
             x, y = args[0].reshape(-1, args[0].shape[-1]), output.reshape(-1, output.shape[-1])
+            self._check_finite(i, input=x, output=y)
             self._record(i, *_analyse(i, x, y, w_row, min_share=self.config.min_share))
         return hook
 
     def _record_experts(self, i):
         def hook(module, args, kwargs, output):
             hidden, index, weights = _expert_inputs(args, kwargs)
+            self._check_finite(i, input=hidden, output=output)
             self._record(i, *_analyse_experts(i, module, hidden, index, weights, output, self.config.min_share))
         return hook
+
+    def _check_finite(self, i: int, **tensors: torch.Tensor) -> None:
+        """Raise NonFiniteActivation when the projection's input or output holds NaN or infinities.
+
+        A NaN weight or a NaN norm epsilon would otherwise spread to every channel and pass every
+        ratio, giving super weights at one coordinate in every layer.
+        """
+        for which, tensor in tensors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteActivation(
+                    f"{self.sm.path}: layer {i}: the MLP output projection's {which} holds NaN or infinite values; "
+                    "the checkpoint's weights or config are broken")
 
     def _record(self, i: int, peak: LayerPeak, candidates: list[Candidate]) -> None:
         """Keep a layer's analysis, noting the residual stream each candidate adds to."""

@@ -28,7 +28,7 @@ from huggingface_hub.errors import (
 
 from .config import PICKLE_SUFFIXES
 from .errors import HubError, MissingConfig, RemoteCodeRefused, UnsupportedArchitecture, first_line
-from .hub import hub_error, with_retries
+from .hub import hub_error, with_retries, use_timeouts
 from .loader import load_config
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def discover(*, hub: HubAccess = HubAccess(), since: datetime | None = None, lim
         limit: at most this many.
     """
     def listing():
+        use_timeouts()
         try:
             models = HfApi(endpoint=hub.endpoint).list_models(
                 pipeline_tag=PIPELINE, filter=["safetensors"], sort="last_modified", limit=limit,
@@ -139,6 +140,7 @@ def vet(repo_id: str, *, hub: HubAccess = HubAccess(), max_params: int | None = 
 def _hub(repo_id: str, hub: HubAccess, call):
     """`call()` with retries; Hub HTTP and network errors become HubError / HubUnavailable."""
     def once():
+        use_timeouts()
         try:
             return call()
         except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, NotASafetensorsRepoError):

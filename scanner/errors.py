@@ -61,3 +61,7 @@ class InvalidPrompt(ScanError):
 
 class CannotVerify(ScanError):
     """The effect of zeroing cannot be measured on this model (no usable LM head, unknown logit scaling)."""
+
+
+class NonFiniteActivation(ScanError):
+    """A layer's activations hold NaN or infinite values: the checkpoint's weights or config are broken."""

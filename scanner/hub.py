@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's HTTP client: its transport errors are not HfHubHTTPError
-from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, constants, get_session, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .config import CHECKPOINT_PATTERNS, DIGEST_CACHE, PICKLE_SUFFIXES, SUPERWEIGHT_HOME
+from .config import CHECKPOINT_PATTERNS, DIGEST_CACHE, HUB_TIMEOUT, PICKLE_SUFFIXES, SUPERWEIGHT_HOME
 from .errors import CorruptCheckpoint, HubError, HubUnavailable, SourceNotFound, UnsafeCheckpoint, first_line
 from .examples import example_checkpoint, find_example
 
@@ -100,8 +100,31 @@ def _example(source: str) -> Resolved:
     return Resolved(source, folder, example.repo_id, revision, artifact=example.artifact, dtype=example.quantization)
 
 
+def use_timeouts() -> None:
+    """Give every huggingface_hub request a timeout: HUB_TIMEOUT seconds to connect, or between bytes.
+
+    huggingface_hub's shared client sets none, and most of its calls pass `timeout=None`: an endpoint
+    that accepts connections and never answers would hold a scan or a crawl forever. A request hook
+    fills in the timeouts a request lacks (a download's own is kept). Called before Hub work, since
+    the shared client can be replaced.
+    """
+    client = get_session()
+    hooks = client.event_hooks["request"]
+    if _bound_timeouts not in hooks:
+        client.event_hooks = {**client.event_hooks, "request": [*hooks, _bound_timeouts]}
+
+
+def _bound_timeouts(request: httpx2.Request) -> None:
+    timeout = dict(request.extensions.get("timeout") or {})
+    for phase in ("connect", "read", "write", "pool"):
+        if timeout.get(phase) is None:
+            timeout[phase] = HUB_TIMEOUT
+    request.extensions["timeout"] = timeout
+
+
 def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Resolved:
     """Pin `revision` to a sha, refuse repos without safetensors, and fetch only what a scan reads."""
+    use_timeouts()
     where = f"{repo_id}@{revision}"
     info = None
     try:

@@ -36,7 +36,7 @@ from transformers.modeling_utils import LoadStateDictConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .arch import OutProj, find_decoder_layers, find_out_proj
-from .config import PICKLE_SUFFIXES
+from .config import NULLABLE_SIZES, PICKLE_SUFFIXES, SIZE_LIMITS
 from .files import inside
 from .gguf import GGUFCheckpoint, find_gguf
 from .errors import (
@@ -77,9 +77,14 @@ def load_config(path: Path, *, trust_remote_code: bool = False, root: Path | Non
         raise MissingConfig(f"{path}: no config.json (is this a model checkpoint folder?)")
     inside(config_file, root or path, what="config")
     try:
-        raw = json.loads(config_file.read_text())
+        raw = json.loads(config_file.read_text(), parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MissingConfig(f"{config_file}: not valid JSON ({e})") from e
+    except ValueError as e:  # NaN or Infinity, which JSON does not have but Python reads
+        raise MissingConfig(f"{config_file}: {e}") from None
+    if not isinstance(raw, dict):
+        raise MissingConfig(f"{config_file}: not a JSON object")
+    check_sizes(raw, config_file)
     model_type = raw.get("model_type")
     native = model_type in CONFIG_MAPPING
     if "auto_map" in raw and not native and not trust_remote_code:
@@ -95,6 +100,45 @@ def load_config(path: Path, *, trust_remote_code: bool = False, root: Path | Non
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code and not native)
     except (ValueError, KeyError, TypeError, OSError, StrictDataclassError) as e:  # strict: e.g. heads vs width
         raise MissingConfig(f"{config_file}: transformers cannot read it ({first_line(e)})") from e
+
+
+def _no_constant(name: str):
+    raise ValueError(f"holds {name}, which is not a number a config can use")
+
+
+def check_sizes(raw: dict, config_file: Path) -> None:
+    """Raise MissingConfig unless every size is a positive whole number within SIZE_LIMITS and every number is finite.
+
+    Run on the raw config.json (and any nested text_config) before transformers or torch see it, so
+    a string, a null, a negative or an absurd size is one clear line, and nothing is allocated for it.
+    """
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            check_sizes(value, config_file)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise MissingConfig(f"{config_file}: {key} is {value}, not a finite number")
+        elif key in SIZE_LIMITS and not (value is None and key in NULLABLE_SIZES):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MissingConfig(f"{config_file}: {key} is {value!r}, not a whole number")
+            if value <= 0:
+                raise MissingConfig(f"{config_file}: {key} is {value}, not a positive whole number")
+            if value > SIZE_LIMITS[key]:
+                raise MissingConfig(f"{config_file}: {key} is {value}, beyond any model (at most {SIZE_LIMITS[key]})")
+
+
+def check_layer_count(config, tensors, path: Path) -> None:
+    """Raise CorruptCheckpoint when the config claims more decoder layers than the weights hold.
+
+    Counted from the tensor names (`layers.N.`, `h.N.`, `blocks.N.`, GGUF's `blk.N.`) before the model
+    is built: a config of 1e9 layers would otherwise build for minutes and gigabytes.
+    """
+    claimed = config.get_text_config().num_hidden_layers
+    held = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.search(name))}
+    if held and claimed > len(held):
+        raise CorruptCheckpoint(f"{path}: config.json says {claimed} decoder layers; the weights hold {len(held)}")
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|blk)\.(\d+)\.")
 
 
 def find_weight_files(path: Path, *, root: Path | None = None) -> list[Path]:
@@ -299,6 +343,7 @@ class StreamingModel:
         self.tensors = self.checkpoint.tensors  # shapes outermost dimension first, GGUF too
         self.checkpoint_dtype: torch.dtype | str = self.checkpoint.dtype  # GGUF: a quantization type, e.g. "Q4_1"
         self.dtype = dtype or self.checkpoint.compute_dtype(self.device)
+        check_layer_count(self.config, self.tensors, path)
         try:
             with init_empty_weights(include_buffers=False):
                 self.model = AutoModelForCausalLM.from_config(

@@ -265,6 +265,8 @@ class _Meter:
             expected = torch.tensor(self.inputs.expected or [0] * len(last), device=self.sm.device)
             prompt = _head_stats(self.sm, self.head, prompt_hidden, expected, self.inputs.stopwords or [], self.config)
         ppl = torch.exp(text["nll"].mean(dim=1))  # (V,)
+        if not bool(torch.isfinite(ppl).all()):
+            raise CannotVerify("the evaluation text's perplexity is not finite for some variant (NaN or overflow)")
         if first:
             self.base = {"ppl": float(ppl[0]), **_prompt_figures(prompt, 0, self.inputs)}
         return [{"ppl_ratio": float(ppl[v] / ppl[0]), "kl": float(text["kl"][v].mean()),

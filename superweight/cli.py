@@ -111,7 +111,7 @@ def _verify_option(*, default: bool):
               show_default=True, help="Compute dtype; auto keeps the checkpoint's.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow repo code named by config.json auto_map.")
 @click.option("--prompt", default=_DEFAULTS.prompt, show_default=True, help="The one prompt of the forward pass.")
-@click.option("--spike-ratio", type=float, default=_DEFAULTS.spike_ratio, show_default=True,
+@click.option("--spike-ratio", type=_Finite(min=0, min_open=True), default=_DEFAULTS.spike_ratio, show_default=True,
               help="A layer spikes at this many times the median layer's peak |down_proj output|.")
 @click.option("--progress/--no-progress", default=None,
               help="Count layers on stderr (default: when stderr is a terminal and HF_HUB_DISABLE_PROGRESS_BARS is unset).")
@@ -306,12 +306,12 @@ def _parse_count(ctx, param, value: str | None) -> int | None:
 @click.option("--max-params", callback=_parse_count, help="Refuse models with more parameters, e.g. 8e9 or 8B.")
 @click.option("--address", envvar="RAY_ADDRESS", help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray).")
 @click.option("--workers", type=click.IntRange(min=1), help="Scan workers (default: one per GPU, else one per 2 CPUs).")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per worker (default: 1 if the cluster has GPUs, else 0).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True, help="Seconds per model, download included.")
+@click.option("--gpus-per-worker", type=_Finite(min=0), help="GPUs per worker (default: 1 if the cluster has GPUs, else 0).")
+@click.option("--timeout", type=_Finite(min=1), default=1800, show_default=True, help="Seconds per model, download included.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help="More attempts for a model whose worker died.")
-@click.option("--max-cache-gb", type=click.FloatRange(min=0.001), default=50, show_default=True,
+@click.option("--max-cache-gb", type=_Finite(min=0.001), default=50, show_default=True,
               help="Disk for downloads in flight, all workers together; bigger models are refused.")
-@click.option("--lease-seconds", type=click.FloatRange(min=1), default=300, show_default=True,
+@click.option("--lease-seconds", type=_Finite(min=1), default=300, show_default=True,
               help="A killed crawl's models can be claimed by another after this long.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N, on each worker.")
 @click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),

@@ -258,3 +258,88 @@ def test_a_gguf_fifo_is_refused_without_blocking(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "superweight.cli", "scan", str(tmp_path / "model.gguf"), "--no-record"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "not a regular file" in proc.stderr
+
+
+# -- numbers that are not numbers, sizes that are not sizes --------------------------------------
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_fails_the_scan_in_one_line_and_records_nothing(good, tmp_path, value):
+    name = "model.layers.2.mlp.down_proj.weight"
+    rewrite(good / "model.safetensors", lambda t: t[name].__setitem__((5, 5), value))
+    catalog = tmp_path / "c.duckdb"
+
+    result = run(good, "--json", "--catalog", catalog)
+
+    assert_one_line_error(result, "layer 2", "NaN or infinite", "broken")
+    assert json.loads(result.stdout)["status"] == "failed"  # and the JSON line is valid JSON
+    assert not catalog.exists() or catalog_rows(catalog) == []
+
+
+def catalog_rows(path):
+    import duckdb
+
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute("SELECT * FROM catalog").fetchall()
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("rms_norm_eps", "NaN", "NaN"),
+    ("rms_norm_eps", "1e999", "inf"),
+    ("hidden_size", '"big"', "hidden_size is 'big', not a whole number"),
+    ("num_hidden_layers", "null", "num_hidden_layers is None, not a whole number"),
+    ("num_attention_heads", "-4", "num_attention_heads is -4, not a positive whole number"),
+    ("vocab_size", "true", "vocab_size is True, not a whole number"),
+])
+def test_a_config_value_that_is_not_a_size_is_one_clear_line(good, key, value, fragment):
+    text = (good / "config.json").read_text()
+    config = json.loads(text)
+    config[key] = "__VALUE__"
+    (good / "config.json").write_text(json.dumps(config).replace('"__VALUE__"', value))
+    assert_one_line_error(run(good, "--no-record"), "config.json", fragment)
+
+
+@pytest.mark.parametrize("layers,fragment", [
+    (1000, "config.json says 1000 decoder layers; the weights hold 8"),
+    (100_000, "num_hidden_layers is 100000, beyond any model (at most 4096)"),
+    (1_000_000_000, "num_hidden_layers is 1000000000, beyond any model"),
+])
+def test_a_config_claiming_more_layers_than_the_weights_hold_is_refused_at_once(good, layers, fragment):
+    config = json.loads((good / "config.json").read_text())
+    (good / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    proc = subprocess.run([sys.executable, "-m", "superweight.cli", "scan", str(good), "--no-record"],
+                          capture_output=True, text=True, timeout=120)  # it ran for minutes and grew past 1.9 GB
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert fragment in proc.stderr
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "max_position_embeddings", "intermediate_size"])
+def test_absurd_sizes_are_refused_before_anything_is_allocated(good, key):
+    config = json.loads((good / "config.json").read_text())
+    (good / "config.json").write_text(json.dumps({**config, key: 10**12}))
+    proc = subprocess.run(["bash", "-c", f"ulimit -v 8000000; exec {sys.executable} -m superweight.cli scan {good} --no-record"],
+                          capture_output=True, text=True, timeout=120)  # 8 GB of address space at most
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert key in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf"])
+def test_a_spike_ratio_that_is_not_a_positive_number_is_a_usage_error(good, value):
+    result = run(good, "--spike-ratio", value)
+    assert result.exit_code == 2 and "Invalid value for '--spike-ratio'" in result.stderr
+
+
+def test_a_hub_that_accepts_but_never_answers_times_out_in_one_line(tmp_path):
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections (the kernel does) and never answers
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "SUPERWEIGHT_HUB_TIMEOUT": "2",
+           "SUPERWEIGHT_HOME": str(tmp_path)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "superweight.cli", "scan", "some/model", "--no-record"],
+                              capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        silent.close()
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("Error: some/model@main: Hub request to http://127.0.0.1:") and "timed out" in proc.stderr
