@@ -193,15 +193,17 @@ def connect(path: Path, *, read_only: bool, wait: float) -> duckdb.DuckDBPyConne
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as e:
-            if "lock" not in str(e).lower():
-                raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)})") from None
-            if time.monotonic() + delay > deadline:
-                raise CatalogLocked(f"{path}: another process has held this catalog for {wait:g} s; "
-                                    "wait for it or use --catalog") from None
-        except duckdb.Error as e:  # a file that is not a DuckDB database, or a damaged one
-            raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)}); move it aside, "
-                                     "and rescan or run superweight download") from None
+        except duckdb.Error as e:
+            if isinstance(e, duckdb.IOException) and "lock" in str(e).lower():
+                if time.monotonic() + delay > deadline:
+                    raise CatalogLocked(f"{path}: another process has held this catalog for {wait:g} s; "
+                                        "wait for it or use --catalog") from None
+            elif path.exists() and not _is_duckdb(path):
+                raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)}); move it aside, "
+                                         "and rescan or run superweight download") from None
+            else:  # a read-only or full disk, no permission
+                raise CatalogUnavailable(f"{path}: cannot open the catalog ({_first(e)}); set SUPERWEIGHT_HOME "
+                                         "or --catalog to a writable place") from None
         time.sleep(delay)
         delay = min(2 * delay, 1.0)
 
@@ -217,11 +219,11 @@ def attach_read_only(con: duckdb.DuckDBPyConnection, path: Path, alias: str, *,
         try:
             con.execute(f"ATTACH '{quoted}' AS {alias} (READ_ONLY)")
             break
-        except duckdb.IOException as e:
-            if "lock" not in str(e).lower() or time.monotonic() + delay > deadline:
-                raise CatalogLocked(f"{path}: another process has held this catalog for {wait:g} s") from None
         except duckdb.Error as e:
-            raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)})") from None
+            if not isinstance(e, duckdb.IOException) or "lock" not in str(e).lower():
+                raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)})") from None
+            if time.monotonic() + delay > deadline:
+                raise CatalogLocked(f"{path}: another process has held this catalog for {wait:g} s") from None
         time.sleep(delay)
         delay = min(2 * delay, 1.0)
     try:
@@ -246,6 +248,15 @@ def _transaction(con: duckdb.DuckDBPyConnection, path: Path) -> Iterator[None]:
     except BaseException:
         con.rollback()
         raise
+
+
+def _is_duckdb(path: Path) -> bool:
+    """Whether the file starts like a DuckDB database (its magic bytes "DUCK" at offset 8)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(12)[8:12] == b"DUCK"
+    except OSError:
+        return True  # unreadable: say so as a disk problem, not as a bad file
 
 
 def _schema_version(con: duckdb.DuckDBPyConnection) -> int | None:

@@ -28,7 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .errors import LedgerUnavailable
 
 STATES = ("queued", "running", "succeeded", "failed", "refused")
-SCAN_LEASE_SECONDS = 3600  # how long a `superweight scan` holds its key (it does not renew)
+SCAN_LEASE_SECONDS = 600  # how long a `superweight scan` holds its key between renewals (once a minute)
+STOPPED = "stopped without finishing (its process ended, or its lease lapsed); scan it again"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -200,8 +201,21 @@ class Ledger:
                                                      ScanRecord.lease_owner == owner)
                             .values(state="queued", lease_owner=None, lease_expires_at=None, finished_at=_now()))
 
+    def expire(self) -> int:
+        """Mark running rows whose lease has lapsed as failed (their scan or crawl was killed); returns how many.
+
+        A crawl claims such rows again on its own (claim); this makes the ledger say what happened.
+        """
+        now = _now()
+        with Session(self.engine) as session, session.begin():
+            return session.execute(
+                update(ScanRecord).where(ScanRecord.state == "running", ScanRecord.lease_expires_at < now)
+                .values(state="failed", error=STOPPED, finished_at=now, lease_owner=None, lease_expires_at=None)
+            ).rowcount
+
     def records(self, *, state: str | None = None) -> list[dict]:
-        """All records, newest first, optionally only those in `state`."""
+        """All records, newest first, optionally only those in `state` (lapsed leases expired first)."""
+        self.expire()
         query = select(ScanRecord).order_by(ScanRecord.started_at.desc(), ScanRecord.id.desc())
         if state is not None:
             query = query.filter_by(state=state)
@@ -227,12 +241,20 @@ def read_records(url: str) -> list[dict]:
     try:
         with Session(engine) as session:
             query = select(ScanRecord).order_by(ScanRecord.started_at.desc(), ScanRecord.id.desc())
-            return [r.to_dict() for r in session.scalars(query)]
+            return [_as_expired(r.to_dict()) for r in session.scalars(query)]
     except DBAPIError as e:
         raise LedgerUnavailable(f"{_safe(url)}: cannot read the ledger ({_first(e.orig)}); "
                                 "`superweight ledger` upgrades an older one") from None
     finally:
         engine.dispose()
+
+
+def _as_expired(record: dict) -> dict:
+    """A row as `Ledger.expire` would leave it (for readers that may not write)."""
+    expires = record.get("lease_expires_at")
+    if record["state"] == "running" and expires is not None and expires < _now():
+        return {**record, "state": "failed", "error": STOPPED, "lease_owner": None, "lease_expires_at": None}
+    return record
 
 
 def upgrade(engine) -> None:

@@ -6,14 +6,18 @@ ledger with its reason and never to the catalog.
 
 import os
 import socket
+import time
 
 from scanner import __version__
 from scanner.errors import RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture, UnsupportedQuantization
 from scanner.hub import source_name
+from scanner.progress import Progress, Relay
 from scanner.scan import ScanOptions, scan_source
 
 from .catalog import Catalog
-from .ledger import Ledger
+from .ledger import SCAN_LEASE_SECONDS, Ledger
+
+RENEW_EVERY = 60.0  # seconds between lease renewals of a running scan (its lease lasts SCAN_LEASE_SECONDS)
 
 # Checkpoints we decline to scan, as opposed to scans that broke.
 REFUSALS = (UnsafeCheckpoint, RemoteCodeRefused, UnsupportedArchitecture, UnsupportedQuantization)
@@ -23,8 +27,22 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class _Renewing(Relay):
+    """Renews the scan's ledger lease as its steps go by (at most once every RENEW_EVERY seconds)."""
+
+    def __init__(self, ledger: Ledger, worker: str, inner: Progress | None):
+        super().__init__(inner)
+        self.ledger, self.worker, self.renewed = ledger, worker, time.monotonic()
+
+    def step(self) -> None:
+        if time.monotonic() - self.renewed > RENEW_EVERY:  # a live scan keeps its key; a killed one lets it lapse
+            self.ledger.renew(self.worker, lease_seconds=SCAN_LEASE_SECONDS)
+            self.renewed = time.monotonic()
+        super().step()
+
+
 def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledger: Ledger,
-                    worker: str | None = None, on_layer=None) -> dict:
+                    worker: str | None = None, progress: Progress | None = None) -> dict:
     """Scan `source`, write it to the catalog, and keep the ledger in step.
 
     Returns:
@@ -33,9 +51,10 @@ def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledg
     Raises:
         The scan's or the catalog's exception, after recording it in the ledger as failed or refused.
     """
-    record_id = ledger.start(source_name(source), options.revision or "", __version__, worker=worker or worker_name())
+    worker = worker or worker_name()
+    record_id = ledger.start(source_name(source), options.revision or "", __version__, worker=worker)
     try:
-        result = scan_source(source, options, on_layer=on_layer)
+        result = scan_source(source, options, progress=_Renewing(ledger, worker, progress))
         catalog.record_scan(result)
     except Exception as e:
         state = "refused" if isinstance(e, REFUSALS) else "failed"

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .config import DetectConfig
 from .errors import NonFiniteActivation, UnsupportedArchitecture
 from .loader import StreamingModel
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +171,12 @@ class Detector:
     Args:
         model: the streaming model (weights on disk until needed).
         config: thresholds and prompt.
-        on_layer: optional callback, called with the index of each layer as it is loaded.
+        progress: told of each pass (a phase) and each layer read (a step).
     """
 
-    def __init__(self, model: StreamingModel, config: DetectConfig, *, on_layer=None):
+    def __init__(self, model: StreamingModel, config: DetectConfig, *, progress: Progress | None = None):
         self.sm = model
-        self.on_layer = on_layer  # called with each layer index as it is loaded (progress display)
+        self.progress = progress or Progress()
         self.config = config
         self.peaks: list[LayerPeak | None] = [None] * model.num_layers
         self.candidates: list[list[Candidate]] = [[] for _ in range(model.num_layers)]
@@ -209,8 +210,7 @@ class Detector:
         def hook(module, args, kwargs):
             self.inputs[i] = (args, kwargs)
             self.sm.load_layer(i)
-            if self.on_layer is not None:
-                self.on_layer(i)
+            self.progress.step()
         return hook
 
     def _leave(self, i):
@@ -270,14 +270,16 @@ class Detector:
     def first_pass(self, input_ids: torch.Tensor) -> None:
         """Run the base model's own forward; hooks stream layers and record every layer's inputs."""
         self._first_pass = True
+        self.progress.phase("detect: pass 1", self.sm.num_layers)
         try:
             self.sm.base_model(input_ids=input_ids, use_cache=False)
         finally:
             self._first_pass = False
 
     @torch.no_grad()
-    def replay(self, start: int) -> None:
+    def replay(self, start: int, *, name: str = "detect: replay") -> None:
         """Re-run layers start.. from the recorded input of `start` (earlier layers are unchanged)."""
+        self.progress.phase(name, self.sm.num_layers - start)
         hidden = _hidden(*self.inputs[start])
         for i in range(start, self.sm.num_layers):
             args, kwargs = self.inputs[i]
@@ -309,7 +311,7 @@ class Detector:
                     break
                 # Weights within one pass do not interact (each is judged on the same forward), so
                 # all go at once; the layers before the earliest of them are unchanged.
-                self.replay(min(cand.layer for cand, _, _ in picks))
+                self.replay(min(cand.layer for cand, _, _ in picks), name=f"detect: pass {rounds + 1}")
                 rounds += 1
                 picks = self._qualifying(found, rejected)
         finally:

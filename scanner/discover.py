@@ -113,7 +113,8 @@ def vet(repo_id: str, *, hub: HubAccess = HubAccess(), max_params: int | None = 
             return Candidate(repo_id, sha, refusal="no config.json: not a full model checkpoint (an adapter?)")
         config = _hub(repo_id, hub, lambda: hf_hub_download(repo_id, "config.json", revision=sha,
                                                             endpoint=hub.endpoint, cache_dir=cache_dir))
-        load_config(Path(config).parent)  # the scan's own rule: no remote code, an architecture we know
+        snapshot = Path(config).parent  # its files link into the repo cache folder's blobs/
+        load_config(snapshot, root=snapshot.parent.parent)  # the scan's own rule: no remote code, a known architecture
         meta = _hub(repo_id, hub, lambda: api.get_safetensors_metadata(repo_id, revision=sha))
     except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, NotASafetensorsRepoError,
             SafetensorsParsingError) as e:

@@ -65,3 +65,7 @@ class CannotVerify(ScanError):
 
 class NonFiniteActivation(ScanError):
     """A layer's activations hold NaN or infinite values: the checkpoint's weights or config are broken."""
+
+
+class CannotWrite(ScanError):
+    """A file the command was asked to write (a figure, a converted example) cannot be written there."""

@@ -16,11 +16,13 @@ never mistaken for the original bf16 weights.
 import importlib.util
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SourceNotFound
+from safetensors import SafetensorError
+
+from .errors import CannotWrite, SourceNotFound, first_line
+from .files import written_aside
 
 logger = logging.getLogger(__name__)
 
@@ -96,35 +98,54 @@ def example_checkpoint(example: Example, revision: str, *, home: Path) -> Path:
 
 
 def convert_gguf(gguf_file: Path, dest: Path, *, revision: str | None = None) -> Path:
-    """Write a GGUF checkpoint as a float32 safetensors folder (config, weights, tokenizer).
+    """Write a GGUF checkpoint as a float32 safetensors folder (config, weights, tokenizer if it has one).
 
     `save_pretrained` refuses models loaded from GGUF, so the state dict is written directly,
     leaving out a tied lm_head, and the config without its quantization_config. `revision`, the
-    GGUF's content hash, is recorded beside them (SOURCE_FILE).
+    GGUF's content hash, is recorded beside them (SOURCE_FILE). The folder is written aside and
+    renamed into place: a failure (a full disk) leaves nothing, and readers never see half of it.
+
+    Raises:
+        CannotWrite: `dest` cannot be written (no space, read-only, no permission).
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     logger.info("converting %s to safetensors in %s (once)", gguf_file.name, dest)
     folder, name = str(gguf_file.parent), gguf_file.name
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tokenizer = _gguf_tokenizer(gguf_file)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    # One metadata key only: safetensors writes the metadata map in random order, and the converted
-    # bytes should be the same on every machine.
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(config_json(model.config))
-    tokenizer.save_pretrained(tmp)
-    (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": gguf_file.name, "revision": revision}) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)  # readers never see a half-written folder
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with written_aside(dest) as tmp:
+            tmp.mkdir()
+            # One metadata key only: safetensors writes the metadata map in random order, and the
+            # converted bytes should be the same on every machine.
+            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+            (tmp / "config.json").write_text(config_json(model.config))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": gguf_file.name, "revision": revision}) + "\n")
+    except OSError as e:  # safetensors raises its own errors with the OS message inside
+        raise CannotWrite(f"{dest}: cannot write the converted example ({e.strerror or first_line(e)})") from None
+    except SafetensorError as e:
+        raise CannotWrite(f"{dest}: cannot write the converted example ({first_line(e)})") from None
     return dest
+
+
+def _gguf_tokenizer(gguf_file: Path):
+    """The GGUF file's own tokenizer, or None when it holds none that transformers can build."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    except (KeyError, ValueError, OSError, TypeError) as e:
+        logger.warning("%s: no usable tokenizer (%s); converting without one", gguf_file, first_line(e))
+        return None
 
 
 def config_json(config) -> str:

@@ -10,6 +10,9 @@ judged: the first pass through the unmodified model.
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CannotWrite
+from .files import written_aside
+
 
 @dataclass(frozen=True)
 class Figure:
@@ -70,9 +73,14 @@ def plot(result: dict, out: Path) -> Figure:
         fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     _draw_detection(ax, data)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    plt.close(fig)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with written_aside(Path(out)) as tmp:
+            fig.savefig(tmp, format="png")
+    except OSError as e:
+        raise CannotWrite(f"{out}: cannot write the figure ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     return data
 
 

@@ -16,6 +16,7 @@ from .detect import Detector
 from .errors import CannotVerify, DeviceUnavailable, InvalidPrompt
 from .hub import content_hash, resolve
 from .loader import StreamingModel
+from .progress import Progress
 from .tokens import hashed_ids, load_tokenizer
 from .verify import VerifyConfig, verify
 
@@ -81,13 +82,13 @@ def check_prompt(path: Path, ids: list[int], config) -> None:
         raise InvalidPrompt(f"{path}: the prompt has {len(ids)} tokens, more than the model's {limit} positions")
 
 
-def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=None) -> dict:
+def scan_source(source: str, options: ScanOptions = ScanOptions(), *, progress: Progress | None = None) -> dict:
     """Find the super weights of one checkpoint.
 
     Args:
         source: a local folder, a GGUF file, a Hub repo id or `example:NAME`.
         options: device, dtype, revision, thresholds, and whether to verify.
-        on_layer: optional callback `(layer_index, num_layers)` for each decoder layer loaded.
+        progress: told of each phase (a streamed pass, a read of the LM head) and each step of it.
 
     Returns:
         A JSON-ready dict: identity (source, repo_id, revision, model_type, ...), `super_weights`,
@@ -114,12 +115,11 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, on_layer=N
         ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config, tokenizer=tokenizer)
         check_prompt(resolved.path, ids, model.config)
         input_ids = model.load_static(ids)
-        progress = (lambda i: on_layer(i, model.num_layers)) if on_layer else None
-        detection = Detector(model, options.detect, on_layer=progress).run(input_ids)
+        detection = Detector(model, options.detect, progress=progress).run(input_ids)
         verification = None
         if options.verify is not None:
             try:
-                verification = verify(model, detection, tokenizer=tokenizer, config=options.verify, on_layer=progress)
+                verification = verify(model, detection, tokenizer=tokenizer, config=options.verify, progress=progress)
             except CannotVerify as e:  # the coordinates still stand; the record says why there are no effects
                 logger.warning("%s: not verified: %s", source, e)
                 verification = {"skipped": str(e)}

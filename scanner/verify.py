@@ -35,6 +35,7 @@ from torch import nn
 from .detect import Detection, _expert_inputs
 from .errors import CannotVerify
 from .loader import StreamingModel
+from .progress import Progress
 from .tokens import continuation, encode, hashed_ids, leading_special
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class Inputs:
 
 
 def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
-           config: VerifyConfig = VerifyConfig(), on_layer=None) -> dict | None:
+           config: VerifyConfig = VerifyConfig(), progress: Progress | None = None) -> dict | None:
     """Measure the effect of zeroing the super weights of `detection` on `model`, and judge each.
 
     Raises CannotVerify, before any layer is read, when the model's head or texts rule it out.
@@ -113,7 +114,7 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
         detection: the scan's result.
         tokenizer: the checkpoint's tokenizer, or None to use one hashed id per word.
         config: evaluation text and prompts, the `matters` threshold, copies per pass.
-        on_layer: optional callback, called with the index of each layer as it is loaded.
+        progress: told of each streamed pass and head read (phases) and each layer or slice read (steps).
 
     Returns:
         None when there is no super weight; else the model-level figures (`base_ppl`,
@@ -133,7 +134,7 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     inputs = _inputs(model, tokenizer, config)
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in found]
     groups = [a.weights for a in detection.super_activations]
-    meter = _Meter(model, head, inputs, coords, config, on_layer=on_layer)
+    meter = _Meter(model, head, inputs, coords, config, progress=progress or Progress())
 
     activations, joint = _measure_groups(meter, groups, config)
     per_weight = _measure_alone(meter, groups, activations)
@@ -218,9 +219,9 @@ class _Meter:
     """Runs variants through the streamed model, `max_copies` copies per pass, and keeps their figures."""
 
     def __init__(self, model: StreamingModel, head: "_Head", inputs: "Inputs", coords: list[tuple],
-                 config: VerifyConfig, *, on_layer=None):
+                 config: VerifyConfig, *, progress: Progress):
         self.sm, self.head, self.inputs, self.coords, self.config = model, head, inputs, coords, config
-        self.on_layer = on_layer
+        self.progress = progress
         self.chosen: list[dict | None] = [None] * len(coords)  # each super weight's control, once picked
         remapped = model.load_static(inputs.text.flatten().tolist() + inputs.prompts.flatten().tolist())[0]
         self.text_ids = remapped[: inputs.text.numel()].view_as(inputs.text)
@@ -245,8 +246,11 @@ class _Meter:
     def _run(self, variants: list[Variant]) -> list[dict]:
         """Stream the text and the prompts through one copy per variant (and the original, the first time)."""
         first = self.base_hidden is None
-        stream = _VariantStream(self.sm, [()] * first + variants, self.coords, self.chosen, on_layer=self.on_layer)
+        copies = len(variants) + first
+        stream = _VariantStream(self.sm, [()] * first + variants, self.coords, self.chosen, progress=self.progress)
+        self.progress.phase(f"verify: {copies} copies of the text", self.sm.num_layers)
         text_hidden = stream.run(self.text_ids)[:, :, :-1]  # (V, B, T-1, H): each position predicts the next
+        self.progress.phase(f"verify: {copies} copies of the prompts", self.sm.num_layers)
         prompt_hidden = stream.run(self.prompt_ids)  # (V, P, Tp, H)
         self.passes += 2
         self.copies += len(variants) + first
@@ -259,11 +263,15 @@ class _Meter:
             prompt_hidden = torch.cat([self.base_hidden[1], prompt_hidden])
         targets = self.inputs.text[:, 1:].reshape(-1).to(self.sm.device)
         V = len(variants) + 1
+        slices = math.ceil(self.sm.head_rows / self.config.head_rows)
         with self.head:
+            self.progress.phase("verify: LM head on the text", slices)
             text = _head_stats(self.sm, self.head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets,
-                               [], self.config)
+                               [], self.config, progress=self.progress)
             expected = torch.tensor(self.inputs.expected or [0] * len(last), device=self.sm.device)
-            prompt = _head_stats(self.sm, self.head, prompt_hidden, expected, self.inputs.stopwords or [], self.config)
+            self.progress.phase("verify: LM head on the prompts", slices)
+            prompt = _head_stats(self.sm, self.head, prompt_hidden, expected, self.inputs.stopwords or [], self.config,
+                                 progress=self.progress)
         ppl = torch.exp(text["nll"].mean(dim=1))  # (V,)
         if not bool(torch.isfinite(ppl).all()):
             raise CannotVerify("the evaluation text's perplexity is not finite for some variant (NaN or overflow)")
@@ -328,9 +336,9 @@ class _VariantStream:
     """
 
     def __init__(self, model: StreamingModel, variants: list[Variant], coords: list[tuple],
-                 chosen: list[dict | None], *, on_layer=None):
+                 chosen: list[dict | None], *, progress: Progress):
         self.sm, self.variants, self.coords, self.chosen = model, variants, coords, chosen
-        self.on_layer = on_layer
+        self.progress = progress
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor) -> torch.Tensor:
@@ -357,8 +365,7 @@ class _VariantStream:
             self.sm.load_layer(i)
             if any(c[0] == i and self.chosen[k] is None for k, c in enumerate(self.coords)):
                 self._choose_controls(i)
-            if self.on_layer is not None:
-                self.on_layer(i)
+            self.progress.step()
         return hook
 
     def _choose_controls(self, layer: int) -> None:
@@ -439,7 +446,7 @@ class _VariantStream:
 # -- the language-model head ------------------------------------------------------------------------
 
 def _head_stats(model: StreamingModel, head: "_Head", hidden: torch.Tensor, targets: torch.Tensor,
-                stopwords: list[int], config: VerifyConfig) -> dict:
+                stopwords: list[int], config: VerifyConfig, *, progress: Progress) -> dict:
     """Per variant and position: -log p(target), KL from variant 0, and the stopwords' probability share.
 
     hidden: (V, N, H) final hidden states; targets: (N,). The vocabulary is read `head_rows` at a
@@ -461,6 +468,7 @@ def _head_stats(model: StreamingModel, head: "_Head", hidden: torch.Tensor, targ
         for n in range(0, N, step):
             span = slice(n, min(n + step, N))
             _accumulate(acc, span, head.logits(h[:, span], rows, bias), lo, targets[span], stop)
+        progress.step()
     lse = acc["peak"] + torch.log(acc["total"])  # (V, N)
     return {
         "nll": lse - acc["target"],

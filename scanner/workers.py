@@ -18,6 +18,7 @@ import ray
 
 from .errors import ScanError, ScanTimeout
 from .files import alive
+from .progress import Progress
 from .hub import with_retries
 from .scan import ScanOptions, scan_source
 
@@ -64,15 +65,20 @@ class ScanWorker:
         cache = self.scratch / repo_id.replace("/", "--")
         options = replace(self.config.options, revision=revision or None, cache_dir=cache)  # "": a folder
 
-        def check_deadline(layer: int, num_layers: int) -> None:
-            if time.monotonic() > deadline:
-                raise ScanTimeout(f"{repo_id}@{revision[:12]}: timed out after {timeout:.0f} s at layer "
-                                  f"{layer} of {num_layers}")
+        class Deadline(Progress):  # the scan stops itself between two steps once its time is up
+            where = ""
+
+            def phase(self, name: str, total: int) -> None:
+                self.where = name
+
+            def step(self) -> None:
+                if time.monotonic() > deadline:
+                    raise ScanTimeout(f"{repo_id}@{revision[:12]}: timed out after {timeout:.0f} s, in {self.where}")
 
         outcome: dict = {"worker": f"{socket.gethostname()}:{os.getpid()}",
                          "gpus": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
         try:
-            result = with_retries(lambda: scan_source(repo_id, options, on_layer=check_deadline),
+            result = with_retries(lambda: scan_source(repo_id, options, progress=Deadline()),
                                   attempts=self.config.hub_attempts, backoff=self.config.hub_backoff)
             outcome.update(state="succeeded", result=result)
         except ScanError as e:

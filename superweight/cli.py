@@ -114,7 +114,8 @@ def _verify_option(*, default: bool):
 @click.option("--spike-ratio", type=_Finite(min=0, min_open=True), default=_DEFAULTS.spike_ratio, show_default=True,
               help="A layer spikes at this many times the median layer's peak |down_proj output|.")
 @click.option("--progress/--no-progress", default=None,
-              help="Count layers on stderr (default: when stderr is a terminal and HF_HUB_DISABLE_PROGRESS_BARS is unset).")
+              help="A bar per phase on stderr (--progress), or nothing (--no-progress). Default: bars on a "
+                   "terminal, else a line per finished phase; nothing when HF_HUB_DISABLE_PROGRESS_BARS is set.")
 @click.option("--record/--no-record", default=True, show_default=True,
               help="Write each attempt to the ledger and each finished scan to the catalog.")
 @click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -133,8 +134,7 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
     detect = DetectConfig(prompt=prompt, spike_ratio=spike_ratio)
     options = ScanOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                           detect=detect, verify=VerifyConfig() if verify else None)
-    if progress is None:
-        progress = sys.stderr.isatty() and not os.getenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    progress = _progress_mode(progress)
     with ExitStack() as stores:
         run = scan_source
         if record:
@@ -158,11 +158,11 @@ def _open_stores(stores: ExitStack, catalog_path: Path | None):
     return catalog, ledger
 
 
-def _scan_one(run, source: str, options, *, as_json: bool, progress: bool) -> bool:
+def _scan_one(run, source: str, options, *, as_json: bool, progress: str) -> bool:
     """Scan (and maybe record) one source and print it; False when it failed."""
     try:
-        with _layer_counter(source, enabled=progress) as on_layer:
-            result = run(source, options, on_layer=on_layer)
+        with _progress_display(source, progress) as display:
+            result = run(source, options, progress=display)
     except Exception as e:  # one bad source must not stop the others
         message = _explain(source, e)
         click.echo(f"Error: {message}", err=True)
@@ -433,9 +433,9 @@ def plot(source, out, revision, device, verify) -> None:
     options = ScanOptions(device=device, revision=revision, verify=VerifyConfig() if verify else None)
     try:
         result = scan_source(source, options)
+        data = draw(result, out)
     except ScanError as e:
         raise click.ClickException(_explain(source, e)) from None
-    data = draw(result, out)
     marks = ", ".join(f"layer {layer} [{row}, {col}]" for layer, row, col, _ in data.super_weights) or "no super weight"
     if data.effects:
         marks += "; zeroed: " + ", ".join(f"ppl x{ppl:.3g} (control x{control:.3g})" for _, ppl, control, _ in data.effects)
@@ -459,11 +459,16 @@ def build_index_command(out) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per record.")
 def ledger_command(state, as_json) -> None:
     """Show the scan ledger: what was scanned, when, and why it failed."""
-    from index.ledger import Ledger, default_url
+    from index.errors import LedgerUnavailable
+    from index.ledger import Ledger, default_url, read_records
 
-    ledger = Ledger(default_url(SUPERWEIGHT_HOME))
-    records = ledger.records(state=state)
-    ledger.close()
+    url = default_url(SUPERWEIGHT_HOME)
+    try:
+        ledger = Ledger(url)  # upgrades an older ledger and expires lapsed leases
+        records = ledger.records(state=state)
+        ledger.close()
+    except LedgerUnavailable:  # one it may not write (a read-only home): read it as it is
+        records = [r for r in read_records(url) if state is None or r["state"] == state]
     for r in records:
         if as_json:
             click.echo(to_json(r))
@@ -479,21 +484,36 @@ def _report(path: Path | str, rows: int, sha256: str) -> None:
     click.echo(f"{path}: {rows} rows, sha256 {sha256}")
 
 
+def _progress_mode(flag: bool | None) -> str:
+    """"bar", "lines" or "none": --progress, --no-progress, or by default what stderr is."""
+    if flag is not None:
+        mode = "bar" if flag else "none"
+    elif os.getenv("HF_HUB_DISABLE_PROGRESS_BARS"):
+        mode = "none"
+    else:
+        mode = "bar" if sys.stderr.isatty() else "lines"
+    if mode != "bar":  # transformers' own bars (GGUF conversion) would reach a log file or a pipe
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    return mode
+
+
 @contextmanager
-def _layer_counter(source: str, *, enabled: bool):
-    """A stderr counter of decoder layers streamed for one source (passes after the first add up)."""
-    if not enabled:
-        yield None
-        return
-    from tqdm.auto import tqdm
+def _progress_display(source: str, mode: str):
+    """The Progress a scan of `source` reports to: bars, lines or nothing (see _progress_mode)."""
+    from scanner.progress import Progress
 
-    # mininterval=0: draw every layer (hundreds at most), so the count shown is always current
-    with tqdm(desc=source, unit="layer", leave=False, file=sys.stderr, mininterval=0) as bar:
-        def on_layer(index: int, num_layers: int) -> None:
-            bar.total = max(bar.total or 0, num_layers, bar.n + 1)
-            bar.update(1)
+    from .display import Bars, Lines
 
-        yield on_layer
+    display = Bars(source) if mode == "bar" else Lines(source) if mode == "lines" else Progress()
+    try:
+        yield display
+        if isinstance(display, Lines):
+            display.finish()  # the last phase; a failed scan's unfinished phase is not printed
+    finally:
+        if isinstance(display, Bars):
+            display.close()
 
 
 def _explain(source: str, error: Exception) -> str:

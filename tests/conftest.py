@@ -56,6 +56,15 @@ def smollm2(request) -> Path:
     return dest
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty SUPERWEIGHT_HOME for this test's CLI calls (the CLI reads it at import, so patch the module)."""
+    home = tmp_path / "home"
+    monkeypatch.setattr("superweight.cli.SUPERWEIGHT_HOME", home)
+    monkeypatch.delenv("SUPERWEIGHT_LEDGER_URL", raising=False)
+    return home
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the session (2 CPUs, no dashboard, every port on loopback); yields its address.

@@ -97,16 +97,33 @@ def test_unknown_example():
     assert result.stderr == "Error: example:nope: unknown example; known: smollm2\n"
 
 
-def test_progress_counts_layers_on_stderr_only(tmp_path):
+def test_progress_shows_each_phase_with_its_total_on_stderr_only(tmp_path):
     path = make_checkpoint(tmp_path, "llama", [Plant(5, 10, 20)])
 
-    shown = CliRunner().invoke(cli, ["scan", str(path), "--json", "--progress"])
-    quiet = CliRunner().invoke(cli, ["scan", str(path), "--json", "--no-progress"])
+    shown = CliRunner().invoke(cli, ["scan", str(path), "--json", "--no-record", "--progress"])
+    quiet = CliRunner().invoke(cli, ["scan", str(path), "--json", "--no-record", "--no-progress"])
 
     assert shown.exit_code == quiet.exit_code == 0
-    assert "11/11" in shown.stderr  # 8 layers, then layers 5..7 again after the removal
+    assert "detect: pass 1: 100%" in shown.stderr and "8/8" in shown.stderr  # 8 layers
+    assert "detect: pass 2: 100%" in shown.stderr and "3/3" in shown.stderr  # layers 5..7 again after the removal
     assert quiet.stderr == ""
     assert json.loads(shown.stdout)["super_weights"] == json.loads(quiet.stdout)["super_weights"]
+
+
+def test_off_a_terminal_each_finished_phase_is_one_line(tmp_path, monkeypatch):
+    from scanner.verify import VerifyConfig
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")  # the tests' quiet default
+    monkeypatch.setattr("scanner.verify.VerifyConfig", lambda: VerifyConfig(tokens=256, context=64, head_rows=100))
+    path = make_checkpoint(tmp_path, "llama", [Plant(5, 10, 20)])
+
+    result = CliRunner().invoke(cli, ["scan", str(path), "--json", "--no-record", "--verify"])  # stderr: not a terminal
+
+    assert result.exit_code == 0, result.output
+    phases = [line.split(": ", 1)[1].rsplit(" in ", 1)[0] for line in result.stderr.splitlines()]
+    assert phases == ["detect: pass 1: 8/8", "detect: pass 2: 3/3", "verify: 3 copies of the text: 8/8",
+                      "verify: 3 copies of the prompts: 8/8", "verify: LM head on the text: 3/3",
+                      "verify: LM head on the prompts: 3/3"]
 
 
 def test_example_conversion_does_not_depend_on_where_it_was_installed(smollm2):

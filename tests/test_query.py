@@ -13,13 +13,10 @@ from tests.test_errors import assert_one_line_error
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A SUPERWEIGHT_HOME holding only a downloaded catalog.parquet (the committed index) and its manifest."""
-    home = tmp_path / "home"
+def home(home):
+    """The test's SUPERWEIGHT_HOME holding only a downloaded catalog.parquet (the committed index) and its manifest."""
     home.mkdir()
     build_index(home / "catalog.parquet")
-    monkeypatch.setattr("superweight.cli.SUPERWEIGHT_HOME", home)
-    monkeypatch.delenv("SUPERWEIGHT_LEDGER_URL", raising=False)
     return home
 
 

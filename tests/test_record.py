@@ -14,15 +14,6 @@ from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """An empty SUPERWEIGHT_HOME for this test (the CLI reads it at import, so patch the module)."""
-    home = tmp_path / "home"
-    monkeypatch.setattr("superweight.cli.SUPERWEIGHT_HOME", home)
-    monkeypatch.delenv("SUPERWEIGHT_LEDGER_URL", raising=False)
-    return home
-
-
 def catalog_rows(path):
     with duckdb.connect(str(path), read_only=True) as con:
         return con.execute("SELECT repo_id, layer, out_channel, in_channel FROM catalog ORDER BY layer").fetchall()

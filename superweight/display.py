@@ -1,0 +1,54 @@
+"""How the command line shows a scan's progress on stderr: a bar per phase on a terminal, a line per
+finished phase in a log or a pipe (see scanner.progress for what a phase is)."""
+
+import sys
+import time
+
+import click
+from tqdm.auto import tqdm
+
+from scanner.progress import Progress
+
+
+class Bars(Progress):
+    """One stderr bar per phase, its total known when it starts."""
+
+    def __init__(self, source: str):
+        self.source, self.bar = source, None
+
+    def phase(self, name: str, total: int) -> None:
+        self.close()
+        # mininterval=0: draw every step (hundreds at most), so the count shown is always current
+        self.bar = tqdm(total=total, desc=f"{self.source}: {name}", unit="step", leave=False, file=sys.stderr,
+                        mininterval=0)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Lines(Progress):
+    """One stderr line per finished phase: `SOURCE: PHASE: done/total in S s`."""
+
+    def __init__(self, source: str):
+        self.source, self.current = source, None
+
+    def phase(self, name: str, total: int) -> None:
+        self.finish()
+        self.current = [name, 0, total, time.monotonic()]
+
+    def step(self) -> None:
+        if self.current is not None:
+            self.current[1] += 1
+
+    def finish(self) -> None:
+        """Print the phase under way, if any (a failed scan's unfinished phase is left out by not calling this)."""
+        if self.current is not None:
+            name, done, total, start = self.current
+            click.echo(f"{self.source}: {name}: {done}/{total} in {time.monotonic() - start:.1f} s", err=True)
+            self.current = None
