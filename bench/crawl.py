@@ -35,11 +35,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import ray  # noqa: E402
 
-from index.catalog import Catalog  # noqa: E402
-from index.crawl import CrawlOptions, crawl  # noqa: E402
-from index.ledger import Ledger  # noqa: E402
-from scanner.discover import HubAccess, discover  # noqa: E402
-from scanner.scan import ScanOptions  # noqa: E402
+from superweight.index.catalog import Catalog  # noqa: E402
+from superweight.index.crawl import CrawlOptions, crawl  # noqa: E402
+from superweight.index.ledger import Ledger  # noqa: E402
+from superweight.scanner.discover import HubAccess, discover  # noqa: E402
+from superweight.scanner.scan import ScanOptions  # noqa: E402
 from tests.checkpoints import Plant, make_checkpoint  # noqa: E402
 from tests.hub_front import HubFront, serve  # noqa: E402
 from tests.hub_server import commit_folder, olah_server  # noqa: E402

@@ -160,8 +160,8 @@ def run_full(checkpoint: Path) -> list[Coordinate]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from scanner.config import DEFAULT_PROMPT
-    from scanner.scan import prompt_ids
+    from superweight.scanner.config import DEFAULT_PROMPT
+    from superweight.scanner.scan import prompt_ids
 
     imported = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
@@ -208,9 +208,9 @@ def run_floor(checkpoint: Path) -> list[Coordinate]:
 def run_phases(checkpoint: Path) -> dict:
     """The scan in-process, each phase timed and memory read after every freed layer (--diagnose)."""
     start = time.perf_counter()
-    import scanner.detect as detect
-    import scanner.loader as loader
-    import scanner.scan as scan
+    import superweight.scanner.detect as detect
+    import superweight.scanner.loader as loader
+    import superweight.scanner.scan as scan
     from torch import nn
 
     times = {"import": time.perf_counter() - start}

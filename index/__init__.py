@@ -1,5 +1,2 @@
-"""The published index: DuckDB catalog, scan ledger, catalog.parquet export and publishing.
-
-catalog.py holds the DuckDB catalog and its deterministic Parquet export. The ledger, the
-`query`/`export`/`download`/`publish` commands and the literature import are still to come.
-"""
+"""The index: the DuckDB catalog and its catalog.parquet export, the scan ledger, queries, publishing
+and downloading, and the crawl that keeps it current (installed as superweight.index)."""

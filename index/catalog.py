@@ -23,8 +23,8 @@ from pathlib import Path
 
 import duckdb
 
-from scanner.files import written_aside
-from scanner.hub import file_sha256
+from superweight.scanner.files import written_aside
+from superweight.scanner.hub import file_sha256
 
 from .errors import CatalogLocked, CatalogTooNew, CatalogUnavailable, NonFiniteFigures
 from .schema import ADDED_COLUMNS, COLUMNS, EXPORT_ORDER, SCHEMA_VERSION, TABLES, VIEW, WEIGHT_FIELDS, catalog_key  # noqa: F401  (COLUMNS: re-exported)

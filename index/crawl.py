@@ -26,13 +26,13 @@ from pathlib import Path
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
-from scanner import __version__
-from scanner.errors import first_line
-from scanner.config import SUPERWEIGHT_HOME
-from scanner.discover import Candidate, HubAccess, reconsidered, vet
-from scanner.hub import EXAMPLE_PREFIX, source_name
-from scanner.scan import ScanOptions
-from scanner.workers import WorkerConfig, actor_class
+from superweight.scanner import __version__
+from superweight.scanner.errors import first_line
+from superweight.scanner.config import SUPERWEIGHT_HOME
+from superweight.scanner.discover import Candidate, HubAccess, reconsidered, vet
+from superweight.scanner.hub import EXAMPLE_PREFIX, source_name
+from superweight.scanner.scan import ScanOptions
+from superweight.scanner.workers import WorkerConfig, actor_class
 
 from .catalog import Catalog
 from .errors import NoWorkers

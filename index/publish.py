@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from scanner.errors import first_line
-from scanner.hub import file_sha256, use_timeouts
+from superweight.scanner.errors import first_line
+from superweight.scanner.hub import file_sha256, use_timeouts
 
 from .errors import ChecksumMismatch, DownloadFailed, NotACatalog, PublishFailed
 

@@ -50,7 +50,7 @@ def choose_index(catalog: Path | None, parquet: str | None, *, home: Path) -> tu
     Raises:
         QueryRefused: there is none of them.
     """
-    from scanner.config import CATALOG_FILE
+    from superweight.scanner.config import CATALOG_FILE
 
     if parquet is not None:
         return None, parquet, parquet

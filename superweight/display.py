@@ -7,7 +7,7 @@ import time
 import click
 from tqdm.auto import tqdm
 
-from scanner.progress import Progress
+from superweight.scanner.progress import Progress
 
 
 class Bars(Progress):

@@ -6,6 +6,9 @@ is made large by scaling the rows of the MLP's input projections that produce ch
 A decoy is a weight larger than the planted one in a column whose input stays quiet.
 """
 
+import atexit
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
 
-from scanner.arch import find_decoder_layers, find_out_proj
-from scanner.config import DEFAULT_PROMPT
-from scanner.scan import prompt_ids
+from superweight.scanner.arch import find_decoder_layers, find_out_proj
+from superweight.scanner.config import DEFAULT_PROMPT
+from superweight.scanner.scan import prompt_ids
 
 # Small but with enough layers that a median layer is quiet even with two planted spikes.
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
@@ -170,11 +173,25 @@ def coordinates(result: dict) -> set[tuple]:
 
 def make_checkpoint(path: Path, arch: str, plants: list[Plant] = (), *, seed: int = 0,
                     dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Write a seeded tiny `arch` checkpoint with `plants` to `path` via save_pretrained."""
-    model = build_model(arch, seed=seed, dtype=dtype, **overrides)
-    plant(model, list(plants))
-    model.save_pretrained(path)
+    """Write a seeded tiny `arch` checkpoint with `plants` to `path` via save_pretrained.
+
+    The same arguments give the same bytes, so each checkpoint is built once per test session and
+    copied after that (tests that change the files get a copy of their own).
+    """
+    key = repr((arch, tuple(plants), seed, dtype, sorted(overrides.items())))
+    built = _BUILT.get(key)
+    if built is None:
+        model = build_model(arch, seed=seed, dtype=dtype, **overrides)
+        plant(model, list(plants))
+        built = _BUILT[key] = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=_CACHE))
+        model.save_pretrained(built)
+    shutil.copytree(built, path, dirs_exist_ok=True)
     return path
+
+
+_CACHE = tempfile.mkdtemp(prefix="superweight-checkpoints-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+_BUILT: dict[str, Path] = {}
 
 
 def gguf_tensors(model) -> dict[str, np.ndarray]:

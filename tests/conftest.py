@@ -27,11 +27,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 
-from scanner.config import SUPERWEIGHT_HOME  # noqa: E402
-from scanner.examples import EXAMPLES, example_checkpoint  # noqa: E402
-from scanner.hub import content_hash  # noqa: E402
+from superweight.scanner.config import SUPERWEIGHT_HOME  # noqa: E402
+from superweight.scanner.examples import EXAMPLES, example_checkpoint  # noqa: E402
+from superweight.scanner.hub import content_hash  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
+
+# The local Hub (olah) is one session fixture for every test module that asks for it.
+pytest_plugins = ["tests.hub_server"]
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from index.build import build_index, read_scans
-from scanner.scan import scan_source
+from superweight.index.build import build_index, read_scans
+from superweight.scanner.scan import scan_source
 
 ROOT = Path(__file__).parent.parent
 

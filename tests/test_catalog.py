@@ -8,10 +8,10 @@ from datetime import datetime
 import duckdb
 import pytest
 
-from index.catalog import SCHEMA_VERSION, Catalog
-from index.errors import CatalogLocked, CatalogTooNew, CatalogUnavailable
-from index.literature import read_literature
-from scanner.scan import scan_source
+from superweight.index.catalog import SCHEMA_VERSION, Catalog
+from superweight.index.errors import CatalogLocked, CatalogTooNew, CatalogUnavailable
+from superweight.index.literature import read_literature
+from superweight.scanner.scan import scan_source
 from tests.checkpoints import Plant, make_checkpoint
 
 WHEN = datetime(2026, 11, 23, 12, 0, 0)
@@ -136,7 +136,7 @@ def test_a_catalog_from_a_newer_superweight_is_refused_untouched(tmp_path):
 
 def test_super_activations_and_neurons_are_one_query_away(tmp_path, results):
     """How many distinct super activations a model has, and how large: one SQL query over the catalog."""
-    from index.query import open_session, run_query
+    from superweight.index.query import open_session, run_query
 
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_scan(results[0], scanned_at=WHEN)
@@ -154,7 +154,7 @@ def test_super_activations_and_neurons_are_one_query_away(tmp_path, results):
 
 
 def test_the_catalog_view_has_the_documented_columns_in_order(tmp_path):
-    from index.catalog import COLUMNS
+    from superweight.index.catalog import COLUMNS
 
     with Catalog(tmp_path / "c.duckdb") as catalog, catalog.connect() as con:
         names = [d[0] for d in con.execute("SELECT * FROM catalog LIMIT 0").description]

@@ -5,9 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from scanner import __version__
-from scanner.examples import convert_gguf, smollm2_gguf
-from scanner.hub import content_hash
+from superweight.scanner import __version__
+from superweight.scanner.examples import convert_gguf, smollm2_gguf
+from superweight.scanner.hub import content_hash
 from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
 
@@ -111,10 +111,10 @@ def test_progress_shows_each_phase_with_its_total_on_stderr_only(tmp_path):
 
 
 def test_off_a_terminal_each_finished_phase_is_one_line(tmp_path, monkeypatch):
-    from scanner.verify import VerifyConfig
+    from superweight.scanner.verify import VerifyConfig
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")  # the tests' quiet default
-    monkeypatch.setattr("scanner.verify.VerifyConfig", lambda: VerifyConfig(tokens=256, context=64, head_rows=100))
+    monkeypatch.setattr("superweight.scanner.verify.VerifyConfig", lambda: VerifyConfig(tokens=256, context=64, head_rows=100))
     path = make_checkpoint(tmp_path, "llama", [Plant(5, 10, 20)])
 
     result = CliRunner().invoke(cli, ["scan", str(path), "--json", "--no-record", "--verify"])  # stderr: not a terminal

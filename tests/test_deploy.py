@@ -305,9 +305,9 @@ def test_dockerfile_builds_the_pinned_project_as_a_non_root_user():
     assert f'"torch=={torch}"' in (ROOT / "pyproject.toml").read_text(), "the image must pin pyproject.toml's torch"
     assert [rest for instr, rest in instructions if instr == "USER"][-1] not in ("root", "0")
     assert dockerfile_env()["HF_HUB_DISABLE_TELEMETRY"] == "1"
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
     copied = {rest.split()[0] for instr, rest in instructions if instr == "COPY"}
-    assert set(packages) <= copied, f"the image misses packages: {set(packages) - copied}"
+    assert set(folders) <= copied, f"the image misses the package folders {set(folders) - copied}"
     assert any(instr == "RUN" and "pip install ." in rest for instr, rest in instructions)
     assert not any(secret in rest for _, rest in instructions for secret in ("HF_TOKEN", "LEDGER_URL")), \
         "no secret belongs in the image"

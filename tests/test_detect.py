@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from scanner.scan import scan_source
+from superweight.scanner.scan import scan_source
 from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, coordinates, make_checkpoint
 
 

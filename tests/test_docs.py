@@ -28,7 +28,7 @@ def test_torch_is_pinned_in_the_package():
 
 
 def test_readme_documents_every_catalog_column_in_order():
-    from index.catalog import COLUMNS
+    from superweight.index.catalog import COLUMNS
 
     row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| view `catalog`"))
     assert re.findall(r"`(\w+)`", row.split("the columns of catalog.parquet:")[1]) == list(COLUMNS)

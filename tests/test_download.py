@@ -9,10 +9,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from index.catalog import Catalog
-from index.errors import ChecksumMismatch, DownloadFailed
-from index.literature import read_literature
-from index.publish import download
+from superweight.index.catalog import Catalog
+from superweight.index.errors import ChecksumMismatch, DownloadFailed
+from superweight.index.literature import read_literature
+from superweight.index.publish import download
 from superweight.cli import cli
 
 

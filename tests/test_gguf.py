@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-from scanner.config import DetectConfig
-from scanner.detect import Detector
-from scanner.examples import smollm2_gguf
-from scanner.hub import content_hash
-from scanner.loader import StreamingModel
-from scanner.scan import prompt_ids, scan_source
+from superweight.scanner.config import DetectConfig
+from superweight.scanner.detect import Detector
+from superweight.scanner.examples import smollm2_gguf
+from superweight.scanner.hub import content_hash
+from superweight.scanner.loader import StreamingModel
+from superweight.scanner.scan import prompt_ids, scan_source
 from superweight.cli import cli
 from tests.checkpoints import Plant, build_model, coordinates, gguf_tensors, make_checkpoint, make_gguf, write_gguf
 from tests.test_errors import assert_one_line_error, run

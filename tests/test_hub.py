@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from scanner.errors import HubError, SourceNotFound, UnsafeCheckpoint
-from scanner.hub import resolve
-from scanner.scan import ScanOptions, scan_source
+from superweight.scanner.errors import HubError, SourceNotFound, UnsafeCheckpoint
+from superweight.scanner.hub import resolve
+from superweight.scanner.scan import ScanOptions, scan_source
 from tests.checkpoints import coordinates
-from tests.hub_server import FIRST_PLANT, LATEST_PLANT, local_hub, olah_server  # noqa: F401 (fixture)
+from tests.hub_server import FIRST_PLANT, LATEST_PLANT, olah_server
 
 TINY = "testorg/tiny-llama"
 SHARDED = "testorg/tiny-llama-sharded"

@@ -12,8 +12,8 @@ import duckdb
 import pytest
 from click.testing import CliRunner
 
-from index.catalog import Catalog
-from index.literature import read_literature
+from superweight.index.catalog import Catalog
+from superweight.index.literature import read_literature
 from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
 from tests.test_errors import assert_one_line_error
@@ -127,8 +127,8 @@ def test_a_killed_export_leaves_nothing_once_the_next_one_runs(home, good, tmp_p
 
 
 def test_a_full_disk_while_converting_leaves_no_partial_folder(small_disk, tmp_path):
-    from scanner.examples import convert_gguf
-    from scanner.errors import ScanError
+    from superweight.scanner.examples import convert_gguf
+    from superweight.scanner.errors import ScanError
     from tests.checkpoints import make_gguf
 
     gguf = make_gguf(tmp_path / "m.gguf", "llama", [Plant(3, 10, 20)])
@@ -139,9 +139,9 @@ def test_a_full_disk_while_converting_leaves_no_partial_folder(small_disk, tmp_p
 
 
 def test_a_scan_killed_while_running_expires_in_the_ledger(home, good, monkeypatch):
-    from index.ledger import Ledger, default_url
+    from superweight.index.ledger import Ledger, default_url
 
-    monkeypatch.setattr("index.ledger.SCAN_LEASE_SECONDS", 0.0)  # a killed scan's lease lapses at once
+    monkeypatch.setattr("superweight.index.ledger.SCAN_LEASE_SECONDS", 0.0)  # a killed scan's lease lapses at once
     ledger = Ledger(default_url(home))
     ledger.start(str(good), "", "0.3.0", worker="host:1")  # started, then the process was killed
     ledger.close()
@@ -167,14 +167,14 @@ def test_tests_run_as_root_in_ci():
 def test_a_running_scan_renews_its_lease(home, good, monkeypatch):
     from datetime import datetime, timedelta
 
-    from index.catalog import Catalog
-    from index.ledger import Ledger, default_url
-    from index.record import scan_and_record
-    from scanner.progress import Progress
-    from scanner.scan import ScanOptions
+    from superweight.index.catalog import Catalog
+    from superweight.index.ledger import Ledger, default_url
+    from superweight.index.record import scan_and_record
+    from superweight.scanner.progress import Progress
+    from superweight.scanner.scan import ScanOptions
 
-    monkeypatch.setattr("index.record.RENEW_EVERY", 0.0)
-    monkeypatch.setattr("index.record.SCAN_LEASE_SECONDS", 10**6)
+    monkeypatch.setattr("superweight.index.record.RENEW_EVERY", 0.0)
+    monkeypatch.setattr("superweight.index.record.SCAN_LEASE_SECONDS", 10**6)
     ledger = Ledger(default_url(home))
     leases = []
 

@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from index.errors import LedgerUnavailable
-from index.ledger import MIGRATIONS, Ledger
+from superweight.index.errors import LedgerUnavailable
+from superweight.index.ledger import MIGRATIONS, Ledger
 
 
 def migrations_head() -> str:

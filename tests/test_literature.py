@@ -2,8 +2,8 @@
 
 import csv
 
-from index.catalog import Catalog
-from index.literature import LITERATURE_CSV, read_literature
+from superweight.index.catalog import Catalog
+from superweight.index.literature import LITERATURE_CSV, read_literature
 
 
 def test_every_published_row_is_imported(tmp_path):

@@ -2,8 +2,8 @@
 
 from click.testing import CliRunner
 
-from scanner.plot import figure_data, plot
-from scanner.scan import scan_source
+from superweight.scanner.plot import figure_data, plot
+from superweight.scanner.scan import scan_source
 from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from index.catalog import COLUMNS, Catalog
-from index.errors import PublishFailed
-from index.literature import read_literature
-from index.publish import publish
-from scanner.hub import file_sha256
+from superweight.index.catalog import COLUMNS, Catalog
+from superweight.index.errors import PublishFailed
+from superweight.index.literature import read_literature
+from superweight.index.publish import publish
+from superweight.scanner.hub import file_sha256
 from superweight.cli import cli
 from tests.hub_commits import CommitEndpoint, serve
-from tests.hub_server import git, local_hub  # noqa: F401 (fixture)
+from tests.hub_server import git
 
 CLI = str(Path(sys.executable).with_name("superweight"))
 TOKEN = "hf_test_0123456789abcdef"  # what the endpoint wants; must never appear in any output

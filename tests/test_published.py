@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from index.literature import read_literature
-from scanner.scan import scan_source
+from superweight.index.literature import read_literature
+from superweight.scanner.scan import scan_source
 from tests.checkpoints import Plant, coordinates, make_checkpoint
 
 ROOT = Path(__file__).parent.parent

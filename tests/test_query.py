@@ -7,7 +7,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from index.build import build_index
+from superweight.index.build import build_index
 from superweight.cli import cli
 from tests.test_errors import assert_one_line_error
 

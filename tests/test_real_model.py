@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from index.catalog import Catalog
-from scanner.scan import ScanOptions, scan_source
-from scanner.verify import VerifyConfig
+from superweight.index.catalog import Catalog
+from superweight.scanner.scan import ScanOptions, scan_source
+from superweight.scanner.verify import VerifyConfig
 
 TEXT = Path(__file__).parent / "data" / "GPL-3.txt"
 TOKENS, CONTEXT = 2048, 512

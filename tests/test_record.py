@@ -64,7 +64,7 @@ def test_no_record_writes_nothing(tmp_path, home):
 
 
 def test_a_second_writer_is_told_and_the_catalog_is_kept(tmp_path, home, monkeypatch):
-    monkeypatch.setattr("index.catalog.LOCK_WAIT", 1.0)
+    monkeypatch.setattr("superweight.index.catalog.LOCK_WAIT", 1.0)
     good = make_checkpoint(tmp_path / "good", "llama", [Plant(3, 10, 20)])
     catalog = tmp_path / "held.duckdb"
     assert CliRunner().invoke(cli, ["scan", str(good), "--catalog", str(catalog)]).exit_code == 0

@@ -4,7 +4,7 @@ import json
 import os
 import threading
 
-from scanner.hub import content_hash
+from superweight.scanner.hub import content_hash
 from tests.checkpoints import make_checkpoint
 
 

@@ -6,7 +6,7 @@ import sys
 
 from click.testing import CliRunner
 
-from index.catalog import Catalog
+from superweight.index.catalog import Catalog
 from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
 
@@ -37,7 +37,7 @@ def test_a_crash_after_the_commit_leaves_a_consistent_catalog(tmp_path):
     with Catalog(catalog) as c:
         c.export(published)  # an earlier, empty export
     before = published.read_bytes()
-    crash = ("import os, sys; from index.catalog import Catalog; from scanner.scan import scan_source; "
+    crash = ("import os, sys; from superweight.index.catalog import Catalog; from superweight.scanner.scan import scan_source; "
              f"c = Catalog({str(catalog)!r}); c.record_scan(scan_source({str(model)!r})); os._exit(137)")
 
     done = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=300)

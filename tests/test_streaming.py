@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from scanner.config import DetectConfig
-from scanner.detect import Detector
-from scanner.loader import StreamingModel
-from scanner.scan import prompt_ids, scan_source
+from superweight.scanner.config import DetectConfig
+from superweight.scanner.detect import Detector
+from superweight.scanner.loader import StreamingModel
+from superweight.scanner.scan import prompt_ids, scan_source
 from tests.checkpoints import Plant, make_checkpoint
 
 

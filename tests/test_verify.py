@@ -13,13 +13,13 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
-from index.catalog import Catalog
-from scanner.detect import Detector
-from scanner.config import DetectConfig
-from scanner.loader import StreamingModel
-from scanner.scan import ScanOptions, prompt_ids, scan_source
-from scanner.tokens import load_tokenizer
-from scanner.verify import PROMPTS, STOPWORDS, VerifyConfig, _inputs, verdict, verify
+from superweight.index.catalog import Catalog
+from superweight.scanner.detect import Detector
+from superweight.scanner.config import DetectConfig
+from superweight.scanner.loader import StreamingModel
+from superweight.scanner.scan import ScanOptions, prompt_ids, scan_source
+from superweight.scanner.tokens import load_tokenizer
+from superweight.scanner.verify import PROMPTS, STOPWORDS, VerifyConfig, _inputs, verdict, verify
 from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, make_checkpoint
 
 CLI = str(Path(sys.executable).with_name("superweight"))
@@ -309,7 +309,7 @@ class _zeroed:
     """Zero (layer, expert, row, col) weights of the MLP output projections of a whole model, then restore."""
 
     def __init__(self, model, coords):
-        from scanner.arch import find_decoder_layers, find_out_proj
+        from superweight.scanner.arch import find_decoder_layers, find_out_proj
 
         tcfg = model.config.get_text_config()
         _, layers = find_decoder_layers(model.base_model, tcfg.num_hidden_layers)
