@@ -132,6 +132,7 @@ def test_example_conversion_does_not_depend_on_where_it_was_installed(smollm2):
     assert "_name_or_path" not in json.loads(text) and "site-packages" not in text
 
 
+@pytest.mark.slow
 def test_example_conversion_does_not_depend_on_the_installed_transformers(smollm2, tmp_path, monkeypatch):
     """Converting the GGUF under another transformers version gives the same bytes and the same revision.
 

@@ -25,6 +25,8 @@ from tests.checkpoints import Plant, make_checkpoint
 from tests.hub_front import HubFront, serve
 from tests.hub_server import commit_folder, olah_server
 
+pytestmark = pytest.mark.slow  # a real local Ray cluster and Hub (about 4 minutes)
+
 CLI = str(Path(sys.executable).with_name("superweight"))
 WAIT = 120  # seconds: upper bound on any one wait in these tests
 

@@ -228,6 +228,7 @@ def smollm2_scan():
     return result, resident
 
 
+@pytest.mark.slow
 def test_finds_the_super_weight_of_smollm2_in_its_gguf(smollm2_scan):
     result, _ = smollm2_scan
     first = result["super_weights"][0]
@@ -240,6 +241,7 @@ def test_finds_the_super_weight_of_smollm2_in_its_gguf(smollm2_scan):
     assert result["tokens"][0] == "Apple"  # the GGUF's own tokenizer read the prompt
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_streams_one_layer_at_a_time(smollm2_scan):
     result, resident = smollm2_scan
     assert len(resident) >= result["num_layers"] == 30

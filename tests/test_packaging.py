@@ -9,12 +9,15 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from superweight.scanner import __version__
 from tests.checkpoints import Plant, make_checkpoint
 
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_one_name_and_the_cli_ignores_a_users_index_and_scanner_files(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
                     "--wheel-dir", str(tmp_path / "dist"), str(ROOT)], check=True, timeout=600, capture_output=True)

@@ -11,6 +11,8 @@ from superweight.index.catalog import Catalog
 from superweight.scanner.scan import ScanOptions, scan_source
 from superweight.scanner.verify import VerifyConfig
 
+pytestmark = pytest.mark.slow  # the real SmolLM2, verified (about a minute)
+
 TEXT = Path(__file__).parent / "data" / "GPL-3.txt"
 TOKENS, CONTEXT = 2048, 512
 
