@@ -175,7 +175,7 @@ def run_full(checkpoint: Path) -> list[Coordinate]:
 
     for layer in model.model.layers:
         layer.mlp.down_proj.register_forward_hook(hook)
-    ids, _ = prompt_ids(checkpoint, DEFAULT_PROMPT, model.config)  # the scan's own ids (no tokenizer here: one id per word after BOS)
+    ids, _ = prompt_ids(DEFAULT_PROMPT, model.config)  # the scan's own ids (no tokenizer here: one id per word after BOS)
     with torch.no_grad():
         model(torch.tensor([ids]), use_cache=False)
     layer = max(range(len(peaks)), key=lambda i: peaks[i][0])

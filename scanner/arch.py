@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import UnsupportedArchitecture
+from .layout import CONV1D, FUSED_EXPERTS, LINEAR, Layout
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class OutProj:
 
     module_path: str  # relative to the decoder layer, e.g. "mlp.down_proj"
     param_name: str  # the weight parameter of that module, e.g. "weight" or "down_proj"
-    kind: str  # "linear": W is (out, in); "conv1d": W is (in, out), GPT-2 style; "experts": W is (E, out, in)
+    layout: Layout  # LINEAR (out, in), CONV1D (in, out, GPT-2), FUSED_EXPERTS (experts, out, in)
 
 
 def find_decoder_layers(base_model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
@@ -37,12 +38,12 @@ def find_decoder_layers(base_model: nn.Module, num_layers: int) -> tuple[str, nn
     return found[0]
 
 
-def _linear_shape(module: nn.Module) -> tuple[int, int, str] | None:
-    """(in_features, out_features, kind) of a linear-like leaf, or None."""
+def _linear_shape(module: nn.Module) -> tuple[int, int, Layout] | None:
+    """(in_features, out_features, layout) of a linear-like leaf, or None."""
     if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, "linear"
+        return module.in_features, module.out_features, LINEAR
     if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.nf, "conv1d"
+        return module.weight.shape[0], module.nf, CONV1D
     return None
 
 
@@ -67,15 +68,15 @@ def find_out_proj(layer: nn.Module, hidden_size: int) -> OutProj:
                 raise UnsupportedArchitecture(
                     f"{type(module).__name__}: experts beside a shared dense expert are not supported yet"
                 )
-            return OutProj(path, "down_proj", "experts")
+            return OutProj(path, "down_proj", FUSED_EXPERTS)
     candidates = []
     for path, module in layer.named_modules():
         shape = _linear_shape(module)
         if shape is None or _is_attention(layer, path):
             continue
-        fan_in, fan_out, kind = shape
+        fan_in, fan_out, layout = shape
         if fan_out == hidden_size and fan_in > hidden_size:
-            candidates.append(OutProj(path, "weight", kind))
+            candidates.append(OutProj(path, "weight", layout))
     if len(candidates) != 1:
         raise UnsupportedArchitecture(
             f"{type(layer).__name__}: expected one MLP projection from a wider input to hidden size "

@@ -20,11 +20,11 @@ import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .config import DetectConfig
-from .errors import NonFiniteActivation, UnsupportedArchitecture
-from .loader import StreamingModel
+from .errors import NonFiniteActivation
+from .layout import Projection
+from .loader import LayerObserver, StreamingModel
 from .progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -165,8 +165,8 @@ def _analyse(layer, x, y, w_row, *, min_share: float, expert=None) -> tuple[Laye
     return peak, candidates
 
 
-class Detector:
-    """Runs the passes over a StreamingModel and finds its super weights.
+class Detector(LayerObserver):
+    """Runs the passes over a StreamingModel and finds its super weights; observes the layers it streams.
 
     Args:
         model: the streaming model (weights on disk until needed).
@@ -186,74 +186,31 @@ class Detector:
         self.stream_value = torch.zeros(model.num_layers, model.hidden_size)
         self.stream_token = torch.zeros(model.num_layers, model.hidden_size, dtype=torch.long)
         self._first_pass = False
-        self._hooks = []
         self.cancellers: set[tuple] = set()
 
-    # -- hooks ----------------------------------------------------------------------------------
+    # -- what each layer shows ------------------------------------------------------------------
 
-    def _attach(self) -> None:
-        for i, layer in enumerate(self.sm.layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._enter(i), with_kwargs=True))
-            self._hooks.append(layer.register_forward_hook(self._leave(i)))
-            proj = self.sm.out_proj_module(i)
-            if self.sm.out_projs[i].kind == "experts":
-                self._hooks.append(proj.register_forward_hook(self._record_experts(i), with_kwargs=True))
-            else:
-                self._hooks.append(proj.register_forward_hook(self._record_dense(i)))
+    def entering(self, index: int, args: tuple, kwargs: dict) -> None:
+        self.inputs[index] = (args, kwargs)
 
-    def _detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+    def projected(self, index, module, args, kwargs, output) -> None:
+        spec = self.sm.out_projs[index]
+        _check_finite(self.sm.path, index, output=output)
+        projections = spec.layout.projections(module, args, kwargs, output)
+        for p in projections:
+            _check_finite(self.sm.path, index, input=p.x, output=p.y)
+        weight = getattr(module, spec.param_name)
+        self._record(index, *_analyse_layer(index, projections, lambda e: spec.layout.matrix(weight, e),
+                                            min_share=self.config.min_share))
 
-    def _enter(self, i):
-        def hook(module, args, kwargs):
-            self.inputs[i] = (args, kwargs)
-            self.sm.load_layer(i)
-            self.progress.step()
-        return hook
-
-    def _leave(self, i):
-        def hook(module, args, output):
-            out = (output[0] if isinstance(output, tuple) else output).reshape(-1, self.sm.hidden_size)  # (T, H)
-            for cand in self.candidates[i]:
-                cand.delta = float(out[cand.token, cand.out_channel]) - cand.residual
-            if self._first_pass:
-                token = out.abs().argmax(dim=0)  # (H,)
-                self.stream_value[i] = out.gather(0, token[None])[0].float().cpu()
-                self.stream_token[i] = token.cpu()
-            self.sm.free_layer(i)
-        return hook
-
-    def _record_dense(self, i):
-        conv = self.sm.out_projs[i].kind == "conv1d"
-
-        def hook(module, args, output):
-            w = module.weight
-            w_row = (lambda r: w[:, r]) if conv else (lambda r: w[r])
-            x, y = args[0].reshape(-1, args[0].shape[-1]), output.reshape(-1, output.shape[-1])
-            self._check_finite(i, input=x, output=y)
-            self._record(i, *_analyse(i, x, y, w_row, min_share=self.config.min_share))
-        return hook
-
-    def _record_experts(self, i):
-        def hook(module, args, kwargs, output):
-            hidden, index, weights = _expert_inputs(args, kwargs)
-            self._check_finite(i, input=hidden, output=output)
-            self._record(i, *_analyse_experts(i, module, hidden, index, weights, output, self.config.min_share))
-        return hook
-
-    def _check_finite(self, i: int, **tensors: torch.Tensor) -> None:
-        """Raise NonFiniteActivation when the projection's input or output holds NaN or infinities.
-
-        A NaN weight or a NaN norm epsilon would otherwise spread to every channel and pass every
-        ratio, giving super weights at one coordinate in every layer.
-        """
-        for which, tensor in tensors.items():
-            if not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteActivation(
-                    f"{self.sm.path}: layer {i}: the MLP output projection's {which} holds NaN or infinite values; "
-                    "the checkpoint's weights or config are broken")
+    def leaving(self, index: int, output) -> None:
+        out = (output[0] if isinstance(output, tuple) else output).reshape(-1, self.sm.hidden_size)  # (T, H)
+        for cand in self.candidates[index]:
+            cand.delta = float(out[cand.token, cand.out_channel]) - cand.residual
+        if self._first_pass:
+            token = out.abs().argmax(dim=0)  # (H,)
+            self.stream_value[index] = out.gather(0, token[None])[0].float().cpu()
+            self.stream_token[index] = token.cpu()
 
     def _record(self, i: int, peak: LayerPeak, candidates: list[Candidate]) -> None:
         """Keep a layer's analysis, noting the residual stream each candidate adds to."""
@@ -268,55 +225,54 @@ class Detector:
 
     @torch.no_grad()
     def first_pass(self, input_ids: torch.Tensor) -> None:
-        """Run the base model's own forward; hooks stream layers and record every layer's inputs."""
+        """Run the base model's own forward; the layers stream and every layer's input is recorded."""
         self._first_pass = True
         self.progress.phase("detect: pass 1", self.sm.num_layers)
         try:
-            self.sm.base_model(input_ids=input_ids, use_cache=False)
+            with self.sm.observe(self, progress=self.progress):
+                self.sm.base_model(input_ids=input_ids, use_cache=False)
         finally:
             self._first_pass = False
 
     @torch.no_grad()
-    def replay(self, start: int, *, name: str = "detect: replay") -> None:
-        """Re-run layers start.. from the recorded input of `start` (earlier layers are unchanged)."""
+    def replay(self, start: int, zeroed: list[tuple], *, name: str = "detect: replay") -> None:
+        """Re-run layers start.. with the weights at `zeroed` read as 0, from the recorded input of
+        `start` (earlier layers are unchanged)."""
         self.progress.phase(name, self.sm.num_layers - start)
         hidden = _hidden(*self.inputs[start])
-        for i in range(start, self.sm.num_layers):
-            args, kwargs = self.inputs[i]
-            if args:
-                out = self.sm.layers[i](hidden, *args[1:], **kwargs)
-            else:
-                out = self.sm.layers[i](**{**kwargs, "hidden_states": hidden})
-            hidden = out[0] if isinstance(out, tuple) else out
+        with self.sm.observe(self, progress=self.progress), self.sm.zeroed(zeroed):
+            for i in range(start, self.sm.num_layers):
+                args, kwargs = self.inputs[i]
+                if args:
+                    out = self.sm.layers[i](hidden, *args[1:], **kwargs)
+                else:
+                    out = self.sm.layers[i](**{**kwargs, "hidden_states": hidden})
+                hidden = out[0] if isinstance(out, tuple) else out
 
     # -- detection ------------------------------------------------------------------------------
 
     def run(self, input_ids: torch.Tensor) -> Detection:
         """Find all super weights: every qualifying weight of a pass, then what their removal unmasks."""
-        self._attach()
-        try:
-            self.first_pass(input_ids)
-            first = list(self.peaks)
-            # Judged in the original model: removing an earlier super weight leaves a canceller
-            # with nothing to cancel, and it would then look like a creator.
-            self.cancellers = {(c.layer, c.expert, c.out_channel) for cs in self.candidates for c in cs
-                               if _cancels(c, self.config.row_ratio)}
-            found, rejected = [], {}
-            rounds, truncated = 1, False
+        self.first_pass(input_ids)
+        first = list(self.peaks)
+        # Judged in the original model: removing an earlier super weight leaves a canceller with
+        # nothing to cancel, and it would then look like a creator.
+        self.cancellers = {(c.layer, c.expert, c.out_channel) for cs in self.candidates for c in cs
+                           if _cancels(c, self.config.row_ratio)}
+        found, rejected = [], {}
+        rounds, truncated = 1, False
+        picks = self._qualifying(found, rejected)
+        while picks:
+            found += [self._found(*pick, round=rounds) for pick in picks]
+            if rounds == self.config.max_rounds:
+                truncated = True  # no pass left to look for weights these removals unmask
+                break
+            # Weights within one pass do not interact (each is judged on the same forward), so all
+            # go at once; the layers before the earliest of them are unchanged.
+            self.replay(min(cand.layer for cand, _, _ in picks), [_coords(w) for w in found],
+                        name=f"detect: pass {rounds + 1}")
+            rounds += 1
             picks = self._qualifying(found, rejected)
-            while picks:
-                found += [self._remove(*pick, round=rounds) for pick in picks]
-                if rounds == self.config.max_rounds:
-                    truncated = True  # no pass left to look for weights these removals unmask
-                    break
-                # Weights within one pass do not interact (each is judged on the same forward), so
-                # all go at once; the layers before the earliest of them are unchanged.
-                self.replay(min(cand.layer for cand, _, _ in picks), name=f"detect: pass {rounds + 1}")
-                rounds += 1
-                picks = self._qualifying(found, rejected)
-        finally:
-            self._detach()
-            self.sm.edits.clear()  # restore: later loads read the original weights again
         neurons, activations = self._group(found)
         return Detection(found, first, list(rejected.values()), rounds, truncated, neurons, activations)
 
@@ -329,7 +285,7 @@ class Detector:
         cfg = self.config
         median_out = statistics.median(p.max_output for p in self.peaks) or 1e-30
         median_in = statistics.median(p.max_input for p in self.peaks) or 1e-30
-        done = {(w.layer, w.expert, w.out_channel, w.in_channel) for w in found}
+        done = {_coords(w) for w in found}
         picks = []
         for layer in range(self.sm.num_layers):
             for cand in self.candidates[layer]:
@@ -357,19 +313,17 @@ class Detector:
                                      "reason": "; ".join(reasons)}
         return picks
 
-    def _remove(self, cand: Candidate, spike: float, in_ratio: float, *, round: int) -> SuperWeight:
-        """Record `cand`'s weight as a super weight and zero it for the following passes."""
+    def _found(self, cand: Candidate, spike: float, in_ratio: float, *, round: int) -> SuperWeight:
+        """`cand`'s weight as a super weight, located in the model and in the checkpoint."""
         r, c, e = cand.out_channel, cand.in_channel, cand.expert
-        kind = self.sm.out_projs[cand.layer].kind
-        position = (e, r, c) if kind == "experts" else (c, r) if kind == "conv1d" else (r, c)
-        self.sm.edits.setdefault(cand.layer, []).append((position, 0.0))
         tensor, index = self.sm.stored_location(cand.layer, r, c, e)
         logger.info("layer %d%s: super weight [%d, %d] = %.4g drives %.4g (x%.0f the median layer's peak), pass %d",
                     cand.layer, f" expert {e}" if e is not None else "", r, c, cand.weight,
                     cand.output_activation, spike, round)
         return SuperWeight(
             layer=cand.layer, expert=e, out_channel=r, in_channel=c, tensor=tensor, index=index,
-            hf_tensor=self.sm.out_proj_name(cand.layer), hf_index=list(position),
+            hf_tensor=self.sm.out_proj_name(cand.layer),
+            hf_index=self.sm.out_projs[cand.layer].layout.hf_index(r, c, e),
             weight=cand.weight, input_activation=cand.input_activation,
             output_activation=cand.output_activation, token=cand.token,
             spike_ratio=spike, input_ratio=in_ratio, row_ratio=cand.row_ratio, share=cand.share, round=round,
@@ -396,6 +350,23 @@ class Detector:
         return list(neurons.values()), list(activations.values())
 
 
+def _coords(w: SuperWeight) -> tuple[int, int | None, int, int]:
+    return w.layer, w.expert, w.out_channel, w.in_channel
+
+
+def _check_finite(path, layer: int, **tensors: torch.Tensor) -> None:
+    """Raise NonFiniteActivation when a projection's input or output holds NaN or infinities.
+
+    A NaN weight or a NaN norm epsilon would otherwise spread to every channel and pass every
+    ratio, giving super weights at one coordinate in every layer.
+    """
+    for which, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteActivation(
+                f"{path}: layer {layer}: the MLP output projection's {which} holds NaN or infinite values; "
+                "the checkpoint's weights or config are broken")
+
+
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden states a decoder layer was called with (positionally or by keyword)."""
     return args[0] if args else kwargs["hidden_states"]
@@ -413,36 +384,26 @@ def _cancels(cand: Candidate, massive: float) -> bool:
     return opposed and cand.residual_ratio >= massive and abs(cand.residual) >= 0.25 * abs(cand.delta)
 
 
-def _expert_inputs(args, kwargs):
-    """(hidden (N, H), top_k_index (N, k), top_k_weights (N, k)) passed to a fused experts module."""
-    names = ("hidden_states", "top_k_index", "top_k_weights")
-    values = list(args) + [kwargs[n] for n in names[len(args):]]
-    return values[0], values[1], values[2]
+def _analyse_layer(layer: int, projections: list[Projection], matrix, *,
+                   min_share: float) -> tuple[LayerPeak, list[Candidate]]:
+    """Peaks and top candidates of one layer's projection, over its experts for MoE.
 
-
-def _analyse_experts(layer, module, hidden, top_k_index, top_k_weights, output, min_share):
-    """Recompute each routed expert's down projection (before routing weights) and analyse it.
-
-    The recomputation follows the fused-experts definition (gate_up -> act(gate) * up -> down); it
-    is checked against the module's own output so a different expert layout fails loudly.
+    `matrix(expert)` gives the (out, in) weight. Token positions of routed experts are mapped back
+    to the prompt's, and the loudest TOP_K outputs over all experts are kept.
     """
-    rebuilt = torch.zeros_like(output, dtype=torch.float32)
     peak, candidates = None, []
-    for e in torch.unique(top_k_index).tolist():
-        token_pos, k_pos = torch.where(top_k_index == e)
-        gate, up = F.linear(hidden[token_pos], module.gate_up_proj[e]).chunk(2, dim=-1)
-        x = module.act_fn(gate) * up  # (tokens routed to e, I)
-        y = F.linear(x, module.down_proj[e])  # (tokens routed to e, H)
-        rebuilt.index_add_(0, token_pos, y.float() * top_k_weights[token_pos, k_pos, None].float())
-        p, cands = _analyse(layer, x, y, lambda r, e=e: module.down_proj[e][r], min_share=min_share, expert=e)
-        p.input_token, p.output_token = int(token_pos[p.input_token]), int(token_pos[p.output_token])
-        for cand in cands:
-            cand.token = int(token_pos[cand.token])
-        candidates += cands
-        peak = p if peak is None else _merge_peaks(peak, p)
-    scale = float(output.float().abs().max()) or 1.0
-    if float((rebuilt - output.float()).abs().max()) > 1e-2 * scale:
-        raise UnsupportedArchitecture(f"{type(module).__name__}: recomputed experts disagree with the module")
+    for p in projections:
+        w = matrix(p.expert)
+        found_peak, found = _analyse(layer, p.x, p.y, lambda r, w=w: w[r], min_share=min_share, expert=p.expert)
+        if p.tokens is not None:
+            found_peak.input_token = int(p.tokens[found_peak.input_token])
+            found_peak.output_token = int(p.tokens[found_peak.output_token])
+            for cand in found:
+                cand.token = int(p.tokens[cand.token])
+        candidates += found
+        peak = found_peak if peak is None else _merge_peaks(peak, found_peak)
+    if len(projections) == 1:
+        return peak, candidates
     candidates.sort(key=lambda c: -abs(c.output_activation))  # stable: a row's columns stay in order
     rows = list(dict.fromkeys((c.expert, c.out_channel, c.token) for c in candidates))[:TOP_K]
     return peak, [c for c in candidates if (c.expert, c.out_channel, c.token) in rows]

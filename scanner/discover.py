@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 from .config import PICKLE_SUFFIXES
 from .errors import HubError, MissingConfig, RemoteCodeRefused, UnsupportedArchitecture, first_line
 from .hub import hub_error, with_retries, use_timeouts
-from .loader import load_config
+from .checkpoint import load_config
 
 logger = logging.getLogger(__name__)
 

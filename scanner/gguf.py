@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
+from .checkpoint import Checkpoint
 from .errors import CorruptCheckpoint, SourceNotFound, UnsupportedArchitecture, UnsupportedQuantization, first_line
 
 logger = logging.getLogger(__name__)
@@ -72,16 +73,18 @@ def find_gguf(path: Path) -> Path | None:
     return files[0] if files else None
 
 
-class GGUFCheckpoint:
+class GGUFCheckpoint(Checkpoint):
     """One GGUF file: its config, its tensor table, and reads of single tensors or rows.
 
     Args:
         file: the .gguf file.
+        root: every file read must lie inside it (default: the file's folder).
     """
 
-    def __init__(self, file: Path):
+    def __init__(self, file: Path, *, root: Path | None = None):
         self.path = file
         self.folder = file.parent
+        self.root = root or file.parent
         self.weight_files = [file]
         self.hashed_files = [file]  # the config and tokenizer are in the file too
         self.architecture, self.tensors = _read_header(file)
@@ -213,7 +216,7 @@ class GGUFCheckpoint:
             raise CorruptCheckpoint(f"{self.path}: tensor {key} is cut short; the file is truncated")
         return dequantize(raw.reshape(quant_shape_to_byte_shape(info.shape, info.qtype)), info.qtype)
 
-    def stored_index(self, keys: list[str], kind: str, row: int, col: int, expert: int | None) -> tuple[str, list[int]]:
+    def stored_index(self, keys: list[str], layout, row: int, col: int, expert: int | None) -> tuple[str, list[int]]:
         """The GGUF tensor holding W[row, col] (of `expert`) and its index there, in ne order.
 
         llama.cpp stores every matrix as (out, in) rows, GPT-2's Conv1D ones included, so the

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import DIGEST_CACHE, SUPERWEIGHT_HOME, DetectConfig
+from .checkpoint import open_checkpoint
+from .config import DetectConfig
 from .detect import Detector
 from .errors import CannotVerify, DeviceUnavailable, InvalidPrompt
-from .hub import content_hash, resolve
+from .hub import resolve
 from .loader import StreamingModel
 from .progress import Progress
-from .tokens import hashed_ids, load_tokenizer
+from .tokens import hashed_ids, max_positions
 from .verify import VerifyConfig, verify
 
 logger = logging.getLogger(__name__)
@@ -56,16 +57,14 @@ def pick_device(device: str) -> torch.device:
     return chosen
 
 
-def prompt_ids(path: Path, prompt: str, config, *, tokenizer=...) -> tuple[list[int], list[str] | None]:
+def prompt_ids(prompt: str, config, tokenizer=None) -> tuple[list[int], list[str] | None]:
     """Token ids of `prompt` with the checkpoint's own tokenizer, and the tokens (None without one).
 
-    Without a usable tokenizer each word of the prompt becomes one id (`hashed_ids`):
+    Without a usable tokenizer (None) each word of the prompt becomes one id (`hashed_ids`):
     deterministic, about as many tokens as a real tokenizer gives, spread over the vocabulary rather
     than on the low byte-fallback ids, and good enough, since the super activation does not depend
-    on the prompt's wording (see README). `tokenizer` (None: there is none) saves loading it again.
+    on the prompt's wording (see README).
     """
-    if tokenizer is ...:
-        tokenizer = load_tokenizer(path)
     if tokenizer is None:
         return hashed_ids(prompt, config), None
     ids = tokenizer(prompt)["input_ids"]
@@ -74,8 +73,7 @@ def prompt_ids(path: Path, prompt: str, config, *, tokenizer=...) -> tuple[list[
 
 def check_prompt(path: Path, ids: list[int], config) -> None:
     """Raise InvalidPrompt unless the prompt has between 1 and the model's maximum positions of tokens."""
-    tcfg = config.get_text_config()
-    limit = getattr(tcfg, "max_position_embeddings", None) or getattr(tcfg, "n_positions", None)
+    limit = max_positions(config)
     if not ids:
         raise InvalidPrompt(f"{path}: the prompt gives no tokens; pass a --prompt with words in it")
     if limit and len(ids) > limit:
@@ -105,14 +103,13 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, progress: 
     resolved_at = time.perf_counter()
     pool, stop = ThreadPoolExecutor(max_workers=1), threading.Event()
     try:
-        model = StreamingModel(resolved.path, device=str(device), dtype=DTYPES.get(options.dtype),
-                               trust_remote_code=options.trust_remote_code, root=resolved.root)
-        revision, hashing = resolved.revision, None
-        if revision is None:  # a local checkpoint: hash it while the layers stream
-            hashing = pool.submit(content_hash, model.hashed_files, model.folder,
-                                  cache=SUPERWEIGHT_HOME / DIGEST_CACHE, stop=stop)
-        tokenizer = load_tokenizer(resolved.path, root=resolved.root)
-        ids, tokens = prompt_ids(resolved.path, options.detect.prompt, model.config, tokenizer=tokenizer)
+        checkpoint = open_checkpoint(resolved.path, trust_remote_code=options.trust_remote_code, root=resolved.root,
+                                     revision=resolved.revision)
+        model = StreamingModel(checkpoint, device=str(device), dtype=DTYPES.get(options.dtype),
+                               trust_remote_code=options.trust_remote_code)
+        hashing = pool.submit(checkpoint.revision, stop=stop)  # a local checkpoint's hash, while the layers stream
+        tokenizer = checkpoint.tokenizer()
+        ids, tokens = prompt_ids(options.detect.prompt, model.config, tokenizer)
         check_prompt(resolved.path, ids, model.config)
         input_ids = model.load_static(ids)
         detection = Detector(model, options.detect, progress=progress).run(input_ids)
@@ -123,8 +120,7 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, progress: 
             except CannotVerify as e:  # the coordinates still stand; the record says why there are no effects
                 logger.warning("%s: not verified: %s", source, e)
                 verification = {"skipped": str(e)}
-        if hashing is not None:
-            revision = hashing.result()
+        revision = hashing.result()
     finally:
         stop.set()  # a failed scan does not wait for the hash of the whole checkpoint
         pool.shutdown(wait=True)

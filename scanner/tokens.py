@@ -76,3 +76,9 @@ def continuation(tokenizer, text: str, word: str) -> list[int]:
     while same < min(len(before), len(after)) and before[same] == after[same]:
         same += 1
     return after[same:]
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model takes (max_position_embeddings, or n_positions for GPT-2), if it says."""
+    tcfg = config.get_text_config()
+    return getattr(tcfg, "max_position_embeddings", None) or getattr(tcfg, "n_positions", None)

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .detect import Detection, _expert_inputs
+from .detect import Detection
 from .errors import CannotVerify
-from .loader import StreamingModel
+from .loader import LayerObserver, StreamingModel
 from .progress import Progress
-from .tokens import continuation, encode, hashed_ids, leading_special
+from .tokens import continuation, encode, hashed_ids, leading_special, max_positions
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     Raises CannotVerify, before any layer is read, when the model's head or texts rule it out.
 
     Args:
-        model: the streaming model the detection ran on (its pending edits must be cleared).
+        model: the streaming model the detection ran on.
         detection: the scan's result.
         tokenizer: the checkpoint's tokenizer, or None to use one hashed id per word.
         config: evaluation text and prompts, the `matters` threshold, copies per pass.
@@ -126,8 +125,6 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     found = detection.super_weights
     if not found:
         return None
-    if model.edits:
-        raise ValueError("verify() needs the model's original weights: clear model.edits first")
     start = time.perf_counter()
     model.check_head()
     head = _Head(model)  # refuses an unusable head before the passes
@@ -307,8 +304,7 @@ def _inputs(model: StreamingModel, tokenizer, config: VerifyConfig) -> Inputs:
         body = lambda text: hashed_ids(text, model.config)[len(prefix):]  # noqa: E731
         expected = stopwords = None
     prompts = [prefix + body(p) for p, _ in config.prompts]
-    tcfg = model.config.get_text_config()
-    positions = getattr(tcfg, "max_position_embeddings", None) or getattr(tcfg, "n_positions", None)
+    positions = max_positions(model.config)
     context = min(config.context, positions or config.context)
     step, share = context - len(prefix), config.tokens // len(config.texts)
     chunks = []
@@ -328,7 +324,7 @@ def _inputs(model: StreamingModel, tokenizer, config: VerifyConfig) -> Inputs:
 
 # -- the streamed variants --------------------------------------------------------------------------
 
-class _VariantStream:
+class _VariantStream(LayerObserver):
     """Runs inputs through the streamed model once, with one batch copy per variant.
 
     `chosen` holds each super weight's control, shared between streams: a control is picked when
@@ -343,30 +339,24 @@ class _VariantStream:
     @torch.no_grad()
     def run(self, ids: torch.Tensor) -> torch.Tensor:
         """Final hidden states, (V, *ids.shape, H), for ids (N, T) repeated once per variant."""
-        hooks = []
-        for i, layer in enumerate(self.sm.layers):
-            hooks.append(layer.register_forward_pre_hook(self._enter(i)))
-            hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: self.sm.free_layer(i)))
-            proj = self.sm.out_proj_module(i)
-            if self.sm.out_projs[i].kind == "experts":
-                hooks.append(proj.register_forward_hook(self._correct_experts(i), with_kwargs=True))
-            else:
-                hooks.append(proj.register_forward_hook(self._correct_dense(i)))
-        try:
-            batch = ids.repeat(len(self.variants), 1)  # variant-major: rows [v*N, (v+1)*N) are variant v
+        batch = ids.repeat(len(self.variants), 1)  # variant-major: rows [v*N, (v+1)*N) are variant v
+        with self.sm.observe(self, progress=self.progress):
             out = self.sm.base_model(input_ids=batch, use_cache=False).last_hidden_state
-        finally:
-            for hook in hooks:
-                hook.remove()
         return out.view(len(self.variants), *ids.shape, -1)
 
-    def _enter(self, i):
-        def hook(module, args):
-            self.sm.load_layer(i)
-            if any(c[0] == i and self.chosen[k] is None for k, c in enumerate(self.coords)):
-                self._choose_controls(i)
-            self.progress.step()
-        return hook
+    def entering(self, index: int, args: tuple, kwargs: dict) -> None:
+        if any(c[0] == index and self.chosen[k] is None for k, c in enumerate(self.coords)):
+            self._choose_controls(index)
+
+    def projected(self, index, module, args, kwargs, output):
+        edits = self._edits(index)
+        if not edits:
+            return None
+        if self.sm.out_projs[index].layout.experts:
+            self._correct_experts(index, module, args, kwargs, output, edits)
+        else:
+            self._correct_dense(index, module, args, output, edits)
+        return output
 
     def _choose_controls(self, layer: int) -> None:
         """For each super weight of `layer`, the weight of closest magnitude outside all their rows and columns."""
@@ -388,9 +378,7 @@ class _VariantStream:
 
     def _matrix(self, layer: int, expert: int | None) -> torch.Tensor:
         """The layer's MLP output projection as (out, in), of `expert` for MoE."""
-        weight = self.sm.out_proj_weight(layer)
-        kind = self.sm.out_projs[layer].kind
-        return weight[expert] if kind == "experts" else weight.T if kind == "conv1d" else weight
+        return self.sm.out_projs[layer].layout.matrix(self.sm.out_proj_weight(layer), expert)
 
     def _edits(self, layer: int) -> dict[tuple[int, int | None, int], list[int]]:
         """(variant, expert, row) -> the columns zeroed there, for every weight zeroed in `layer`."""
@@ -407,40 +395,37 @@ class _VariantStream:
                 edits.setdefault((v, expert, row), []).append(col)
         return edits
 
-    def _correct_dense(self, i):
+    def _correct_dense(self, i: int, module, args: tuple, output: torch.Tensor, edits: dict) -> None:
         """Recompute the edited output rows in float32 from the input, with the zeroed columns left out.
 
         Recomputing rather than subtracting W[r, c] * X[:, c]: in bfloat16 the super activation's
         rounding step (128 at 24,000) is larger than what a control or a second weight changes.
         """
-        def hook(module, args, output):
-            V = len(self.variants)
-            x = args[0].reshape(V, -1, args[0].shape[-1])  # (V, tokens, I)
-            y = output.view(V, -1, output.shape[-1])  # (V, tokens, H), a view: edits land in `output`
-            bias = getattr(module, "bias", None)
-            for (v, _, row), cols in self._edits(i).items():
-                w = self._matrix(i, None)[row].float().clone()  # (I,)
-                w[cols] = 0.0
-                value = x[v].float() @ w + (float(bias[row]) if bias is not None else 0.0)
-                y[v, :, row] = value.to(y.dtype)
-            return output
-        return hook
+        V = len(self.variants)
+        x = args[0].reshape(V, -1, args[0].shape[-1])  # (V, tokens, I)
+        y = output.view(V, -1, output.shape[-1])  # (V, tokens, H), a view: edits land in `output`
+        bias = getattr(module, "bias", None)
+        for (v, _, row), cols in edits.items():
+            w = self._matrix(i, None)[row].float().clone()  # (I,)
+            w[cols] = 0.0
+            value = x[v].float() @ w + (float(bias[row]) if bias is not None else 0.0)
+            y[v, :, row] = value.to(y.dtype)
 
-    def _correct_experts(self, i):
+    def _correct_experts(self, i: int, module, args: tuple, kwargs: dict, output: torch.Tensor, edits: dict) -> None:
         """Subtract each zeroed weight's routed contribution, computed in float32 from the expert's input."""
-        def hook(module, args, kwargs, output):
-            hidden, index, weights = _expert_inputs(args, kwargs)  # (N, H), (N, k), (N, k)
-            per_variant = hidden.shape[0] // len(self.variants)
-            for (v, expert, row), cols in self._edits(i).items():
-                token, slot = torch.where(index[v * per_variant : (v + 1) * per_variant] == expert)
-                token = token + v * per_variant
-                gate, up = F.linear(hidden[token], module.gate_up_proj[expert]).chunk(2, dim=-1)
-                x = (module.act_fn(gate) * up).float()  # (routed tokens, I): the expert's down_proj input
-                removed = x[:, cols] @ module.down_proj[expert][row, cols].float()  # (routed tokens,)
-                change = weights[token, slot].float() * removed
-                output[token, row] = (output[token, row].float() - change).to(output.dtype)
-            return output
-        return hook
+        layout = self.sm.out_projs[i].layout
+        routed = {p.expert: p for p in layout.projections(module, args, kwargs, output,
+                                                          experts={e for _, e, _ in edits})}
+        per_variant = output.shape[0] // len(self.variants)
+        for (v, expert, row), cols in edits.items():
+            p = routed.get(expert)
+            if p is None:
+                continue  # no token was routed to this expert
+            mine = (p.tokens >= v * per_variant) & (p.tokens < (v + 1) * per_variant)
+            removed = p.x[mine][:, cols].float() @ self._matrix(i, expert)[row, cols].float()  # (routed tokens,)
+            change = p.routing[mine].float() * removed
+            tokens = p.tokens[mine]
+            output[tokens, row] = (output[tokens, row].float() - change).to(output.dtype)
 
 
 # -- the language-model head ------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def plant(model, plants: list[Plant]) -> None:
     """
     tcfg = model.config.get_text_config()
     _, layers = find_decoder_layers(model.base_model, tcfg.num_hidden_layers)
-    ids = torch.tensor([prompt_ids(Path("/nonexistent"), DEFAULT_PROMPT, model.config)[0]])
+    ids = torch.tensor([prompt_ids(DEFAULT_PROMPT, model.config)[0]])
     amplified = set()
     for p in sorted(plants, key=lambda p: p.layer):
         if p.boost != 1 and (p.layer, p.row) not in amplified:
@@ -93,13 +93,13 @@ def plant(model, plants: list[Plant]) -> None:
         spec = find_out_proj(layers[p.layer], tcfg.hidden_size)
         mlp = layers[p.layer].get_submodule(spec.module_path.rpartition(".")[0])
         proj = layers[p.layer].get_submodule(spec.module_path)
-        direction = _token_input(model, proj if spec.kind == "experts" else mlp, ids, p.token)
+        direction = _token_input(model, proj if spec.layout.experts else mlp, ids, p.token)
         if p.reads is not None:  # that one channel, with its sign, so the neuron fires on it
             one_hot = torch.zeros_like(direction)
             one_hot[p.reads] = direction[p.reads].sign()
             direction = one_hot
         with torch.no_grad():
-            if spec.kind == "experts":
+            if spec.layout.experts:
                 proj.down_proj[p.expert, p.row, p.col] = p.value
                 mlp.gate.weight[p.expert] = direction * 10.0  # the token is routed to this expert
                 if p.boost != 1:
@@ -107,7 +107,7 @@ def plant(model, plants: list[Plant]) -> None:
                     proj.gate_up_proj[p.expert, [p.col, inter + p.col]] = direction * p.boost
                 continue
             weight = proj.weight
-            weight[(p.col, p.row) if spec.kind == "conv1d" else (p.row, p.col)] = p.value
+            weight[tuple(spec.layout.hf_index(p.row, p.col, None))] = p.value
             if p.boost != 1:
                 _aim_inputs(mlp, proj, p.col, direction * p.boost)
 
@@ -267,3 +267,11 @@ def make_gguf(path: Path, arch: str, plants: list[Plant] = (), *, seed: int = 0,
     model = build_model(arch, seed=seed, **overrides)
     plant(model, list(plants))
     return write_gguf(path, model.config, gguf_tensors(model), qtype=qtype)
+
+
+def streaming(path: Path, **options):
+    """A StreamingModel of the checkpoint at `path` (a folder or a GGUF file)."""
+    from superweight.scanner.checkpoint import open_checkpoint
+    from superweight.scanner.loader import StreamingModel
+
+    return StreamingModel(open_checkpoint(Path(path)), **options)

@@ -21,7 +21,7 @@ from superweight.scanner.hub import content_hash
 from superweight.scanner.loader import StreamingModel
 from superweight.scanner.scan import prompt_ids, scan_source
 from superweight.cli import cli
-from tests.checkpoints import Plant, build_model, coordinates, gguf_tensors, make_checkpoint, make_gguf, write_gguf
+from tests.checkpoints import Plant, build_model, coordinates, gguf_tensors, make_checkpoint, make_gguf, streaming, write_gguf
 from tests.test_errors import assert_one_line_error, run
 
 PLANTS = [Plant(2, 7, 33), Plant(5, 40, 100)]
@@ -75,7 +75,7 @@ def test_agrees_with_the_same_model_in_safetensors(planted, qtype):
 def test_layers_read_back_as_transformers_holds_them(planted, qtype):
     """Names, the q/k row order and dequantization: every weight of a layer equals the safetensors one."""
     _, files, folder = planted
-    gguf, reference = StreamingModel(files[qtype]), StreamingModel(folder)
+    gguf, reference = streaming(files[qtype]), streaming(folder)
     gguf.load_layer(5)
     reference.load_layer(5)
     expected = reference.layers[5].state_dict()
@@ -97,7 +97,7 @@ def test_another_family_without_the_rotary_permutation(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tensor_names_match_transformers_own_gguf_map(tmp_path, arch):
-    model = StreamingModel(make_gguf(tmp_path / "m.gguf", arch))
+    model = streaming(make_gguf(tmp_path / "m.gguf", arch))
     expected = get_gguf_hf_weights_map(model.model, model.checkpoint.processor)
     assert model.checkpoint.key_target == {k: v for k, v in expected.items() if k in model.tensors}
     assert len(model.checkpoint.key_target) == len(model.tensors)
@@ -107,7 +107,7 @@ def test_layers_are_dequantized_one_at_a_time(planted, monkeypatch):
     """At most one decoder layer is in memory, only the prompt's embedding rows are read, and bytes
     are counted as stored (Q8_0 blocks), layer by layer."""
     _, files, _ = planted
-    model = StreamingModel(files[Q8_0])
+    model = streaming(files[Q8_0])
     resident = []
     real_load = model.load_layer
 
@@ -117,7 +117,7 @@ def test_layers_are_dequantized_one_at_a_time(planted, monkeypatch):
                          if any(p.device.type != "meta" for p in layer.parameters())])
 
     monkeypatch.setattr(model, "load_layer", load_layer)
-    ids, _ = prompt_ids(files[Q8_0], DetectConfig().prompt, model.config)
+    ids, _ = prompt_ids(DetectConfig().prompt, model.config)
     Detector(model, DetectConfig()).run(model.load_static(ids))
 
     loads = [layers[0] for layers in resident]

@@ -6,9 +6,8 @@ import pytest
 
 from superweight.scanner.config import DetectConfig
 from superweight.scanner.detect import Detector
-from superweight.scanner.loader import StreamingModel
 from superweight.scanner.scan import prompt_ids, scan_source
-from tests.checkpoints import Plant, make_checkpoint
+from tests.checkpoints import Plant, make_checkpoint, streaming
 
 
 def resident_bytes(model) -> int:
@@ -19,7 +18,7 @@ def resident_bytes(model) -> int:
 def streamed(tmp_path, monkeypatch):
     """Scan a planted llama while recording every layer load and the resident weights after it."""
     make_checkpoint(tmp_path, "llama", [Plant(5, 10, 20)])
-    model = StreamingModel(tmp_path)
+    model = streaming(tmp_path)
     loads, resident = [], []
     real_load = model.load_layer
 
@@ -29,7 +28,7 @@ def streamed(tmp_path, monkeypatch):
         resident.append(resident_bytes(model.model))
 
     monkeypatch.setattr(model, "load_layer", load_layer)
-    ids, _ = prompt_ids(tmp_path, DetectConfig().prompt, model.config)
+    ids, _ = prompt_ids(DetectConfig().prompt, model.config)
     detection = Detector(model, DetectConfig()).run(model.load_static(ids))
     return model, detection, loads, resident, ids
 
@@ -65,8 +64,7 @@ def test_checkpoint_files_are_unmapped_after_a_scan(tmp_path):
 
 def test_removed_weights_are_restored_after_detection(streamed):
     model, *_ = streamed
-    assert model.edits == {}
-    model.load_layer(5)
+    model.load_layer(5)  # outside `zeroed`: as stored
     assert model.out_proj_weight(5)[10, 20].item() == pytest.approx(2.5)
 
 

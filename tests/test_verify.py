@@ -16,11 +16,10 @@ from transformers import AutoModelForCausalLM
 from superweight.index.catalog import Catalog
 from superweight.scanner.detect import Detector
 from superweight.scanner.config import DetectConfig
-from superweight.scanner.loader import StreamingModel
 from superweight.scanner.scan import ScanOptions, prompt_ids, scan_source
 from superweight.scanner.tokens import load_tokenizer
 from superweight.scanner.verify import PROMPTS, STOPWORDS, VerifyConfig, _inputs, verdict, verify
-from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, make_checkpoint
+from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, make_checkpoint, streaming
 
 CLI = str(Path(sys.executable).with_name("superweight"))
 # Small enough to be quick; head_rows below the vocabulary (256) so the head is read in slices.
@@ -70,8 +69,8 @@ def test_the_figures_equal_zeroing_the_weight_in_a_whole_model(tmp_path, case):
     ckpt = make_checkpoint(tmp_path / arch, arch, plants, **overrides)
     dtype = overrides.get("dtype", torch.float32)
     rel = 1e-4 if dtype == torch.float32 else 2e-2
-    sm = StreamingModel(ckpt)
-    ids, _ = prompt_ids(ckpt, DetectConfig().prompt, sm.config)
+    sm = streaming(ckpt)
+    ids, _ = prompt_ids(DetectConfig().prompt, sm.config)
     detection = Detector(sm, DetectConfig()).run(sm.load_static(ids))
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in detection.super_weights]
     assert sorted(coords) == sorted((p.layer, p.expert, p.row, p.col) for p in plants)
@@ -240,7 +239,7 @@ def test_with_a_tokenizer_the_prompt_figures_are_those_of_the_expected_words(tmp
     ckpt = make_checkpoint(tmp_path / "m", "llama", planted("llama"))
     tokenizer = sentencepiece_tokenizer()
     tokenizer.save_pretrained(ckpt)
-    inputs = _inputs(StreamingModel(ckpt), load_tokenizer(ckpt), QUICK)
+    inputs = _inputs(streaming(ckpt), load_tokenizer(ckpt), QUICK)
     # Continuations, not words encoded alone (which would give the bare "▁" piece first).
     assert tokenizer.convert_ids_to_tokens(inputs.expected) == ["▁" + w.strip() for _, w in PROMPTS]
     assert {",", ".", "▁the", "▁and"} <= set(tokenizer.convert_ids_to_tokens(inputs.stopwords))
@@ -317,7 +316,7 @@ class _zeroed:
         for layer, expert, row, col in coords:
             spec = find_out_proj(layers[layer], tcfg.hidden_size)
             weight = getattr(layers[layer].get_submodule(spec.module_path), spec.param_name)
-            index = (expert, row, col) if spec.kind == "experts" else (col, row) if spec.kind == "conv1d" else (row, col)
+            index = tuple(spec.layout.hf_index(row, col, expert))
             self.cells.append((weight, index))
 
     def __enter__(self):
