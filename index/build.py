@@ -11,20 +11,22 @@ import json
 import tempfile
 from pathlib import Path
 
+from superweight.scanner.result import ScanResult
+
 from .catalog import Catalog, Manifest
 from .literature import read_literature
 
 SCANS_DIR = Path(__file__).parent / "data" / "scans"
 
 
-def read_scans(folder: Path = SCANS_DIR) -> list[dict]:
+def read_scans(folder: Path = SCANS_DIR) -> list[ScanResult]:
     """The successful scan results committed in `folder`, in file order."""
     results = []
     for file in sorted(folder.glob("*.json")):
         for line in file.read_text().splitlines():
             result = json.loads(line)
             if result.get("status") == "ok":
-                results.append(result)
+                results.append(ScanResult.from_json(result))
     return results
 
 

@@ -24,10 +24,13 @@ from pathlib import Path
 import duckdb
 
 from superweight.scanner.files import written_aside
+from superweight.scanner.result import ScanResult
 from superweight.scanner.hub import file_sha256
 
 from .errors import CatalogLocked, CatalogTooNew, CatalogUnavailable, NonFiniteFigures
-from .schema import ADDED_COLUMNS, COLUMNS, EXPORT_ORDER, SCHEMA_VERSION, TABLES, VIEW, WEIGHT_FIELDS, catalog_key  # noqa: F401  (COLUMNS: re-exported)
+from .schema import (  # noqa: F401  (COLUMNS: re-exported)
+    ADDED_COLUMNS, COLUMNS, EXPORT_ORDER, SCAN_EFFECTS, SCHEMA_VERSION, TABLES, VIEW, catalog_key, scan_row, weight_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,21 +122,21 @@ class Catalog:
         return self.fetch(f"SELECT count(*) FROM scans WHERE repo_id = ? AND revision = ? AND scanner_version = ?{where}",
                           [repo_id, revision, scanner_version])[0][0] > 0
 
-    def record_scan(self, result: dict, *, scanned_at: datetime | None = None) -> str | None:
-        """Write one finished scan (a `scanner.scan.scan_source` result), replacing its key's rows.
+    def record_scan(self, result: ScanResult, *, scanned_at: datetime | None = None) -> str | None:
+        """Write one finished scan, replacing its key's rows.
 
         `scanned_at` defaults to the result's own, then to now (UTC). The effect columns are filled
-        when the scan was verified (`result["verification"]`). A scan that was not verified keeps
-        the effects the key's earlier scan measured when it found the same coordinates.
+        when the scan was verified. A scan that was not verified keeps the effects the key's
+        earlier scan measured when it found the same coordinates.
 
         Returns:
             A note when earlier measured effects were kept or dropped, else None.
         """
         _check_finite(result)
-        key = catalog_key(_name(result), result["revision"], result["scanner_version"])
-        scan, weights = _scan_row(result, key, scanned_at), _weight_rows(result, key)
+        key = catalog_key(result.name, result.revision, result.scanner_version)
+        scan, weights = scan_row(result, key, scanned_at), weight_rows(result, key)
         with self.connect() as con, _transaction(con, self.path):
-            note = _keep_effects(con, key, scan, weights) if result.get("verification") is None else None
+            note = _keep_effects(con, key, scan, weights) if result.verification is None else None
             _replace(con, key, scan, weights)
         if note:
             logger.warning("%s@%s: %s", key["repo_id"], key["revision"][:12], note)
@@ -267,45 +270,7 @@ def _schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
     return int(row[0]) if row else None
 
 
-def _name(result: dict) -> str:
-    """The catalog name of a scanned source: its Hub id, else its resolved path (one name however it was typed)."""
-    return result.get("repo_id") or result.get("path") or result["source"]
-
-
-def _scan_row(result: dict, key: dict, scanned_at: datetime | None) -> dict:
-    when = scanned_at or (datetime.fromisoformat(result["scanned_at"]) if result.get("scanned_at") else None)
-    verification = result.get("verification") or {}
-    return {**key, "source": "scan", "model_type": result["model_type"], "num_layers": result["num_layers"],
-            "dtype": result["dtype"], "artifact": result.get("artifact"),
-            "scanned_at": when or datetime.now(UTC).replace(tzinfo=None),
-            "super_weight_count": len(result["super_weights"]),
-            "eval_tokens": 0 if "skipped" in verification else verification.get("tokens"),
-            **{k: verification.get(k) for k in _SCAN_EFFECTS if k != "eval_tokens"}}
-
-
-def _weight_rows(result: dict, key: dict) -> list[dict]:
-    activations = result.get("super_activations") or []
-    rows = []
-    for i, w in enumerate(result["super_weights"]):
-        effect = w.get("effect") or {}
-        control = effect.get("control") or {}
-        activation = activations[w["activation"]] if "activation" in w else {}
-        group = activation.get("effect") or {}
-        rows.append({
-            **key, "ordinal": i, **{k: w.get(k) for k in WEIGHT_FIELDS},
-            "masked": w["round"] > 1 if "round" in w else None,
-            "super_neuron": w.get("neuron"), "super_activation": w.get("activation"),
-            "super_activation_value": activation.get("value"), "verdict": w.get("verdict", "unverified"),
-            **{k: effect.get(k) for k in ("ppl_ratio", "kl", "expected_prob", "stopword_share")},
-            "control_ppl_ratio": control.get("ppl_ratio"), "control_kl": control.get("kl"),
-            "group_ppl_ratio": group.get("ppl_ratio"),
-            "group_control_ppl_ratio": (group.get("control") or {}).get("ppl_ratio"),
-        })
-    return rows
-
-
 # What --verify measures, per scan and per super weight: kept by a plain re-scan of the same coordinates.
-_SCAN_EFFECTS = ("eval_tokens", "base_ppl", "joint_ppl_ratio", "base_expected_prob", "base_stopword_share")
 _WEIGHT_EFFECTS = ("verdict", "ppl_ratio", "kl", "expected_prob", "stopword_share", "control_ppl_ratio",
                    "control_kl", "group_ppl_ratio", "group_control_ppl_ratio")
 _COORDINATES = ("layer", "expert", "out_channel", "in_channel")
@@ -318,14 +283,14 @@ def _keep_effects(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights
         What happened to earlier effects, or None when there were none.
     """
     where = "WHERE repo_id = ? AND revision = ? AND scanner_version = ?"
-    old = con.execute(f"SELECT {', '.join(_SCAN_EFFECTS)} FROM scans {where}", list(key.values())).fetchone()
+    old = con.execute(f"SELECT {', '.join(SCAN_EFFECTS)} FROM scans {where}", list(key.values())).fetchone()
     if old is None or old[0] is None:
         return None
     columns = ", ".join(_COORDINATES + _WEIGHT_EFFECTS)
     old_weights = con.execute(f"SELECT {columns} FROM super_weights {where} ORDER BY ordinal", list(key.values())).fetchall()
     if [row[:4] for row in old_weights] != [tuple(w[c] for c in _COORDINATES) for w in weights]:
         return "replaced a verified scan whose coordinates differ; its effects are gone (rescan with --verify)"
-    scan.update(zip(_SCAN_EFFECTS, old))
+    scan.update(zip(SCAN_EFFECTS, old))
     for w, row in zip(weights, old_weights):
         w.update(zip(_WEIGHT_EFFECTS, row[4:]))
     return "kept the effects measured by the earlier verified scan (same coordinates)"
@@ -342,18 +307,18 @@ def _replace(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights: lis
             con.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
 
 
-def _check_finite(result: dict) -> None:
+def _check_finite(result: ScanResult) -> None:
     """Raise NonFiniteFigures for a NaN or infinite number anywhere in a scan result: never a row."""
     def walk(value, where):
         if isinstance(value, float) and not math.isfinite(value):
-            raise NonFiniteFigures(f"{_name(result)}: {where} is {value}; a scan with non-finite figures is not recorded")
+            raise NonFiniteFigures(f"{result.name}: {where} is {value}; a scan with non-finite figures is not recorded")
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(v, f"{where}.{k}" if where else k)
         elif isinstance(value, list):
             for i, v in enumerate(value):
                 walk(v, f"{where}[{i}]")
-    walk(result, "")
+    walk(result.to_json(), "")
 
 
 def _first(error: Exception) -> str:

@@ -301,13 +301,12 @@ def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Led
         except Exception as e:
             ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}", owner=owner)
             raise
-        ledger.finish(job.record_id, "succeeded", revision=result["revision"], bytes_read=result["bytes_read"],
-                      owner=owner)
-        report.download_seconds += result.get("download_seconds", 0.0)
-        report.scan_seconds += result["seconds"] - result.get("download_seconds", 0.0)
-        weights = [{**{k: w[k] for k in ("layer", "expert", "out_channel", "in_channel", "weight", "verdict")},
-                    "ppl_ratio": (w.get("effect") or {}).get("ppl_ratio")} for w in result["super_weights"]]
-        report.add({**name, "revision": result["revision"], "state": "succeeded", "super_weights": weights,
+        ledger.finish(job.record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read, owner=owner)
+        report.download_seconds += result.download_seconds
+        report.scan_seconds += result.seconds - result.download_seconds
+        weights = [{**{k: getattr(w, k) for k in ("layer", "expert", "out_channel", "in_channel", "weight", "verdict")},
+                    "ppl_ratio": (w.effect or {}).get("ppl_ratio")} for w in result.super_weights]
+        report.add({**name, "revision": result.revision, "state": "succeeded", "super_weights": weights,
                     "seconds": outcome["seconds"], "worker": outcome["worker"], "gpus": outcome["gpus"]})
     else:
         ledger.finish(job.record_id, outcome["state"], error=outcome["error"], owner=owner)

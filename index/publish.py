@@ -63,6 +63,13 @@ def publish(target: str, parquet: Path, *, endpoint: str | None = None, private:
     return _publish_to_folder(target, Path(parquet), manifest)
 
 
+def publish_catalog(catalog, target: str, *, private: bool = False) -> Published:
+    """Export `catalog` (an index.catalog.Catalog, open for reading or writing) and publish it to `target`."""
+    with tempfile.TemporaryDirectory(prefix="superweight-publish-") as tmp:
+        catalog.export(Path(tmp) / PARQUET)
+        return publish(target, Path(tmp) / PARQUET, private=private)
+
+
 def _verified_manifest(parquet: Path) -> dict:
     """The manifest beside `parquet` (as export writes it), checked with the file, renamed to PARQUET."""
     manifest_path = parquet.with_suffix(".json")

@@ -12,7 +12,8 @@ from superweight.scanner import __version__
 from superweight.scanner.errors import RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture, UnsupportedQuantization
 from superweight.scanner.hub import source_name
 from superweight.scanner.progress import Progress, Relay
-from superweight.scanner.scan import ScanOptions, scan_source
+from superweight.scanner.result import ScanResult
+from superweight.scanner.scan import ScanOptions, scan
 
 from .catalog import Catalog
 from .ledger import SCAN_LEASE_SECONDS, Ledger
@@ -42,11 +43,11 @@ class _Renewing(Relay):
 
 
 def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledger: Ledger,
-                    worker: str | None = None, progress: Progress | None = None) -> dict:
+                    worker: str | None = None, progress: Progress | None = None) -> ScanResult:
     """Scan `source`, write it to the catalog, and keep the ledger in step.
 
     Returns:
-        The scan result (see scanner.scan.scan_source).
+        The scan result.
 
     Raises:
         The scan's or the catalog's exception, after recording it in the ledger as failed or refused.
@@ -54,11 +55,11 @@ def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledg
     worker = worker or worker_name()
     record_id = ledger.start(source_name(source), options.revision or "", __version__, worker=worker)
     try:
-        result = scan_source(source, options, progress=_Renewing(ledger, worker, progress))
+        result = scan(source, options, progress=_Renewing(ledger, worker, progress))
         catalog.record_scan(result)
     except Exception as e:
         state = "refused" if isinstance(e, REFUSALS) else "failed"
         ledger.finish(record_id, state, error=str(e) or type(e).__name__)
         raise
-    ledger.finish(record_id, "succeeded", revision=result["revision"], bytes_read=result["bytes_read"])
+    ledger.finish(record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read)
     return result

@@ -1,4 +1,9 @@
-"""The catalog's schema: its tables, the `catalog` view that catalog.parquet exports, and what each column means."""
+"""The catalog's schema: its tables, the `catalog` view that catalog.parquet exports, what each column
+means, and how a ScanResult becomes rows."""
+
+from datetime import UTC, datetime
+
+from superweight.scanner.result import ScanResult
 
 # 2: effect measurements (superweight scan --verify) and the Hugging Face layout; 3: groupings
 # (super neuron, super activation and its value), group effects, verdicts, masked, artifact.
@@ -141,3 +146,40 @@ EXPORT_ORDER = "repo_id, revision, scanner_version, source, layer NULLS FIRST, e
 KEY_COLUMNS = ("repo_id", "revision", "model_type", "num_layers", "layer", "expert", "tensor", "out_channel",
                "in_channel", "index", "weight", "input_activation", "output_activation", "spike_ratio", "dtype",
                "source", "note", "scanner_version", "scanned_at")
+
+
+# What --verify measures, per scan: the scans row's columns that come from a Verification.
+SCAN_EFFECTS = ("eval_tokens", "base_ppl", "joint_ppl_ratio", "base_expected_prob", "base_stopword_share")
+
+
+def scan_row(result: ScanResult, key: dict, scanned_at: datetime | None = None) -> dict:
+    """The `scans` row of a finished scan."""
+    when = scanned_at or (datetime.fromisoformat(result.scanned_at) if result.scanned_at else None)
+    verification = result.verification
+    measured = verification is not None and verification.skipped is None
+    return {**key, "source": "scan", "model_type": result.model_type, "num_layers": result.num_layers,
+            "dtype": result.dtype, "artifact": result.artifact,
+            "scanned_at": when or datetime.now(UTC).replace(tzinfo=None),
+            "super_weight_count": len(result.super_weights),
+            # 0: tried, and the model cannot be verified; None: not verified
+            "eval_tokens": verification.tokens if measured else 0 if verification else None,
+            **{k: getattr(verification, k) if measured else None for k in SCAN_EFFECTS if k != "eval_tokens"}}
+
+
+def weight_rows(result: ScanResult, key: dict) -> list[dict]:
+    """The `super_weights` rows of a finished scan, in the order found."""
+    rows = []
+    for i, w in enumerate(result.super_weights):
+        effect = w.effect or {}
+        control = effect.get("control") or {}
+        group = result.super_activations[w.activation].effect or {}
+        rows.append({
+            **key, "ordinal": i, **{k: getattr(w, k) for k in WEIGHT_FIELDS},
+            "masked": w.round > 1, "super_neuron": w.neuron, "super_activation": w.activation,
+            "super_activation_value": result.super_activations[w.activation].value, "verdict": w.verdict,
+            **{k: effect.get(k) for k in ("ppl_ratio", "kl", "expected_prob", "stopword_share")},
+            "control_ppl_ratio": control.get("ppl_ratio"), "control_kl": control.get("kl"),
+            "group_ppl_ratio": group.get("ppl_ratio"),
+            "group_control_ppl_ratio": (group.get("control") or {}).get("ppl_ratio"),
+        })
+    return rows

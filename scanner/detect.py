@@ -17,31 +17,18 @@ activations (same residual channel).
 
 import logging
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 from .config import DetectConfig
 from .errors import NonFiniteActivation
+from .result import Detection, LayerPeak, SuperActivation, SuperNeuron, SuperWeight
 from .layout import Projection
 from .loader import LayerObserver, StreamingModel
 from .progress import Progress
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerPeak:
-    """What one pass saw at one layer's MLP output projection (over all experts for MoE)."""
-
-    layer: int
-    max_input: float  # max |X| over tokens and channels
-    input_channel: int
-    input_token: int
-    max_output: float  # max |Y|
-    output_channel: int
-    output_token: int
-    expert: int | None = None  # the expert of the max output
 
 
 @dataclass
@@ -65,69 +52,6 @@ class Candidate:
     residual: float = 0.0  # the residual stream h[t, r] entering the layer, signed
     residual_ratio: float = 0.0  # |h[t, r]| / median_j |h[t, j]|: is the residual already massive there?
     delta: float = 0.0  # what the whole layer adds to h[t, r] (post-norm archs rescale Y first)
-
-
-@dataclass
-class SuperWeight:
-    """One super weight: W[out_channel, in_channel] of a layer's MLP output projection."""
-
-    layer: int
-    expert: int | None
-    out_channel: int
-    in_channel: int
-    tensor: str  # the tensor as stored in the checkpoint file
-    index: list[int]  # its position in that stored tensor
-    hf_tensor: str  # the transformers parameter (Hugging Face layout)
-    hf_index: list[int]  # its position in that parameter
-    weight: float
-    input_activation: float
-    output_activation: float
-    token: int
-    spike_ratio: float
-    input_ratio: float
-    row_ratio: float
-    share: float
-    round: int = 1  # the pass that found it: 1 is the unmodified model; later passes find masked weights
-    neuron: int = 0  # its super neuron: an index into Detection.super_neurons
-    activation: int = 0  # its super activation: an index into Detection.super_activations
-
-
-@dataclass
-class SuperNeuron:
-    """Super weights that read one intermediate channel: the same layer, expert and in_channel."""
-
-    layer: int
-    expert: int | None
-    in_channel: int
-    weights: list[int]  # indices into Detection.super_weights
-
-
-@dataclass
-class SuperActivation:
-    """Super weights that write one residual channel (in one or several layers): one super activation."""
-
-    channel: int  # the residual channel, the out_channel of its weights
-    value: float  # its largest residual value h[t, channel] in the unmodified model, signed: how large it is
-    token: int  # where: the prompt token ...
-    layer: int  # ... and the decoder layer whose output holds it
-    weights: list[int]  # indices into Detection.super_weights
-    layers: list[int]  # the layers of its weights, ascending
-
-
-@dataclass
-class Detection:
-    """Everything a scan found, in plain data."""
-
-    super_weights: list[SuperWeight]
-    layers: list[LayerPeak]
-    rejected: list[dict] = field(default_factory=list)
-    rounds: int = 0  # passes run: the masking depth + 1 (a last pass confirms that nothing is left)
-    truncated: bool = False  # max_rounds ran out before a pass found nothing new
-    super_neurons: list[SuperNeuron] = field(default_factory=list)
-    super_activations: list[SuperActivation] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 TOP_K = 8  # loud output channels kept per layer and pass

@@ -3,7 +3,7 @@ MLP output projection on a log scale, with the super weights marked and rejected
 A verified scan adds a second panel with the evidence: the perplexity ratio of zeroing each super
 weight, its control, and all of them together, with the expected-word probability on the prompts.
 
-Drawn from a scan result (scanner.scan.scan_source), so the figure shows exactly what the scan
+Drawn from a scan result (a scanner.result.ScanResult), so the figure shows exactly what the scan
 judged: the first pass through the unmodified model.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import CannotWrite
 from .files import written_aside
+from .result import ScanResult
 
 
 @dataclass(frozen=True)
@@ -32,33 +33,32 @@ class Figure:
     base_expected_prob: float | None = None
 
 
-def figure_data(result: dict) -> Figure:
+def figure_data(result: ScanResult) -> Figure:
     """The series and marks of `result`'s detection figure."""
-    peaks = sorted(result["layers"], key=lambda p: p["layer"])
-    where = result.get("repo_id") or result["source"]
+    peaks = sorted(result.detection.layers, key=lambda p: p.layer)
+    verification = result.verification if result.verification and result.verification.skipped is None else None
     return Figure(
-        title=f"{where}@{(result.get('revision') or '')[:12]}: MLP output projection, one prompt",
-        layers=[p["layer"] for p in peaks],
-        max_input=[p["max_input"] for p in peaks],
-        max_output=[p["max_output"] for p in peaks],
-        super_weights=[(w["layer"], w["out_channel"], w["in_channel"], abs(w["output_activation"]))
-                       for w in result["super_weights"]],
-        rejected=[(r["layer"], abs(r["output_activation"]), r["reason"]) for r in result.get("rejected", [])],
-        effects=tuple((f"L{w['layer']}" + (f" E{w['expert']}" if w["expert"] is not None else "")
-                  + f" [{w['out_channel']}, {w['in_channel']}]\n{w['verdict']}", w["effect"]["ppl_ratio"],
-                  w["effect"]["control"]["ppl_ratio"], w["effect"]["expected_prob"])
-                 for w in result["super_weights"] if w.get("effect")),
-        groups=tuple((f"channel {a['channel']}\n{len(a['weights'])} together", a["effect"]["ppl_ratio"],
-                      a["effect"]["control"]["ppl_ratio"])
-                     for a in result.get("super_activations", []) if a.get("effect") and len(a["weights"]) > 1),
-        joint_ppl_ratio=(result.get("verification") or {}).get("joint_ppl_ratio"),
-        activations=len(result.get("super_activations", [])),
-        matters=(result.get("verification") or {}).get("matters"),
-        base_expected_prob=(result.get("verification") or {}).get("base_expected_prob"),
+        title=f"{result.repo_id or result.source}@{(result.revision or '')[:12]}: MLP output projection, one prompt",
+        layers=[p.layer for p in peaks],
+        max_input=[p.max_input for p in peaks],
+        max_output=[p.max_output for p in peaks],
+        super_weights=[(w.layer, w.out_channel, w.in_channel, abs(w.output_activation)) for w in result.super_weights],
+        rejected=[(r["layer"], abs(r["output_activation"]), r["reason"]) for r in result.detection.rejected],
+        effects=tuple((f"L{w.layer}" + (f" E{w.expert}" if w.expert is not None else "")
+                       + f" [{w.out_channel}, {w.in_channel}]\n{w.verdict}", w.effect["ppl_ratio"],
+                       w.effect["control"]["ppl_ratio"], w.effect["expected_prob"])
+                      for w in result.super_weights if w.effect),
+        groups=tuple((f"channel {a.channel}\n{len(a.weights)} together", a.effect["ppl_ratio"],
+                      a.effect["control"]["ppl_ratio"])
+                     for a in result.super_activations if a.effect and len(a.weights) > 1),
+        joint_ppl_ratio=verification.joint_ppl_ratio if verification else None,
+        activations=len(result.super_activations),
+        matters=verification.matters if verification else None,
+        base_expected_prob=verification.base_expected_prob if verification else None,
     )
 
 
-def plot(result: dict, out: Path) -> Figure:
+def plot(result: ScanResult, out: Path) -> Figure:
     """Draw `result`'s detection figure (and its effects, if verified) to `out` (PNG) and return its data."""
     import matplotlib
 

@@ -1,4 +1,5 @@
-"""Scan one source end to end: resolve it, stream it through the detector, return a plain dict."""
+"""Scan one source end to end: resolve it, open it once, stream it through detection (and verification),
+return a ScanResult."""
 
 import logging
 import threading
@@ -17,6 +18,7 @@ from .detect import Detector
 from .errors import CannotVerify, DeviceUnavailable, InvalidPrompt
 from .hub import resolve
 from .loader import StreamingModel
+from .result import ScanResult, Verification
 from .progress import Progress
 from .tokens import hashed_ids, max_positions
 from .verify import VerifyConfig, verify
@@ -81,17 +83,17 @@ def check_prompt(path: Path, ids: list[int], config) -> None:
 
 
 def scan_source(source: str, options: ScanOptions = ScanOptions(), *, progress: Progress | None = None) -> dict:
-    """Find the super weights of one checkpoint.
+    """`scan`, as the documented JSON object (README "JSON output"): for callers at the JSON edge."""
+    return scan(source, options, progress=progress).to_json()
+
+
+def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progress | None = None) -> ScanResult:
+    """Find the super weights of one checkpoint, and with `options.verify` measure what they do.
 
     Args:
         source: a local folder, a GGUF file, a Hub repo id or `example:NAME`.
         options: device, dtype, revision, thresholds, and whether to verify.
         progress: told of each phase (a streamed pass, a read of the LM head) and each step of it.
-
-    Returns:
-        A JSON-ready dict: identity (source, repo_id, revision, model_type, ...), `super_weights`,
-        per-layer `layers` peaks of the first pass, `rejected` spikes with reasons, timing; when
-        verified, each super weight's `effect` and the model-level `verification` (else None).
 
     Raises:
         ScanError: a subclass naming what is wrong with the source.
@@ -111,61 +113,27 @@ def scan_source(source: str, options: ScanOptions = ScanOptions(), *, progress: 
         tokenizer = checkpoint.tokenizer()
         ids, tokens = prompt_ids(options.detect.prompt, model.config, tokenizer)
         check_prompt(resolved.path, ids, model.config)
-        input_ids = model.load_static(ids)
-        detection = Detector(model, options.detect, progress=progress).run(input_ids)
+        detection = Detector(model, options.detect, progress=progress).run(model.load_static(ids))
         verification = None
         if options.verify is not None:
             try:
                 verification = verify(model, detection, tokenizer=tokenizer, config=options.verify, progress=progress)
             except CannotVerify as e:  # the coordinates still stand; the record says why there are no effects
                 logger.warning("%s: not verified: %s", source, e)
-                verification = {"skipped": str(e)}
+                verification = Verification(skipped=str(e))
         revision = hashing.result()
     finally:
         stop.set()  # a failed scan does not wait for the hash of the whole checkpoint
         pool.shutdown(wait=True)
-    tcfg = model.config.get_text_config()
-    found = _with_effects(detection.to_dict(), verification)
-    return {
-        "source": source,
-        "repo_id": resolved.repo_id,
-        "revision": revision,
-        "artifact": resolved.artifact,
-        "path": str(resolved.path),
-        "model_type": tcfg.model_type,
-        "architecture": type(model.model).__name__,
-        "num_layers": model.num_layers,
-        "hidden_size": model.hidden_size,
-        "out_proj": sorted({f"{model.layers_prefix}.N.{p.module_path}" for p in model.out_projs}),
-        "dtype": resolved.dtype or str(model.checkpoint_dtype).removeprefix("torch."),
-        "compute_dtype": str(model.dtype).removeprefix("torch."),
-        "device": str(device),
-        "prompt": options.detect.prompt,
-        "tokens": tokens if tokens is not None else ids,
-        **found,
-        "verification": verification,
-        "criteria": asdict(options.detect),
-        "scanner_version": __version__,
-        "scanned_at": scanned_at,  # UTC
-        "bytes_read": model.bytes_read,
-        "seconds": round(time.perf_counter() - start, 3),
-        "download_seconds": round(resolved_at - start, 3),  # resolving: the Hub download, if any
-    }
-
-
-def _with_effects(found: dict, verification: dict | None) -> dict:
-    """Detection results with each super weight's `effect` and `verdict`, and each super activation's `effect`.
-
-    Without a verification (not asked for, or the model cannot be verified) every verdict is
-    "unverified" and there are no effects.
-    """
-    weights, activations = found["super_weights"], found["super_activations"]
-    measured = verification is not None and "skipped" not in verification
-    effects = verification.pop("per_weight") if measured else [None] * len(weights)
-    verdicts = verification.pop("verdicts") if measured else ["unverified"] * len(weights)
-    for weight, effect, verdict in zip(weights, effects, verdicts, strict=True):
-        weight["effect"], weight["verdict"] = effect, verdict
-    groups = verification.pop("activations") if measured else [None] * len(activations)
-    for activation, effect in zip(activations, groups, strict=True):
-        activation["effect"] = effect
-    return found
+    return ScanResult(
+        source=source, repo_id=resolved.repo_id, revision=revision, artifact=resolved.artifact,
+        path=str(resolved.path), model_type=model.config.get_text_config().model_type,
+        architecture=type(model.model).__name__, num_layers=model.num_layers, hidden_size=model.hidden_size,
+        out_proj=sorted({f"{model.layers_prefix}.N.{p.module_path}" for p in model.out_projs}),
+        dtype=resolved.dtype or str(model.checkpoint_dtype).removeprefix("torch."),
+        compute_dtype=str(model.dtype).removeprefix("torch."), device=str(device), prompt=options.detect.prompt,
+        tokens=tokens if tokens is not None else ids, detection=detection, verification=verification,
+        criteria=asdict(options.detect), scanner_version=__version__, scanned_at=scanned_at,
+        bytes_read=model.bytes_read, seconds=round(time.perf_counter() - start, 3),
+        download_seconds=round(resolved_at - start, 3),  # resolving: the Hub download, if any
+    )

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .detect import Detection
+from .result import Detection, Verification
 from .errors import CannotVerify
+from .head import Head, head_stats
 from .loader import LayerObserver, StreamingModel
 from .progress import Progress
 from .tokens import continuation, encode, hashed_ids, leading_special, max_positions
@@ -103,8 +103,11 @@ class Inputs:
 
 
 def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
-           config: VerifyConfig = VerifyConfig(), progress: Progress | None = None) -> dict | None:
+           config: VerifyConfig = VerifyConfig(), progress: Progress | None = None) -> Verification | None:
     """Measure the effect of zeroing the super weights of `detection` on `model`, and judge each.
+
+    Each super weight of `detection` gets its `effect` (None where it was not measured alone) and
+    its `verdict`; each super activation its `effect` (with its controls and whether it matters).
 
     Raises CannotVerify, before any layer is read, when the model's head or texts rule it out.
 
@@ -116,18 +119,14 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
         progress: told of each streamed pass and head read (phases) and each layer or slice read (steps).
 
     Returns:
-        None when there is no super weight; else the model-level figures (`base_ppl`,
-        `joint_ppl_ratio`, ...), `activations` (one effect per super activation, in detection
-        order, with its `control` and whether it `matters`), `per_weight` (one effect per super
-        weight, with its `control`; None where not measured alone), `verdicts` (one per super
-        weight: super, group or inert) and what it cost (`passes`, `copies`).
+        None when there is no super weight; else the model-level figures and what they cost.
     """
     found = detection.super_weights
     if not found:
         return None
     start = time.perf_counter()
     model.check_head()
-    head = _Head(model)  # refuses an unusable head before the passes
+    head = Head(model)  # refuses an unusable head before the passes
     inputs = _inputs(model, tokenizer, config)
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in found]
     groups = [a.weights for a in detection.super_activations]
@@ -136,20 +135,21 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     activations, joint = _measure_groups(meter, groups, config)
     per_weight = _measure_alone(meter, groups, activations)
     group_of = {k: g for g, ks in enumerate(groups) for k in ks}
-    verdicts = [verdict(per_weight[k], activations[group_of[k]], config) for k in range(len(found))]
+    for k, weight in enumerate(found):
+        weight.effect, weight.verdict = per_weight[k], verdict(per_weight[k], activations[group_of[k]], config)
+    for activation, effect in zip(detection.super_activations, activations, strict=True):
+        activation.effect = effect
 
     logger.info("verified %d super weight(s) in %.1f s, %d passes", len(found), time.perf_counter() - start,
                 meter.passes)
     base = meter.base
-    return {"texts": [t.name for t in config.texts], "tokens": int(inputs.text.numel()),
-            "context": int(inputs.text.shape[1]), "tokenizer": inputs.tokenizer,
-            "prompts": [p for p, _ in config.prompts],
-            "expected": [tokenizer.decode([i]) for i in inputs.expected] if inputs.expected else None,
-            "base_ppl": base["ppl"], "base_expected_prob": base["expected_prob"],
-            "base_stopword_share": base["stopword_share"],
-            "joint_ppl_ratio": joint["ppl_ratio"], "joint_kl": joint["kl"],
-            "matters": config.matters, "activations": activations, "per_weight": per_weight, "verdicts": verdicts,
-            "passes": meter.passes, "copies": meter.copies, "seconds": round(time.perf_counter() - start, 3)}
+    return Verification(
+        texts=[t.name for t in config.texts], tokens=int(inputs.text.numel()), context=int(inputs.text.shape[1]),
+        tokenizer=inputs.tokenizer, prompts=[p for p, _ in config.prompts],
+        expected=[tokenizer.decode([i]) for i in inputs.expected] if inputs.expected else None,
+        base_ppl=base["ppl"], base_expected_prob=base["expected_prob"], base_stopword_share=base["stopword_share"],
+        joint_ppl_ratio=joint["ppl_ratio"], joint_kl=joint["kl"], matters=config.matters,
+        passes=meter.passes, copies=meter.copies, seconds=round(time.perf_counter() - start, 3))
 
 
 def _measure_groups(meter: "_Meter", groups: list[list[int]], config: VerifyConfig) -> tuple[list[dict], dict]:
@@ -215,7 +215,7 @@ def verdict(alone: dict | None, group: dict | None, config: VerifyConfig) -> str
 class _Meter:
     """Runs variants through the streamed model, `max_copies` copies per pass, and keeps their figures."""
 
-    def __init__(self, model: StreamingModel, head: "_Head", inputs: "Inputs", coords: list[tuple],
+    def __init__(self, model: StreamingModel, head: "Head", inputs: "Inputs", coords: list[tuple],
                  config: VerifyConfig, *, progress: Progress):
         self.sm, self.head, self.inputs, self.coords, self.config = model, head, inputs, coords, config
         self.progress = progress
@@ -263,12 +263,12 @@ class _Meter:
         slices = math.ceil(self.sm.head_rows / self.config.head_rows)
         with self.head:
             self.progress.phase("verify: LM head on the text", slices)
-            text = _head_stats(self.sm, self.head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets,
-                               [], self.config, progress=self.progress)
+            text = head_stats(self.sm, self.head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets,
+                              [], slice_rows=self.config.head_rows, progress=self.progress)
             expected = torch.tensor(self.inputs.expected or [0] * len(last), device=self.sm.device)
             self.progress.phase("verify: LM head on the prompts", slices)
-            prompt = _head_stats(self.sm, self.head, prompt_hidden, expected, self.inputs.stopwords or [], self.config,
-                                 progress=self.progress)
+            prompt = head_stats(self.sm, self.head, prompt_hidden, expected, self.inputs.stopwords or [],
+                                slice_rows=self.config.head_rows, progress=self.progress)
         ppl = torch.exp(text["nll"].mean(dim=1))  # (V,)
         if not bool(torch.isfinite(ppl).all()):
             raise CannotVerify("the evaluation text's perplexity is not finite for some variant (NaN or overflow)")
@@ -426,113 +426,3 @@ class _VariantStream(LayerObserver):
             change = p.routing[mine].float() * removed
             tokens = p.tokens[mine]
             output[tokens, row] = (output[tokens, row].float() - change).to(output.dtype)
-
-
-# -- the language-model head ------------------------------------------------------------------------
-
-def _head_stats(model: StreamingModel, head: "_Head", hidden: torch.Tensor, targets: torch.Tensor,
-                stopwords: list[int], config: VerifyConfig, *, progress: Progress) -> dict:
-    """Per variant and position: -log p(target), KL from variant 0, and the stopwords' probability share.
-
-    hidden: (V, N, H) final hidden states; targets: (N,). The vocabulary is read `head_rows` at a
-    time; each variant's log-sum-exp, and variant 0's expectation of (its logits - the variant's),
-    are accumulated online, rescaled whenever a slice raises the running maximum.
-    """
-    V, N, _ = hidden.shape
-    h = hidden.float()
-    zeros = lambda *shape: torch.zeros(*shape, device=h.device)  # noqa: E731
-    acc = {"peak": torch.full((V, N), -math.inf, device=h.device),  # running max logit
-           "total": zeros(V, N),  # sum exp(logit - peak)
-           "cross": zeros(V, N),  # sum exp(base logit - base peak) * (base logit - logit)
-           "target": zeros(V, N), "stop": zeros(V, N, len(stopwords))}
-    stop = torch.tensor(stopwords, dtype=torch.long, device=h.device)
-    vocab = model.head_rows
-    for lo in range(0, vocab, config.head_rows):
-        rows, bias = model.read_head(lo, min(lo + config.head_rows, vocab))  # (S, H), (S,) or None
-        step = max(1, (1 << 24) // (V * rows.shape[0]))  # positions per product: logits stay ~64 MB
-        for n in range(0, N, step):
-            span = slice(n, min(n + step, N))
-            _accumulate(acc, span, head.logits(h[:, span], rows, bias), lo, targets[span], stop)
-        progress.step()
-    lse = acc["peak"] + torch.log(acc["total"])  # (V, N)
-    return {
-        "nll": lse - acc["target"],
-        "kl": (acc["cross"] / acc["total"][0] - lse[0] + lse).clamp_min(0.0),
-        "stop_share": torch.exp(acc["stop"] - lse[..., None]).sum(dim=2),
-    }
-
-
-def _accumulate(acc: dict, span: slice, logits: torch.Tensor, lo: int, targets: torch.Tensor,
-                stop: torch.Tensor) -> None:
-    """Fold logits (V, n, S) of vocabulary ids lo.. at positions `span` into the running sums."""
-    peak = acc["peak"][:, span]
-    new_peak = torch.maximum(peak, logits.amax(dim=2))
-    scale = torch.exp(peak - new_peak)
-    base = torch.exp(logits[0] - new_peak[0, :, None])  # (n, S), unnormalised base probabilities
-    acc["cross"][:, span] = acc["cross"][:, span] * scale[0] + (base * (logits[0] - logits)).sum(dim=2)
-    acc["total"][:, span] = acc["total"][:, span] * scale + torch.exp(logits - new_peak[..., None]).sum(dim=2)
-    acc["peak"][:, span] = new_peak
-    inside = (targets >= lo) & (targets < lo + logits.shape[2])
-    if inside.any():
-        where = torch.nonzero(inside).squeeze(1)
-        acc["target"][:, span][:, where] = logits[:, where, targets[where] - lo]
-    here = (stop >= lo) & (stop < lo + logits.shape[2])
-    if here.any():
-        acc["stop"][:, span][:, :, here] = logits[:, :, stop[here] - lo]
-
-
-class _Outputs:
-    """The base model's output as a causal-LM forward reads it: the hidden states, and None for the rest."""
-
-    def __init__(self, hidden: torch.Tensor):
-        self.last_hidden_state = hidden
-
-    def __getattr__(self, name):  # past_key_values, attentions, cross_attentions, router_logits, ...
-        return None
-
-    def __getitem__(self, index):  # older forwards read outputs[0]
-        return (self.last_hidden_state,)[index]
-
-
-class _Given(nn.Module):
-    """Stands in for the base model inside the causal-LM forward: returns the hidden states it was given."""
-
-    def __init__(self):
-        super().__init__()
-        self.hidden: torch.Tensor | None = None
-
-    def forward(self, *args, **kwargs) -> _Outputs:
-        return _Outputs(self.hidden)
-
-
-class _Head:
-    """The model's own causal-LM forward on given hidden states and given rows of the head.
-
-    Whatever the class does to its head's output (Gemma 2's soft-capping, Cohere's and Granite's
-    scaling, ...) is then applied exactly, without a table of model types to keep up to date.
-    Use as a context manager: the base model and the head's parameters are put back on exit.
-    """
-
-    def __init__(self, model: StreamingModel):
-        self.causal, self.head = model.model, model.model.get_output_embeddings()
-        self.prefix = model.model.base_model_prefix
-        if not isinstance(self.head, nn.Linear):
-            raise CannotVerify(f"{type(self.head).__name__}: an LM head that is not a linear layer")
-        self.given = _Given()
-
-    def __enter__(self) -> "_Head":
-        self.saved = (getattr(self.causal, self.prefix), self.head.weight, self.head.bias)
-        setattr(self.causal, self.prefix, self.given)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        base, self.head.weight, self.head.bias = self.saved
-        setattr(self.causal, self.prefix, base)
-
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """(V, n, H) hidden states and (S, H) head rows -> (V, n, S) float32 logits, as the model makes them."""
-        self.given.hidden = hidden
-        self.head.weight = nn.Parameter(rows, requires_grad=False)
-        self.head.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        dummy = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-        return self.causal(input_ids=dummy, use_cache=False).logits.float()

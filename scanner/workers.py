@@ -20,7 +20,8 @@ from .errors import ScanError, ScanTimeout
 from .files import alive
 from .progress import Progress
 from .hub import with_retries
-from .scan import ScanOptions, scan_source
+from .scan import ScanOptions
+from .scan import scan as scan_checkpoint
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class ScanWorker:
         """Scan `repo_id` at commit `revision` (or a folder or example, revision "") within `timeout` seconds.
 
         Returns:
-            {"state": "succeeded", "result": <scan_source result>} or {"state": "failed" or
+            {"state": "succeeded", "result": <a ScanResult>} or {"state": "failed" or
             "refused", "error": one line}, with "worker" and "seconds".
         """
         from superweight.index.record import REFUSALS  # the same split of refusals and failures as `superweight scan`
@@ -78,7 +79,7 @@ class ScanWorker:
         outcome: dict = {"worker": f"{socket.gethostname()}:{os.getpid()}",
                          "gpus": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
         try:
-            result = with_retries(lambda: scan_source(repo_id, options, progress=Deadline()),
+            result = with_retries(lambda: scan_checkpoint(repo_id, options, progress=Deadline()),
                                   attempts=self.config.hub_attempts, backoff=self.config.hub_backoff)
             outcome.update(state="succeeded", result=result)
         except ScanError as e:

@@ -1,8 +1,10 @@
 """How the command line shows a scan's progress on stderr: a bar per phase on a terminal, a line per
 finished phase in a log or a pipe (see scanner.progress for what a phase is)."""
 
+import os
 import sys
 import time
+from contextlib import contextmanager
 
 import click
 from tqdm.auto import tqdm
@@ -52,3 +54,31 @@ class Lines(Progress):
             name, done, total, start = self.current
             click.echo(f"{self.source}: {name}: {done}/{total} in {time.monotonic() - start:.1f} s", err=True)
             self.current = None
+
+
+def progress_mode(flag: bool | None) -> str:
+    """"bar", "lines" or "none": --progress, --no-progress, or by default what stderr is."""
+    if flag is not None:
+        mode = "bar" if flag else "none"
+    elif os.getenv("HF_HUB_DISABLE_PROGRESS_BARS"):
+        mode = "none"
+    else:
+        mode = "bar" if sys.stderr.isatty() else "lines"
+    if mode != "bar":  # transformers' own bars (GGUF conversion) would reach a log file or a pipe
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    return mode
+
+
+@contextmanager
+def progress_display(source: str, mode: str):
+    """The Progress a scan of `source` reports to: bars, lines or nothing (see progress_mode)."""
+    display = Bars(source) if mode == "bar" else Lines(source) if mode == "lines" else Progress()
+    try:
+        yield display
+        if isinstance(display, Lines):
+            display.finish()  # the last phase; a failed scan's unfinished phase is not printed
+    finally:
+        if isinstance(display, Bars):
+            display.close()

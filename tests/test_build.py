@@ -22,7 +22,7 @@ def test_committed_catalog_equals_a_fresh_build(tmp_path):
 
 
 def test_committed_scan_of_smollm2_is_reproduced(smollm2):
-    (committed,) = [r for r in read_scans() if r["source"] == "example:smollm2"]
+    (committed,) = [r.to_json() for r in read_scans() if r.source == "example:smollm2"]
 
     fresh = scan_source("example:smollm2")  # the fixture placed the converted checkpoint for it
 

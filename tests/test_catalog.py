@@ -1,5 +1,7 @@
 """The DuckDB catalog: one transaction per scan keyed by (repo, revision, scanner version), and export."""
 
+import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import pytest
 from superweight.index.catalog import SCHEMA_VERSION, Catalog
 from superweight.index.errors import CatalogLocked, CatalogTooNew, CatalogUnavailable
 from superweight.index.literature import read_literature
-from superweight.scanner.scan import scan_source
+from superweight.scanner.scan import scan
 from tests.checkpoints import Plant, make_checkpoint
 
 WHEN = datetime(2026, 11, 23, 12, 0, 0)
@@ -21,8 +23,8 @@ WHEN = datetime(2026, 11, 23, 12, 0, 0)
 def results(tmp_path_factory):
     """Real scan results: one with two super weights, one with none."""
     root = tmp_path_factory.mktemp("ckpts")
-    two = scan_source(str(make_checkpoint(root / "two", "llama", [Plant(2, 10, 20), Plant(5, 7, 99)])))
-    none = scan_source(str(make_checkpoint(root / "none", "gpt2", [])))
+    two = scan(str(make_checkpoint(root / "two", "llama", [Plant(2, 10, 20), Plant(5, 7, 99)])))
+    none = scan(str(make_checkpoint(root / "none", "gpt2", [])))
     return two, none
 
 
@@ -37,9 +39,9 @@ def test_scans_with_and_without_super_weights(tmp_path, results):
         catalog.record_scan(none, scanned_at=WHEN)
         got = rows(catalog)
         counts = catalog.fetch("SELECT repo_id, super_weight_count FROM scans ORDER BY repo_id")
-    assert got == sorted([(two["source"], 2, 10, 20, "scan"), (two["source"], 5, 7, 99, "scan"),
-                          (none["source"], None, None, None, "scan")], key=lambda r: (r[0], r[1] or -1))
-    assert dict(counts) == {two["source"]: 2, none["source"]: 0}  # "none found" is a row, not an absence
+    assert got == sorted([(two.source, 2, 10, 20, "scan"), (two.source, 5, 7, 99, "scan"),
+                          (none.source, None, None, None, "scan")], key=lambda r: (r[0], r[1] or -1))
+    assert dict(counts) == {two.source: 2, none.source: 0}  # "none found" is a row, not an absence
 
 
 def test_rescanning_a_key_replaces_its_rows(tmp_path, results):
@@ -48,7 +50,7 @@ def test_rescanning_a_key_replaces_its_rows(tmp_path, results):
         catalog.record_scan(two, scanned_at=WHEN)
         catalog.record_scan(two, scanned_at=WHEN)
         assert len(rows(catalog)) == 2
-        catalog.record_scan({**two, "scanner_version": "9.9"}, scanned_at=WHEN)
+        catalog.record_scan(dataclasses.replace(two, scanner_version="9.9"), scanned_at=WHEN)
         assert len(rows(catalog)) == 4  # another scanner version is another key
 
 
@@ -56,7 +58,8 @@ def test_a_failed_write_leaves_the_old_rows(tmp_path, results):
     two, _ = results
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_scan(two, scanned_at=WHEN)
-        broken = {**two, "super_weights": [{**two["super_weights"][0], "layer": None}]}  # violates NOT NULL
+        broken = copy.deepcopy(two)
+        broken.super_weights[0].layer = None  # violates NOT NULL
         with pytest.raises(CatalogUnavailable, match=r"NOT NULL constraint failed: super_weights.layer\); nothing was changed"):
             catalog.record_scan(broken, scanned_at=WHEN)
         assert len(rows(catalog)) == 2
@@ -73,7 +76,7 @@ def test_export_is_deterministic_with_a_manifest(tmp_path, results):
     manifest = json.loads((tmp_path / "a" / "catalog.json").read_text())
     assert manifest["sha256"] == first.sha256 and manifest["schema_version"] == SCHEMA_VERSION
     exported = duckdb.sql(f"SELECT repo_id, layer, \"index\" FROM '{tmp_path / 'a' / 'catalog.parquet'}'").fetchall()
-    assert exported == [(none["source"], None, None), (two["source"], 2, [10, 20]), (two["source"], 5, [7, 99])]
+    assert exported == [(none.source, None, None), (two.source, 2, [10, 20]), (two.source, 5, [7, 99])]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["catalog.json", "catalog.parquet"]
 
 
@@ -146,8 +149,8 @@ def test_super_activations_and_neurons_are_one_query_away(tmp_path, results):
                              "max(abs(super_activation_value)) FROM catalog GROUP BY repo_id ORDER BY repo_id").rows
     counts = {repo: (activations, neurons, largest) for repo, activations, neurons, largest in rows}
     two = results[0]
-    assert counts[two["source"]][:2] == (2, 2)  # rows 10 and 7, columns 20 and 99
-    assert counts[two["source"]][2] == max(abs(a["value"]) for a in two["super_activations"]) > 1000
+    assert counts[two.source][:2] == (2, 2)  # rows 10 and 7, columns 20 and 99
+    assert counts[two.source][2] == max(abs(a.value) for a in two.super_activations) > 1000
     assert counts["allenai/OLMo-7B-0724-hf"][:2] == (1, 4)  # row 269 in four layers
     assert counts["microsoft/Phi-3-mini-4k-instruct"][:2] == (4, 2)  # rows 525, 1113, 1693, 2046; columns 808, 2723
     assert counts["allenai/OLMo-7B-0724-hf"][2] is None  # published coordinates carry no measured value

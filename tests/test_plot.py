@@ -3,7 +3,7 @@
 from click.testing import CliRunner
 
 from superweight.scanner.plot import figure_data, plot
-from superweight.scanner.scan import scan_source
+from superweight.scanner.scan import scan
 from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
 
@@ -11,11 +11,11 @@ PLANTS = [Plant(2, 10, 20), Plant(5, 7, 99)]
 
 
 def test_the_figure_marks_the_planted_weights_at_their_layers_peaks(tmp_path):
-    result = scan_source(str(make_checkpoint(tmp_path / "ckpt", "llama", PLANTS)))
+    result = scan(str(make_checkpoint(tmp_path / "ckpt", "llama", PLANTS)))
     data = plot(result, tmp_path / "figure.png")
 
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data.layers == list(range(result["num_layers"]))
+    assert data.layers == list(range(result.num_layers))
     assert [(layer, row, col) for layer, row, col, _ in data.super_weights] == [(2, 10, 20), (5, 7, 99)]
     first = data.super_weights[0]
     assert first[3] == data.max_output[2]  # the first super activation is its layer's peak in the first pass
@@ -24,7 +24,7 @@ def test_the_figure_marks_the_planted_weights_at_their_layers_peaks(tmp_path):
 
 
 def test_a_model_without_super_weights_has_no_marks(tmp_path):
-    data = figure_data(scan_source(str(make_checkpoint(tmp_path / "ckpt", "llama", []))))
+    data = figure_data(scan(str(make_checkpoint(tmp_path / "ckpt", "llama", []))))
     assert data.super_weights == [] and len(data.layers) == 8
 
 
@@ -50,6 +50,6 @@ def test_verify_adds_the_effect_of_zeroing_each_super_weight(tmp_path):
     assert result.stdout.startswith(f"{tmp_path / 'f.png'}: 8 layers, layer 2 [10, 20]; zeroed: ppl x")
     assert "(control x1)" in result.stdout  # the decoy, zeroed as the control, changes nothing
 
-    scanned = scan_source(str(ckpt))
+    scanned = scan(str(ckpt))
     assert figure_data(scanned).effects == ()  # an unverified scan has no effect panel
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from superweight.index.catalog import Catalog
+from superweight.scanner.result import ScanResult
 from superweight.scanner.scan import ScanOptions, scan_source
 from superweight.scanner.verify import VerifyConfig
 
@@ -26,7 +27,7 @@ def scanned(smollm2):
 def recorded(scanned, tmp_path_factory) -> list[dict]:
     """The catalog rows of the verified scan, as recorded and read back."""
     with Catalog(tmp_path_factory.mktemp("catalog") / "c.duckdb") as catalog:
-        catalog.record_scan(scanned)
+        catalog.record_scan(ScanResult.from_json(scanned))  # as the JSON a user sees, read back
         return catalog.fetch_dicts("SELECT * FROM catalog ORDER BY out_channel, in_channel")
 
 

@@ -37,8 +37,8 @@ def test_a_crash_after_the_commit_leaves_a_consistent_catalog(tmp_path):
     with Catalog(catalog) as c:
         c.export(published)  # an earlier, empty export
     before = published.read_bytes()
-    crash = ("import os, sys; from superweight.index.catalog import Catalog; from superweight.scanner.scan import scan_source; "
-             f"c = Catalog({str(catalog)!r}); c.record_scan(scan_source({str(model)!r})); os._exit(137)")
+    crash = ("import os, sys; from superweight.index.catalog import Catalog; from superweight.scanner.scan import scan; "
+             f"c = Catalog({str(catalog)!r}); c.record_scan(scan({str(model)!r})); os._exit(137)")
 
     done = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=300)
 

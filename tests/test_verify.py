@@ -1,6 +1,7 @@
 """Verification: the effect of zeroing each super weight, all of them, and a control, measured on the
 streamed model, checked against zeroing the weight in a whole in-memory model."""
 
+import copy
 import json
 import math
 import subprocess
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from superweight.index.catalog import Catalog
 from superweight.scanner.detect import Detector
 from superweight.scanner.config import DetectConfig
-from superweight.scanner.scan import ScanOptions, prompt_ids, scan_source
+from superweight.scanner.scan import ScanOptions, prompt_ids, scan, scan_source
 from superweight.scanner.tokens import load_tokenizer
 from superweight.scanner.verify import PROMPTS, STOPWORDS, VerifyConfig, _inputs, verdict, verify
 from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, make_checkpoint, streaming
@@ -88,21 +89,21 @@ def test_the_figures_equal_zeroing_the_weight_in_a_whole_model(tmp_path, case):
         assert effect["kl"] == pytest.approx(_kl(base, logp), rel=10 * rel, abs=1e-5)
 
     def control_of(k: int) -> tuple:
-        control = figures["per_weight"][k]["control"]
+        control = detection.super_weights[k].effect["control"]
         return control["layer"], control["expert"], control["out_channel"], control["in_channel"]
 
-    for k, effect in enumerate(figures["per_weight"]):
-        expect(effect, [coords[k]])
-        expect(effect["control"], [control_of(k)])
-    for activation, effect in zip(detection.super_activations, figures["activations"]):
-        expect(effect, [coords[k] for k in activation.weights])
-        expect(effect["control"], [control_of(k) for k in activation.weights])
+    for k, weight in enumerate(detection.super_weights):
+        expect(weight.effect, [coords[k]])
+        expect(weight.effect["control"], [control_of(k)])
+    for activation in detection.super_activations:
+        expect(activation.effect, [coords[k] for k in activation.weights])
+        expect(activation.effect["control"], [control_of(k) for k in activation.weights])
     assert [len(a.weights) for a in detection.super_activations] == [2, 1]  # channel 10 twice, channel 7
     with _zeroed(model, coords):
-        assert figures["joint_ppl_ratio"] == pytest.approx(_ppl(_log_probs(model, text), text) / _ppl(base, text),
-                                                           rel=rel)
-    assert figures["base_ppl"] == pytest.approx(_ppl(base, text), rel=rel)
-    assert figures["passes"] == 4  # the groups, then the weights of the two-weight group alone
+        assert figures.joint_ppl_ratio == pytest.approx(_ppl(_log_probs(model, text), text) / _ppl(base, text),
+                                                        rel=rel)
+    assert figures.base_ppl == pytest.approx(_ppl(base, text), rel=rel)
+    assert figures.passes == 4  # the groups, then the weights of the two-weight group alone
 
 
 def test_weights_alone_are_measured_only_inside_super_activations_that_matter(tmp_path):
@@ -207,15 +208,15 @@ def test_scan_verify_records_the_effects_in_the_catalog_and_its_export(tmp_path)
 
 
 def test_an_unverified_scan_has_null_effects(tmp_path):
-    result = scan_source(str(make_checkpoint(tmp_path / "m", "llama", planted("llama"))))
-    (weight,) = result["super_weights"]
-    assert result["verification"] is None and (weight["effect"], weight["verdict"]) == (None, "unverified")
+    result = scan(str(make_checkpoint(tmp_path / "m", "llama", planted("llama"))))
+    (weight,) = result.super_weights
+    assert result.verification is None and (weight.effect, weight.verdict) == (None, "unverified")
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_scan(result)
         assert catalog.fetch("SELECT ppl_ratio, group_ppl_ratio, kl, eval_tokens, verdict FROM catalog") == [
             (None, None, None, None, "unverified")]
-        assert catalog.has_scan(result["source"], result["revision"], result["scanner_version"])
-        assert not catalog.has_scan(result["source"], result["revision"], result["scanner_version"], verified=True)
+        assert catalog.has_scan(result.source, result.revision, result.scanner_version)
+        assert not catalog.has_scan(result.source, result.revision, result.scanner_version, verified=True)
 
 
 def sentencepiece_tokenizer():
@@ -269,14 +270,14 @@ def test_a_model_that_cannot_be_verified_keeps_its_coordinates_and_says_why(tmp_
     del weights["lm_head.weight"]  # the scan never reads the head; verification needs it
     safetensors.torch.save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
 
-    result = scan_source(str(ckpt), ScanOptions(verify=QUICK))
-    assert [(w["layer"], w["out_channel"], w["in_channel"]) for w in result["super_weights"]] == [(2, 10, 20)]
-    assert "no language-model head" in result["verification"]["skipped"]
+    result = scan(str(ckpt), ScanOptions(verify=QUICK))
+    assert [(w.layer, w.out_channel, w.in_channel) for w in result.super_weights] == [(2, 10, 20)]
+    assert "no language-model head" in result.verification.skipped
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_scan(result)
         assert catalog.fetch("SELECT layer, ppl_ratio, eval_tokens FROM catalog") == [(2, None, 0)]
         # Tried, so a verifying crawl does not scan it again and again.
-        assert catalog.has_scan(result["source"], result["revision"], result["scanner_version"], verified=True)
+        assert catalog.has_scan(result.source, result.revision, result.scanner_version, verified=True)
 
 
 # -- the reference: a whole model in memory ----------------------------------------------------------
@@ -331,8 +332,8 @@ class _zeroed:
 
 def test_a_plain_rescan_keeps_the_effects_measured_for_the_same_coordinates(tmp_path, caplog):
     ckpt = make_checkpoint(tmp_path / "m", "llama", planted("llama"))
-    verified = scan_source(str(ckpt), ScanOptions(verify=QUICK))
-    plain = scan_source(str(ckpt))
+    verified = scan(str(ckpt), ScanOptions(verify=QUICK))
+    plain = scan(str(ckpt))
     figures = "SELECT ppl_ratio, kl, control_ppl_ratio, group_ppl_ratio, verdict, eval_tokens, base_ppl FROM catalog"
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.record_scan(verified)
@@ -342,7 +343,8 @@ def test_a_plain_rescan_keeps_the_effects_measured_for_the_same_coordinates(tmp_
         assert catalog.record_scan(plain) == "kept the effects measured by the earlier verified scan (same coordinates)"
         assert catalog.fetch(figures) == before
 
-        moved = {**plain, "super_weights": [{**plain["super_weights"][0], "in_channel": 21}]}
+        moved = copy.deepcopy(plain)
+        moved.super_weights[0].in_channel = 21
         assert "replaced a verified scan whose coordinates differ" in catalog.record_scan(moved)
         assert catalog.fetch(figures) == [(None, None, None, None, "unverified", None, None)]
     assert "replaced a verified scan" in caplog.text  # said, not silently dropped

@@ -1,0 +1,78 @@
+"""The command line's shared options and value types, declared once for every command that takes them."""
+
+import math
+import re
+from pathlib import Path
+
+import click
+
+from superweight.scanner.config import CATALOG_FILE
+
+
+class Finite(click.FloatRange):
+    """A float range that also refuses NaN and infinities (a NaN compares false with every bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class Size(click.ParamType):
+    """A memory size such as 2GB, 500MB or 1.5GiB."""
+
+    name = "size"
+    _FORM = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
+
+    def convert(self, value, param, ctx):
+        if not self._FORM.match(str(value)):
+            self.fail(f"{value!r} is not a size like 2GB or 500MB", param, ctx)
+        return str(value).strip()
+
+
+class Count(click.ParamType):
+    """A count such as 8e9, 8B, 500M or 8000000000."""
+
+    name = "count"
+    _UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper()
+        try:
+            number = float(text[:-1]) * self._UNITS[text[-1]] if text[-1:] in self._UNITS else float(text)
+        except (ValueError, IndexError):
+            self.fail(f"{value!r} is not a count like 8e9, 8B or 500M", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r} is not a count like 8e9, 8B or 500M", param, ctx)
+        return int(number)
+
+
+def catalog(help: str = f"The catalog database (default: $SUPERWEIGHT_HOME/{CATALOG_FILE}).") -> click.option:
+    return click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path), help=help)
+
+
+def as_json(help: str) -> click.option:
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def device(help: str = "auto, cpu, cuda or cuda:N.") -> click.option:
+    return click.option("--device", default="auto", show_default=True, help=help)
+
+
+revision = click.option("--revision", help="Hub branch, tag or commit sha (default: main).")
+
+
+def export_out(default: Path = Path("catalog.parquet")) -> click.option:
+    return click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default,
+                        show_default=True, help="Where to write; catalog.json goes beside it.")
+
+
+def verify(*, default: bool) -> click.option:
+    return click.option(
+        "--verify/--no-verify", default=default, show_default=True,
+        help="Measure what zeroing the super weights does (each super activation's weights together, "
+             "each weight alone inside those that matter, controls) and give each a verdict: super, "
+             "group or inert (two to four more passes over the layers).")
