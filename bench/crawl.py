@@ -38,7 +38,7 @@ import ray  # noqa: E402
 from superweight.index.catalog import Catalog  # noqa: E402
 from superweight.index.crawl import CrawlOptions, crawl  # noqa: E402
 from superweight.index.ledger import Ledger  # noqa: E402
-from superweight.scanner.discover import HubAccess, discover  # noqa: E402
+from superweight.index.crawl import HubAccess, discover  # noqa: E402
 from superweight.scanner.scan import ScanOptions  # noqa: E402
 from tests.checkpoints import Plant, make_checkpoint  # noqa: E402
 from tests.hub_front import HubFront, serve  # noqa: E402

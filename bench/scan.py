@@ -2,39 +2,19 @@
 
 Usage: python bench/scan.py [--out-dir DIR] [--keep] [--repeats N] [--diagnose]
 
-One run does everything:
+bench/README.md says what the modes run and what the ratios mean. In short: one run generates a
+Llama-3.2-1B-shaped checkpoint with one planted super weight (in a child process; unless --out-dir
+holds one), warms the page cache, then measures `scan` (the real CLI), `full` (from_pretrained,
+hooks, one forward pass) and `floor` (every tensor read once), interleaved, each in a fresh
+process. It prints the median wall time and max peak RSS per mode and the ratios against the
+targets (peak RSS scan/full <= 0.3, wall scan/floor <= 1.5); exits 1 only when a mode fails or
+finds the wrong coordinate. --diagnose also times the scan's phases in one more child.
 
-1. Generates a Llama-3.2-1B-shaped checkpoint (1.5 B parameters, bfloat16, untied LM head, a few
-   safetensors shards) with one planted super weight (tests.checkpoints.plant), unless --out-dir
-   already holds one from an earlier run. Generation is timed separately and is not compared.
-2. Measures three modes, each in a fresh process, interleaved (scan, full, floor, scan, ...):
-   - scan:  the real CLI, `superweight scan CKPT --json --no-record`; must report the planted
-            coordinate. (Recording into the catalog and ledger adds a constant ~1 s and ~85 MB of
-            imports, whatever the model's size.)
-   - full:  the naive detector: `from_pretrained` in bfloat16, forward hooks on every layer's
-            mlp.down_proj, one forward pass over the scanner's own prompt ids; the layer and row of
-            the largest |output| and the column of the largest |input| there must be the plant.
-   - floor: imports torch, transformers and LlamaForCausalLM, then reads every tensor once with
-            safe_open(...).get_tensor(...).clone(), one at a time (the LM head too, which the scan
-            skips). safetensors 0.8's get_tensor is a zero-copy view of an mmap, so without the
-            clone nothing would be read (147 tensors "read" in 0.01 s).
-3. Prints the median wall time and max peak RSS per mode, and the ratios against the targets
-   (peak RSS scan/full <= 0.3, wall scan/floor <= 1.5). Exits 0 whatever the ratios; non-zero
-   only when a mode fails or finds the wrong coordinate.
-4. With --diagnose, one more child runs scanner.scan.scan_source in-process with its phases timed
-   (import, skeleton, first pass, replay, the background content hash) and RSS read from
-   /proc/self/status after every layer is freed, to show where the time and memory go.
-
-Method. Every measured process is started by this script with subprocess.Popen and reaped with
-os.wait4(pid), which returns the rusage of exactly that child: ru_maxrss is its own peak RSS
-(VmHWM; file-backed mmap pages count, page cache does not). Wall time is taken in this process
-from just before the spawn to the reap, so it includes interpreter start-up and imports equally
-for all modes. (RUSAGE_CHILDREN would give the max over all children so far, hence wait4.)
-Linux carries a process's RSS high-water mark over fork and execve, so a child's ru_maxrss is at
-least this process's own peak at spawn time: this process therefore never imports torch (the
-checkpoint is generated in a child too) and stays near 100 MB, far below every mode; its own
-peak is logged at the end. Before the first measured run every checkpoint file is read once,
-untimed, so the page cache is warm for all modes; 24 GiB of RAM holds the 3 GB checkpoint easily.
+Method. Each child is started with subprocess.Popen and reaped with os.wait4(pid), whose rusage is
+that child's alone (ru_maxrss: its peak RSS, mmap pages included, page cache not). Wall time runs
+from just before the spawn to the reap, imports included for all modes. Linux carries a process's
+RSS high-water mark over fork and execve, so this process never imports torch and stays near
+100 MB, far below every mode.
 """
 
 import argparse
@@ -137,10 +117,6 @@ def existing_checkpoint(path: Path) -> Coordinate | None:
     return Coordinate(**json.loads(marker.read_text()))
 
 
-def weight_files(path: Path) -> list[Path]:
-    return sorted(path.glob("*.safetensors"))
-
-
 def warm_page_cache(path: Path) -> None:
     """Read every file of the checkpoint once so that no mode pays for the disk."""
     total = 0
@@ -194,7 +170,7 @@ def run_floor(checkpoint: Path) -> list[Coordinate]:
 
     imported = time.perf_counter()
     count = 0
-    for file in weight_files(checkpoint):
+    for file in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name).clone()  # get_tensor alone maps the bytes, it reads none
@@ -208,6 +184,7 @@ def run_floor(checkpoint: Path) -> list[Coordinate]:
 def run_phases(checkpoint: Path) -> dict:
     """The scan in-process, each phase timed and memory read after every freed layer (--diagnose)."""
     start = time.perf_counter()
+    import superweight.scanner.checkpoint as checkpoints
     import superweight.scanner.detect as detect
     import superweight.scanner.loader as loader
     import superweight.scanner.scan as scan
@@ -217,7 +194,7 @@ def run_phases(checkpoint: Path) -> dict:
     _time_method(loader.StreamingModel, "__init__", "skeleton+headers", times)
     _time_method(detect.Detector, "first_pass", "first_pass", times)
     _time_method(detect.Detector, "replay", "replay", times)
-    _time_method(scan, "content_hash", "content_hash (background thread)", times)
+    _time_method(checkpoints.Checkpoint, "revision", "content hash (background thread)", times)
     _time_method(nn.Linear, "forward", "nn.Linear total", times)  # inside first_pass and replay
     memory = []
     free_layer = loader.StreamingModel.free_layer
@@ -325,11 +302,6 @@ def parse_found(mode: str, stdout: str) -> list[Coordinate]:
     return [Coordinate(w["layer"], w["out_channel"], w["in_channel"]) for w in result["super_weights"]]
 
 
-def check(sample: Sample, planted: Coordinate) -> None:
-    if sample.mode != "floor" and planted not in sample.found:
-        raise RuntimeError(f"{sample.mode} found {sample.found}, not the planted {planted}")
-
-
 def report(samples: list[Sample]) -> str:
     """The table of median wall time and max peak RSS per mode, then the ratios and verdicts."""
     wall = {m: statistics.median(s.wall_s for s in samples if s.mode == m) for m in MODES}
@@ -339,14 +311,11 @@ def report(samples: list[Sample]) -> str:
     for m in MODES:
         runs = " ".join(f"{s.wall_s:.2f}" for s in samples if s.mode == m)
         lines.append(f"{m:<6} {runs:<24} {wall[m]:>13.2f} {cpu[m]:>12.2f} {rss[m] / 1e9:>16.3f}")
-    ratios = [
-        ("peak RSS scan / full", rss["scan"] / rss["full"], RSS_TARGET),
-        ("wall scan / floor", wall["scan"] / wall["floor"], WALL_TARGET),
-        ("wall scan / full", wall["scan"] / wall["full"], None),
-        ("cpu scan / floor", cpu["scan"] / cpu["floor"], None),
-    ]
     lines.append("")
-    for name, value, target in ratios:
+    for name, value, target in [("peak RSS scan / full", rss["scan"] / rss["full"], RSS_TARGET),
+                                ("wall scan / floor", wall["scan"] / wall["floor"], WALL_TARGET),
+                                ("wall scan / full", wall["scan"] / wall["full"], None),
+                                ("cpu scan / floor", cpu["scan"] / cpu["floor"], None)]:
         verdict = "" if target is None else f"  target <= {target}: {'PASS' if value <= target else 'MISS'}"
         lines.append(f"{name:<22} {value:6.3f}{verdict}")
     return "\n".join(lines)
@@ -359,7 +328,8 @@ def benchmark(checkpoint: Path, planted: Coordinate, repeats: int) -> list[Sampl
         for round_ in range(repeats):
             for mode in MODES:
                 sample = measure(mode, checkpoint, Path(workdir))
-                check(sample, planted)
+                if sample.mode != "floor" and planted not in sample.found:
+                    raise RuntimeError(f"{sample.mode} found {sample.found}, not the planted {planted}")
                 logger.info("round %d %-5s wall %6.2f s  cpu %6.2f s  %.3f GB  load %.2f  found %s",
                             round_ + 1, mode, sample.wall_s, sample.cpu_s, sample.peak_rss_bytes / 1e9,
                             os.getloadavg()[0], [tuple(asdict(c).values()) for c in sample.found])
@@ -371,11 +341,10 @@ def prepare_checkpoint(path: Path) -> Coordinate:
     """Reuse or generate the checkpoint in `path`, then warm the page cache; returns the plant."""
     path.mkdir(parents=True, exist_ok=True)
     planted = existing_checkpoint(path)
-    if planted is None:
-        planted = generate_in_child(path)
-    else:
+    if planted is not None:
         logger.info("reusing the checkpoint in %s (planted %s)", path, planted)
-    files = weight_files(path)
+    planted = planted or generate_in_child(path)
+    files = sorted(path.glob("*.safetensors"))
     logger.info("%d shards, %.2f GB", len(files), sum(f.stat().st_size for f in files) / 1e9)
     warm_page_cache(path)
     return planted

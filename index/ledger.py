@@ -1,7 +1,7 @@
 """The scan ledger: every scan attempt and how it ended, in SQLAlchemy (SQLite by default, or PostgreSQL).
 
 One row per (repo_id, revision, scanner_version): its state (queued, running, succeeded, failed,
-refused), how many attempts it took, the last error, which worker ran it, when, and how many bytes
+refused), how many attempts it took, the last error (and for a refusal its kind), which worker ran it, when, and how many bytes
 it read. The schema is created and upgraded by Alembic migrations (index/migrations) on open.
 
 Crawls coordinate through leases: `claim` moves a queued or failed row (or a running one whose
@@ -58,6 +58,7 @@ class ScanRecord(Base):
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    refusal: Mapped[str | None] = mapped_column(String(32))  # a refused row's kind (scanner.errors.Refused.kind)
     worker: Mapped[str | None] = mapped_column(String(256))
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -106,7 +107,7 @@ class Ledger:
             if record is None:
                 record = ScanRecord(repo_id=repo_id, revision=revision, scanner_version=scanner_version, attempts=0)
                 session.add(record)
-            record.state, record.worker, record.error = "running", worker, None
+            record.state, record.worker, record.error, record.refusal = "running", worker, None, None
             record.attempts += 1
             record.started_at, record.finished_at = _now(), None
             record.lease_owner = worker  # a killed `scan` frees the key for crawls when this expires
@@ -115,8 +116,9 @@ class Ledger:
             return record.id
 
     def finish(self, record_id: int, state: str, *, revision: str | None = None, error: str | None = None,
-               bytes_read: int | None = None, owner: str | None = None) -> bool:
-        """Record how attempt `record_id` ended: succeeded, failed or refused (with the reason).
+               refusal: str | None = None, bytes_read: int | None = None, owner: str | None = None) -> bool:
+        """Record how attempt `record_id` ended: succeeded, failed or refused (with the reason, and the
+        refusal's kind: "other" when not given).
 
         With `owner`, only while `owner` still holds the key's lease; returns whether it was recorded.
 
@@ -141,6 +143,7 @@ class Ledger:
                     session.delete(record)
                     record = resolved
             record.state, record.error, record.bytes_read, record.finished_at = state, error, bytes_read, _now()
+            record.refusal = (refusal or "other") if state == "refused" else None
             record.lease_owner = record.lease_expires_at = None
         return True
 
@@ -179,7 +182,7 @@ class Ledger:
                 update(ScanRecord)
                 .where(ScanRecord.repo_id == repo_id, ScanRecord.revision == revision,
                        ScanRecord.scanner_version == scanner_version, claimable)
-                .values(state="running", attempts=ScanRecord.attempts + 1, worker=owner, error=None,
+                .values(state="running", attempts=ScanRecord.attempts + 1, worker=owner, error=None, refusal=None,
                         started_at=now, finished_at=None, lease_owner=owner,
                         lease_expires_at=now + timedelta(seconds=lease_seconds))
                 .returning(ScanRecord.id)

@@ -24,6 +24,7 @@ from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, Hf
 from huggingface_hub.errors import HfHubHTTPError
 
 from superweight.scanner.errors import first_line
+from superweight.scanner.files import remove_stale, written_aside
 from superweight.scanner.hub import file_sha256, use_timeouts
 
 from .errors import ChecksumMismatch, DownloadFailed, NotACatalog, PublishFailed
@@ -127,13 +128,13 @@ def _publish_to_folder(target: str, parquet: Path, manifest: dict) -> Published:
     folder = Path(target)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".publish-") as tmp:
-            staged = Path(tmp)
-            shutil.copyfile(parquet, staged / PARQUET)
-            (staged / CARD).write_text(dataset_card(staged / PARQUET, manifest, where=str(folder)))
-            (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            for name in (PARQUET, CARD, MANIFEST):  # same folder: atomic renames, the manifest last
-                (staged / name).replace(folder / name)
+        # Each file is written aside and renamed into place as the blocks close, innermost first:
+        # the parquet, then the card, the manifest last.
+        with (written_aside(folder / MANIFEST) as manifest_file, written_aside(folder / CARD) as card,
+              written_aside(folder / PARQUET) as staged):
+            shutil.copyfile(parquet, staged)
+            card.write_text(dataset_card(staged, manifest, where=str(folder)))
+            manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
     except OSError as e:
         raise PublishFailed(f"{target}: cannot publish here ({first_line(e)})") from None
     return Published(str(folder), manifest)
@@ -233,26 +234,23 @@ def download(source: str, dest: Path) -> dict:
     """
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-")
+        remove_stale(dest)
     except OSError as e:
         raise DownloadFailed(f"{dest.parent}: cannot write the download here ({e.strerror})") from None
-    with staging as tmp:
-        parquet, manifest_file = Path(tmp) / PARQUET, Path(tmp) / MANIFEST
-        fetch(source, PARQUET, parquet)
-        fetch(source, MANIFEST, manifest_file)
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DownloadFailed(f"{source}: {MANIFEST} is not a catalog manifest ({e})") from None
-        try:
-            check_export(parquet, manifest, where=source)
-        except ChecksumMismatch as e:
-            raise ChecksumMismatch(f"{e}; kept the local copy {dest}") from None
-        try:
-            parquet.replace(dest)  # same folder as dest: an atomic rename
-            manifest_file.replace(dest.with_name(MANIFEST))
-        except OSError as e:
-            raise DownloadFailed(f"{dest}: cannot write the download here ({e.strerror})") from None
+    try:  # both written aside; renamed into place, the manifest last, only once the checksum holds
+        with written_aside(dest.with_name(MANIFEST)) as manifest_file, written_aside(dest) as parquet:
+            fetch(source, PARQUET, parquet)
+            fetch(source, MANIFEST, manifest_file)
+            try:
+                manifest = json.loads(manifest_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DownloadFailed(f"{source}: {MANIFEST} is not a catalog manifest ({e})") from None
+            try:
+                check_export(parquet, manifest, where=source)
+            except ChecksumMismatch as e:
+                raise ChecksumMismatch(f"{e}; kept the local copy {dest}") from None
+    except OSError as e:
+        raise DownloadFailed(f"{dest.parent}: cannot write the download here ({e.strerror})") from None
     return manifest
 
 

@@ -9,7 +9,7 @@ import socket
 import time
 
 from superweight.scanner import __version__
-from superweight.scanner.errors import RemoteCodeRefused, UnsafeCheckpoint, UnsupportedArchitecture, UnsupportedQuantization
+from superweight.scanner.errors import Refused
 from superweight.scanner.hub import source_name
 from superweight.scanner.progress import Progress, Relay
 from superweight.scanner.result import ScanResult
@@ -19,9 +19,6 @@ from .catalog import Catalog
 from .ledger import SCAN_LEASE_SECONDS, Ledger
 
 RENEW_EVERY = 60.0  # seconds between lease renewals of a running scan (its lease lasts SCAN_LEASE_SECONDS)
-
-# Checkpoints we decline to scan, as opposed to scans that broke.
-REFUSALS = (UnsafeCheckpoint, RemoteCodeRefused, UnsupportedArchitecture, UnsupportedQuantization)
 
 
 def worker_name() -> str:
@@ -58,8 +55,9 @@ def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledg
         result = scan(source, options, progress=_Renewing(ledger, worker, progress))
         catalog.record_scan(result)
     except Exception as e:
-        state = "refused" if isinstance(e, REFUSALS) else "failed"
-        ledger.finish(record_id, state, error=str(e) or type(e).__name__)
+        refused = isinstance(e, Refused)  # declined, as opposed to broken
+        ledger.finish(record_id, "refused" if refused else "failed", error=str(e) or type(e).__name__,
+                      refusal=e.kind if refused else None)
         raise
     ledger.finish(record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read)
     return result

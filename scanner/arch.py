@@ -33,8 +33,7 @@ def find_decoder_layers(base_model: nn.Module, num_layers: int) -> tuple[str, nn
     ]
     if len(found) != 1:
         raise UnsupportedArchitecture(
-            f"{type(base_model).__name__}: expected one list of {num_layers} decoder layers, found {len(found)}"
-        )
+            f"expected one list of {num_layers} decoder layers, found {len(found)}", where=type(base_model).__name__)
     return found[0]
 
 
@@ -63,11 +62,10 @@ def find_out_proj(layer: nn.Module, hidden_size: int) -> OutProj:
         down = getattr(module, "down_proj", None)
         if isinstance(down, nn.Parameter) and down.dim() == 3 and down.shape[1] == hidden_size:
             if not isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
-                raise UnsupportedArchitecture(f"{type(module).__name__}: experts without a fused gate_up_proj")
+                raise UnsupportedArchitecture("experts without a fused gate_up_proj", where=type(module).__name__)
             if _has_shared_expert(layer, path, hidden_size):
                 raise UnsupportedArchitecture(
-                    f"{type(module).__name__}: experts beside a shared dense expert are not supported yet"
-                )
+                    "experts beside a shared dense expert are not supported yet", where=type(module).__name__)
             return OutProj(path, "down_proj", FUSED_EXPERTS)
     candidates = []
     for path, module in layer.named_modules():
@@ -79,9 +77,8 @@ def find_out_proj(layer: nn.Module, hidden_size: int) -> OutProj:
             candidates.append(OutProj(path, "weight", layout))
     if len(candidates) != 1:
         raise UnsupportedArchitecture(
-            f"{type(layer).__name__}: expected one MLP projection from a wider input to hidden size "
-            f"{hidden_size}, found {[c.module_path for c in candidates] or 'none'}"
-        )
+            f"expected one MLP projection from a wider input to hidden size "
+            f"{hidden_size}, found {[c.module_path for c in candidates] or 'none'}", where=type(layer).__name__)
     return candidates[0]
 
 

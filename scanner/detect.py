@@ -99,7 +99,7 @@ class Detector(LayerObserver):
     """
 
     def __init__(self, model: StreamingModel, config: DetectConfig, *, progress: Progress | None = None):
-        self.sm = model
+        self.model = model
         self.progress = progress or Progress()
         self.config = config
         self.peaks: list[LayerPeak | None] = [None] * model.num_layers
@@ -118,17 +118,17 @@ class Detector(LayerObserver):
         self.inputs[index] = (args, kwargs)
 
     def projected(self, index, module, args, kwargs, output) -> None:
-        spec = self.sm.out_projs[index]
-        _check_finite(self.sm.path, index, output=output)
+        spec = self.model.out_projs[index]
+        _check_finite(self.model.path, index, output=output)
         projections = spec.layout.projections(module, args, kwargs, output)
         for p in projections:
-            _check_finite(self.sm.path, index, input=p.x, output=p.y)
+            _check_finite(self.model.path, index, input=p.x, output=p.y)
         weight = getattr(module, spec.param_name)
         self._record(index, *_analyse_layer(index, projections, lambda e: spec.layout.matrix(weight, e),
                                             min_share=self.config.min_share))
 
     def leaving(self, index: int, output) -> None:
-        out = (output[0] if isinstance(output, tuple) else output).reshape(-1, self.sm.hidden_size)  # (T, H)
+        out = (output[0] if isinstance(output, tuple) else output).reshape(-1, self.model.hidden_size)  # (T, H)
         for cand in self.candidates[index]:
             cand.delta = float(out[cand.token, cand.out_channel]) - cand.residual
         if self._first_pass:
@@ -138,7 +138,7 @@ class Detector(LayerObserver):
 
     def _record(self, i: int, peak: LayerPeak, candidates: list[Candidate]) -> None:
         """Keep a layer's analysis, noting the residual stream each candidate adds to."""
-        residual = _hidden(*self.inputs[i]).reshape(-1, self.sm.hidden_size).float()  # (T, H)
+        residual = _hidden(*self.inputs[i]).reshape(-1, self.model.hidden_size).float()  # (T, H)
         token_median = residual.abs().median(dim=1).values.clamp_min(1e-30)
         for cand in candidates:
             cand.residual = float(residual[cand.token, cand.out_channel])
@@ -151,10 +151,10 @@ class Detector(LayerObserver):
     def first_pass(self, input_ids: torch.Tensor) -> None:
         """Run the base model's own forward; the layers stream and every layer's input is recorded."""
         self._first_pass = True
-        self.progress.phase("detect: pass 1", self.sm.num_layers)
+        self.progress.phase("detect: pass 1", self.model.num_layers)
         try:
-            with self.sm.observe(self, progress=self.progress):
-                self.sm.base_model(input_ids=input_ids, use_cache=False)
+            with self.model.observe(self, progress=self.progress):
+                self.model.base_model(input_ids=input_ids, use_cache=False)
         finally:
             self._first_pass = False
 
@@ -162,15 +162,15 @@ class Detector(LayerObserver):
     def replay(self, start: int, zeroed: list[tuple], *, name: str = "detect: replay") -> None:
         """Re-run layers start.. with the weights at `zeroed` read as 0, from the recorded input of
         `start` (earlier layers are unchanged)."""
-        self.progress.phase(name, self.sm.num_layers - start)
+        self.progress.phase(name, self.model.num_layers - start)
         hidden = _hidden(*self.inputs[start])
-        with self.sm.observe(self, progress=self.progress), self.sm.zeroed(zeroed):
-            for i in range(start, self.sm.num_layers):
+        with self.model.observe(self, progress=self.progress), self.model.zeroed(zeroed):
+            for i in range(start, self.model.num_layers):
                 args, kwargs = self.inputs[i]
                 if args:
-                    out = self.sm.layers[i](hidden, *args[1:], **kwargs)
+                    out = self.model.layers[i](hidden, *args[1:], **kwargs)
                 else:
-                    out = self.sm.layers[i](**{**kwargs, "hidden_states": hidden})
+                    out = self.model.layers[i](**{**kwargs, "hidden_states": hidden})
                 hidden = out[0] if isinstance(out, tuple) else out
 
     # -- detection ------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ class Detector(LayerObserver):
         median_in = statistics.median(p.max_input for p in self.peaks) or 1e-30
         done = {_coords(w) for w in found}
         picks = []
-        for layer in range(self.sm.num_layers):
+        for layer in range(self.model.num_layers):
             for cand in self.candidates[layer]:
                 spike = abs(cand.output_activation) / median_out
                 if spike < cfg.spike_ratio:
@@ -240,14 +240,14 @@ class Detector(LayerObserver):
     def _found(self, cand: Candidate, spike: float, in_ratio: float, *, round: int) -> SuperWeight:
         """`cand`'s weight as a super weight, located in the model and in the checkpoint."""
         r, c, e = cand.out_channel, cand.in_channel, cand.expert
-        tensor, index = self.sm.stored_location(cand.layer, r, c, e)
+        tensor, index = self.model.stored_location(cand.layer, r, c, e)
         logger.info("layer %d%s: super weight [%d, %d] = %.4g drives %.4g (x%.0f the median layer's peak), pass %d",
                     cand.layer, f" expert {e}" if e is not None else "", r, c, cand.weight,
                     cand.output_activation, spike, round)
         return SuperWeight(
             layer=cand.layer, expert=e, out_channel=r, in_channel=c, tensor=tensor, index=index,
-            hf_tensor=self.sm.out_proj_name(cand.layer),
-            hf_index=self.sm.out_projs[cand.layer].layout.hf_index(r, c, e),
+            hf_tensor=self.model.out_proj_name(cand.layer),
+            hf_index=self.model.out_projs[cand.layer].layout.hf_index(r, c, e),
             weight=cand.weight, input_activation=cand.input_activation,
             output_activation=cand.output_activation, token=cand.token,
             spike_ratio=spike, input_ratio=in_ratio, row_ratio=cand.row_ratio, share=cand.share, round=round,
@@ -287,8 +287,8 @@ def _check_finite(path, layer: int, **tensors: torch.Tensor) -> None:
     for which, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteActivation(
-                f"{path}: layer {layer}: the MLP output projection's {which} holds NaN or infinite values; "
-                "the checkpoint's weights or config are broken")
+                f"layer {layer}: the MLP output projection's {which} holds NaN or infinite values; "
+                "the checkpoint's weights or config are broken", where=path)
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Named errors raised by the scanner; the CLI turns each into a one-line message."""
+"""Named errors raised by the scanner, carrying where and why; the command line words each as one line
+(superweight.report.explain)."""
+
+from pathlib import Path
 
 
 def first_line(error: BaseException) -> str:
@@ -8,7 +11,31 @@ def first_line(error: BaseException) -> str:
 
 
 class ScanError(Exception):
-    """Base class: a checkpoint could not be scanned, for a reason we can explain."""
+    """Base class: a checkpoint could not be scanned, for a reason we can explain.
+
+    `reason` says what is wrong; `where` names what it is wrong with (a file, `repo@revision`, an
+    option), and a caller that knows a better name for it (a Hub repo rather than its cache folder)
+    sets `where` instead of rewriting the message. The message is "where: reason".
+    """
+
+    def __init__(self, reason: str, *, where: object = None):
+        super().__init__(reason)
+        self.reason, self.where = reason, where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}" if self.where not in (None, "") else self.reason
+
+
+class Refused(ScanError):
+    """A checkpoint we decline to scan, as opposed to a scan that broke: recorded as refused.
+
+    `kind` is what the ledger stores beside the reason; `reconsider` says whether a later crawl
+    vets the model again (a limit of this run, access granted later) or the refusal holds for the
+    commit.
+    """
+
+    kind = "other"
+    reconsider = False
 
 
 class SourceNotFound(ScanError):
@@ -19,24 +46,50 @@ class MissingConfig(ScanError):
     """The checkpoint has no usable config.json."""
 
 
-class UnsafeCheckpoint(ScanError):
+class UnsafeCheckpoint(Refused):
     """The checkpoint has no safetensors or GGUF weights, only formats we refuse to read (pickle)."""
 
+    kind = "unsafe"
 
-class RemoteCodeRefused(ScanError):
+
+class RemoteCodeRefused(Refused):
     """The config needs custom code from the repo and --trust-remote-code was not given."""
 
+    kind = "remote_code"
 
-class UnsupportedArchitecture(ScanError):
+
+class UnsupportedArchitecture(Refused):
     """transformers does not know the architecture, or we cannot find its MLP output projection."""
+
+    kind = "architecture"
+
+
+class OverLimit(Refused):
+    """The checkpoint is larger than this run allows: `limit` names the limit, `value` and `bound` the sizes."""
+
+    kind = "limit"
+    reconsider = True
+
+    def __init__(self, reason: str, *, where: object = None, limit: str = "", value: float = 0, bound: float = 0):
+        super().__init__(reason, where=where)
+        self.limit, self.value, self.bound = limit, value, bound
+
+
+class GatedRepo(Refused):
+    """The Hub repo is gated: a crawl scans open models only, and looks again in case it opens."""
+
+    kind = "gated"
+    reconsider = True
 
 
 class CorruptCheckpoint(ScanError):
     """A safetensors or GGUF file is truncated or unreadable, or its tensors disagree with the config."""
 
 
-class UnsupportedQuantization(ScanError):
+class UnsupportedQuantization(Refused):
     """A GGUF tensor uses a quantization type the gguf package cannot dequantize."""
+
+    kind = "quantization"
 
 
 class HubError(ScanError):
@@ -69,3 +122,32 @@ class NonFiniteActivation(ScanError):
 
 class CannotWrite(ScanError):
     """A file the command was asked to write (a figure, a converted example) cannot be written there."""
+
+
+def refusal_kinds() -> dict[str, type[Refused]]:
+    """Every kind of refusal, by the name the ledger stores."""
+    found, todo = {Refused.kind: Refused}, [Refused]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.setdefault(sub.kind, sub)
+            todo.append(sub)
+    return found
+
+
+def reconsidered(kind: str | None) -> bool:
+    """Whether a refusal of this kind (None: not a refusal) may not hold on the next crawl."""
+    refusal = refusal_kinds().get(kind) if kind else None
+    return bool(refusal and refusal.reconsider)
+
+
+def relocated(error: ScanError, folder, name: str) -> ScanError:
+    """`error`, naming what lies inside `folder` by `name` instead (a Hub cache snapshot -> `repo@sha`).
+
+    Returns the same error, its `where` changed when it was `folder` or a path inside it.
+    """
+    try:
+        relative = Path(error.where).relative_to(folder)
+    except (TypeError, ValueError):  # no path, or one elsewhere
+        return error
+    error.where = name if relative == Path(".") else f"{name}/{relative}"
+    return error

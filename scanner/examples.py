@@ -56,7 +56,7 @@ class Example:
             )
         path = Path(spec.submodule_search_locations[0]) / self.file
         if not path.is_file():
-            raise SourceNotFound(f"{path}: missing from the {self.package} package; reinstall it")
+            raise SourceNotFound(f"missing from the {self.package} package; reinstall it", where=path)
         return path
 
 
@@ -131,9 +131,9 @@ def convert_gguf(gguf_file: Path, dest: Path, *, revision: str | None = None) ->
                 tokenizer.save_pretrained(tmp)
             (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": gguf_file.name, "revision": revision}) + "\n")
     except OSError as e:  # safetensors raises its own errors with the OS message inside
-        raise CannotWrite(f"{dest}: cannot write the converted example ({e.strerror or first_line(e)})") from None
+        raise CannotWrite(f"cannot write the converted example ({e.strerror or first_line(e)})", where=dest) from None
     except SafetensorError as e:
-        raise CannotWrite(f"{dest}: cannot write the converted example ({first_line(e)})") from None
+        raise CannotWrite(f"cannot write the converted example ({first_line(e)})", where=dest) from None
     return dest
 
 

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UnsafeCheckpoint
+from .config import PICKLE_SUFFIXES
+from .errors import CorruptCheckpoint, Refused, ScanError, UnsafeCheckpoint
 
 
 @contextmanager
@@ -48,14 +49,14 @@ def inside(path: Path, root: Path, *, what: str = "file") -> Path:
     """
     resolved, base = Path(path).resolve(), Path(root).resolve()
     if not resolved.is_relative_to(base):
-        raise UnsafeCheckpoint(f"{path}: the {what} lies outside {root} (it resolves to {resolved}); "
-                               "only files inside the checkpoint are read")
+        raise UnsafeCheckpoint(f"the {what} lies outside {root} (it resolves to {resolved}); "
+                               "only files inside the checkpoint are read", where=path)
     try:
         mode = resolved.stat().st_mode
     except OSError as e:
-        raise UnsafeCheckpoint(f"{path}: cannot read the {what} ({e.strerror})") from None
+        raise UnsafeCheckpoint(f"cannot read the {what} ({e.strerror})", where=path) from None
     if not stat.S_ISREG(mode):
-        raise UnsafeCheckpoint(f"{path}: the {what} is not a regular file; only regular files are read")
+        raise UnsafeCheckpoint(f"the {what} is not a regular file; only regular files are read", where=path)
     return path
 
 
@@ -75,3 +76,21 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+def no_weights(names: list[str], where, *, on_hub: bool = False) -> ScanError:
+    """Why a checkpoint whose files are `names` has nothing superweight reads: pickles are refused.
+
+    `on_hub`: the names are a Hub repo's, where only safetensors are fetched (a GGUF is scanned from a
+    local file).
+    """
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    ggufs = sorted(n for n in names if n.endswith(".gguf"))
+    if on_hub and ggufs:
+        return Refused(f"no .safetensors weights, only GGUF ({', '.join(ggufs[:3])}); superweight scans GGUF "
+                       "from local files: download one and give its path", where=where)
+    if pickles:
+        return UnsafeCheckpoint(f"only pickle weights ({', '.join(pickles[:3])}); superweight never unpickles: "
+                                "it reads safetensors and GGUF. Convert the checkpoint to safetensors first",
+                                where=where)
+    return CorruptCheckpoint("no .safetensors or .gguf weights found", where=where)

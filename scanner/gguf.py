@@ -69,7 +69,7 @@ def find_gguf(path: Path) -> Path | None:
     files = sorted(path.glob(f"*{GGUF_SUFFIX}"))
     if len(files) > 1:
         names = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
-        raise SourceNotFound(f"{path}: {len(files)} GGUF files ({names}); give the path of the one to scan")
+        raise SourceNotFound(f"{len(files)} GGUF files ({names}); give the path of the one to scan", where=path)
     return files[0] if files else None
 
 
@@ -82,7 +82,7 @@ class GGUFCheckpoint(Checkpoint):
     """
 
     def __init__(self, file: Path, *, root: Path | None = None):
-        self.path = file
+        self.path = self.gguf_file = file
         self.folder = file.parent
         self.root = root or file.parent
         self.weight_files = [file]
@@ -123,7 +123,7 @@ class GGUFCheckpoint(Checkpoint):
         """
         arch = next((a for a, name in MODEL_ARCH_NAMES.items() if name == self.architecture), None)
         if arch is None:
-            raise UnsupportedArchitecture(f"{self.path}: the gguf package has no tensor names for {self.architecture!r}")
+            raise UnsupportedArchitecture(f"the gguf package has no tensor names for {self.architecture!r}", where=self.path)
         table = get_tensor_name_map(arch, self.config.get_text_config().num_hidden_layers)
         names: dict[str, str] = {}
         for hf_name in hf_names:
@@ -151,9 +151,8 @@ class GGUFCheckpoint(Checkpoint):
                 qtype = self.tensors[key].qtype
                 if not _can_dequantize(qtype):
                     raise UnsupportedQuantization(
-                        f"{self.path}: tensor {key} is {qtype.name}, which the gguf package cannot dequantize; "
-                        "use a GGUF with another quantization"
-                    )
+                        f"tensor {key} is {qtype.name}, which the gguf package cannot dequantize; "
+                        "use a GGUF with another quantization", where=self.path)
             expected = tuple(meta[target].shape)
             stored = [self.tensors[k].shape for k in keys]
             if target in converted:  # expert tensors merged into one: sizes must add up
@@ -162,9 +161,8 @@ class GGUFCheckpoint(Checkpoint):
                 ok = stored[0] in (expected, expected[::-1])
             if not ok:
                 raise CorruptCheckpoint(
-                    f"{self.path}: tensor {keys[0]} has shape {self.tensors[keys[0]].ne} (GGUF order), "
-                    f"but the config implies {list(reversed(expected))} for {target}"
-                )
+                    f"tensor {keys[0]} has shape {self.tensors[keys[0]].ne} (GGUF order), "
+                    f"but the config implies {list(reversed(expected))} for {target}", where=self.path)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -204,7 +202,7 @@ class GGUFCheckpoint(Checkpoint):
             else:
                 data = b"".join(_read_at(f, info.offset + r * row_bytes, row_bytes) for r in rows)
         if len(data) != len(rows) * row_bytes:
-            raise CorruptCheckpoint(f"{self.path}: tensor {key} is cut short; the file is truncated")
+            raise CorruptCheckpoint(f"tensor {key} is cut short; the file is truncated", where=self.path)
         raw = np.frombuffer(data, dtype=np.uint8).reshape(len(rows), row_bytes)
         return torch.from_numpy(np.array(dequantize(raw, info.qtype), dtype=np.float32)), len(data)
 
@@ -213,7 +211,7 @@ class GGUFCheckpoint(Checkpoint):
         info = self.tensors[key]
         raw = np.fromfile(self.path, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
         if raw.size != info.n_bytes:
-            raise CorruptCheckpoint(f"{self.path}: tensor {key} is cut short; the file is truncated")
+            raise CorruptCheckpoint(f"tensor {key} is cut short; the file is truncated", where=self.path)
         return dequantize(raw.reshape(quant_shape_to_byte_shape(info.shape, info.qtype)), info.qtype)
 
     def stored_index(self, keys: list[str], layout, row: int, col: int, expert: int | None) -> tuple[str, list[int]]:
@@ -237,13 +235,13 @@ def _read_header(file: Path) -> tuple[str, dict[str, GGUFTensorInfo]]:
             for t in reader.tensors
         }
     except (ValueError, OSError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpoint(f"{file}: not a readable GGUF file ({first_line(e)})") from e
+        raise CorruptCheckpoint(f"not a readable GGUF file ({first_line(e)})", where=file) from e
     if not isinstance(architecture, str):
-        raise CorruptCheckpoint(f"{file}: GGUF metadata names no general.architecture")
+        raise CorruptCheckpoint("GGUF metadata names no general.architecture", where=file)
     size = file.stat().st_size
     cut = [name for name, info in tensors.items() if info.offset + info.n_bytes > size]
     if cut:
-        raise CorruptCheckpoint(f"{file}: tensor {cut[0]} runs past the end of the file; the file is truncated")
+        raise CorruptCheckpoint(f"tensor {cut[0]} runs past the end of the file; the file is truncated", where=file)
     return architecture, tensors
 
 
@@ -254,11 +252,10 @@ def _load_config(file: Path, architecture: str):
     except ValueError as e:
         if "not supported" in str(e):
             raise UnsupportedArchitecture(
-                f"{file}: GGUF architecture {architecture!r} is not supported by transformers {transformers.__version__}"
-            ) from e
-        raise CorruptCheckpoint(f"{file}: transformers cannot read its GGUF metadata ({first_line(e)})") from e
+                f"GGUF architecture {architecture!r} is not supported by transformers {transformers.__version__}", where=file) from e
+        raise CorruptCheckpoint(f"transformers cannot read its GGUF metadata ({first_line(e)})", where=file) from e
     except (KeyError, TypeError, IndexError, OSError, StrictDataclassError) as e:
-        raise CorruptCheckpoint(f"{file}: transformers cannot read its GGUF metadata ({first_line(e)})") from e
+        raise CorruptCheckpoint(f"transformers cannot read its GGUF metadata ({first_line(e)})", where=file) from e
 
 
 def _lookup(table, name: str) -> str | None:
@@ -311,8 +308,7 @@ def _assign(model: nn.Module, target: str, tensor: torch.Tensor, path: Path) -> 
         current = module._buffers[name]
     if tuple(current.shape) != tuple(tensor.shape):
         raise CorruptCheckpoint(
-            f"{path}: the tensor for {target} has shape {list(tensor.shape)} once converted, expected {list(current.shape)}"
-        )
+            f"the tensor for {target} has shape {list(tensor.shape)} once converted, expected {list(current.shape)}", where=path)
     if name in module._parameters:
         module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
     else:

@@ -32,7 +32,7 @@ def head_stats(model: StreamingModel, head: "Head", hidden: torch.Tensor, target
            "cross": zeros(V, N),  # sum exp(base logit - base peak) * (base logit - logit)
            "target": zeros(V, N), "stop": zeros(V, N, len(stopwords))}
     stop = torch.tensor(stopwords, dtype=torch.long, device=h.device)
-    vocab = model.head_rows
+    vocab = model.vocab_size
     for lo in range(0, vocab, slice_rows):
         rows, bias = model.read_head(lo, min(lo + slice_rows, vocab))  # (S, H), (S,) or None
         step = max(1, (1 << 24) // (V * rows.shape[0]))  # positions per product: logits stay ~64 MB
@@ -103,7 +103,7 @@ class Head:
         self.causal, self.head = model.model, model.model.get_output_embeddings()
         self.prefix = model.model.base_model_prefix
         if not isinstance(self.head, nn.Linear):
-            raise CannotVerify(f"{type(self.head).__name__}: an LM head that is not a linear layer")
+            raise CannotVerify("an LM head that is not a linear layer", where=type(self.head).__name__)
         self.given = _Given()
 
     def __enter__(self) -> "Head":

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,9 +29,10 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .config import CHECKPOINT_PATTERNS, DIGEST_CACHE, HUB_TIMEOUT, PICKLE_SUFFIXES, SUPERWEIGHT_HOME
-from .errors import CorruptCheckpoint, HubError, HubUnavailable, SourceNotFound, UnsafeCheckpoint, first_line
+from .config import CHECKPOINT_PATTERNS, DIGEST_CACHE, HUB_TIMEOUT, SUPERWEIGHT_HOME
+from .errors import GatedRepo, HubError, HubUnavailable, SourceNotFound, first_line
 from .examples import example_checkpoint, find_example
+from .files import no_weights, written_aside
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,12 @@ def resolve(source: str, *, revision: str | None = None, endpoint: str | None = 
     if path.exists():
         if not path.is_dir() and path.suffix != ".gguf":
             raise SourceNotFound(
-                f"{source}: not a folder or a .gguf file; give the checkpoint folder that holds config.json"
-            )
+                "not a folder or a .gguf file; give the checkpoint folder that holds config.json", where=source)
         return Resolved(source, path.resolve(), None, None)
     try:
         validate_repo_id(source)
     except HFValidationError:
-        raise SourceNotFound(f"{source}: no such folder, and not a Hub repo id (owner/name)") from None
+        raise SourceNotFound("no such folder, and not a Hub repo id (owner/name)", where=source) from None
     return _download(source, revision or "main", endpoint=endpoint, token=token, cache_dir=cache_dir)
 
 
@@ -124,10 +123,8 @@ def _bound_timeouts(request: httpx2.Request) -> None:
 
 def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Resolved:
     """Pin `revision` to a sha, refuse repos without safetensors, and fetch only what a scan reads."""
-    use_timeouts()
     where = f"{repo_id}@{revision}"
-    info = None
-    try:
+    with hub_errors(where, endpoint=endpoint):
         try:
             info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
         except OfflineModeIsEnabled:
@@ -136,30 +133,45 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Res
         if info is not None:
             patterns = _needed_files(where, repo_id, [s.rfilename for s in info.siblings or []], revision=info.sha,
                                      endpoint=endpoint, token=token, cache_dir=cache_dir)
-        # Ask for the revision as given (not info.sha) so the cache records refs/<revision> and a
-        # later offline scan can find it; the snapshot folder's name is the commit actually fetched.
-        folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint,
-            token=token, cache_dir=cache_dir, local_files_only=info is None,
-        )
-    except GatedRepoError:
-        raise HubError(f"{where}: gated repo; accept its terms on the Hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise SourceNotFound(f"{where}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
-    except RevisionNotFoundError:
-        raise SourceNotFound(f"{where}: no such revision") from None
-    except LocalEntryNotFoundError as e:
-        if info is None:  # HF_HUB_OFFLINE=1 and not cached
-            raise HubError(f"{where}: not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)") from None
-        raise hub_error(where, e.__cause__ or e, endpoint=endpoint) from e  # online, but a download got no answer
-    except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:
-        raise hub_error(where, e, endpoint=endpoint) from e
+        try:
+            # Ask for the revision as given (not info.sha) so the cache records refs/<revision> and a
+            # later offline scan can find it; the snapshot folder's name is the commit actually fetched.
+            folder = snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint,
+                token=token, cache_dir=cache_dir, local_files_only=info is None,
+            )
+        except LocalEntryNotFoundError:
+            if info is not None:
+                raise  # online, but a download got no answer
+            raise HubError("not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)", where=where) from None
     folder = Path(folder)
     if info is not None and folder.name != info.sha:
-        raise HubError(f"{where}: moved from {info.sha[:12]} to {folder.name[:12]} while downloading; scan again")
+        raise HubError(f"moved from {info.sha[:12]} to {folder.name[:12]} while downloading; scan again", where=where)
     logger.info("%s resolved to %s", where, folder)
     # Snapshot files link into the repo's blobs/: the repo's cache folder is what they may resolve into.
     return Resolved(repo_id, folder, repo_id, folder.name, root=folder.parent.parent)  # named by commit sha
+
+
+@contextlib.contextmanager
+def hub_errors(where: str, *, endpoint: str | None):
+    """Hub requests with timeouts, whose failures become ScanErrors naming `where`.
+
+    Gated and missing repos and revisions get their own errors; anything else the Hub or the
+    network raises becomes a HubError, or HubUnavailable when trying again may help (`with_retries`).
+    """
+    use_timeouts()
+    try:
+        yield
+    except GatedRepoError:
+        raise GatedRepo("gated repo; accept its terms on the Hub and set HF_TOKEN", where=where) from None
+    except RepositoryNotFoundError:
+        raise SourceNotFound("no such model on the Hub (or it is private: set HF_TOKEN)", where=where) from None
+    except RevisionNotFoundError:
+        raise SourceNotFound("no such revision", where=where) from None
+    except LocalEntryNotFoundError as e:  # huggingface_hub's word for "the Hub did not answer"
+        raise hub_error(where, e.__cause__ or e, endpoint=endpoint) from e
+    except (HfHubHTTPError, httpx2.HTTPError, OSError) as e:  # OSError: also a cache folder that cannot be written
+        raise hub_error(where, e, endpoint=endpoint) from e
 
 
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
@@ -170,10 +182,8 @@ def hub_error(where: str, error: Exception, *, endpoint: str | None) -> HubError
     status = getattr(getattr(error, "response", None), "status_code", None)
     transient = isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError)) or status in TRANSIENT_STATUS
     kind = HubUnavailable if transient else HubError
-    return kind(
-        f"{where}: Hub request to {endpoint or constants.ENDPOINT} failed ({first_line(error)}); "
-        "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache"
-    )
+    return kind(f"Hub request to {endpoint or constants.ENDPOINT} failed ({first_line(error)}); "
+                "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache", where=where)
 
 
 def with_retries(call, *, attempts: int = 4, backoff: float = 2.0):
@@ -200,7 +210,8 @@ def _needed_files(where: str, repo_id: str, files: list[str], *, revision: str, 
     Refuses repos without safetensors weights. With a shard index only the shards it names are
     fetched (Mistral repos also ship a consolidated.safetensors of the same weights).
     """
-    _refuse_unsafe(where, files)
+    if not any(f.endswith(".safetensors") for f in files):
+        raise no_weights(files, where, on_hub=True)
     wanted = [f for f in CHECKPOINT_PATTERNS if "*" not in f and f in files]
     if "model.safetensors.index.json" in files:
         index = hf_hub_download(repo_id, "model.safetensors.index.json", revision=revision, endpoint=endpoint,
@@ -212,25 +223,6 @@ def _needed_files(where: str, repo_id: str, files: list[str], *, revision: str, 
     else:
         wanted += [f for f in files if f.endswith(".safetensors") and "/" not in f]
     return wanted
-
-
-def _refuse_unsafe(where: str, files: list[str]) -> None:
-    """Raise unless the repo has safetensors weights (GGUF is scanned from local files only, for now)."""
-    if any(f.endswith(".safetensors") for f in files):
-        return
-    ggufs = sorted(f for f in files if f.endswith(".gguf"))
-    if ggufs:
-        raise CorruptCheckpoint(
-            f"{where}: no .safetensors weights in the repo, only GGUF ({', '.join(ggufs[:3])}); "
-            "superweight scans GGUF from local files: download one and give its path"
-        )
-    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
-    if pickles:
-        raise UnsafeCheckpoint(
-            f"{where}: only pickle weights ({', '.join(pickles[:3])}); superweight reads safetensors only "
-            "and never unpickles"
-        )
-    raise CorruptCheckpoint(f"{where}: no .safetensors weights in the repo")
 
 
 def content_hash(files: list[Path], root: Path, *, cache: Path | None = None,
@@ -288,15 +280,12 @@ def _read_digests(cache: Path | None) -> dict:
 
 
 def _write_digests(cache: Path | None, known: dict) -> None:
-    """Write aside, then rename: a reader never sees half a file, and the last writer wins."""
+    """Write the digests aside, then rename: a reader never sees half a file, and the last writer wins."""
     if cache is None:
         return
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(known, sort_keys=True))
-        tmp.replace(cache)
+        with written_aside(cache) as tmp:
+            tmp.write_text(json.dumps(known, sort_keys=True))
     except OSError as e:  # a cache is an optimization: never fail a finished scan over it
         logger.warning("%s: cannot write the digest cache (%s)", cache, e)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)

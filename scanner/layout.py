@@ -119,7 +119,7 @@ class FusedExperts(Layout):
         if check:
             scale = float(output.float().abs().max()) or 1.0
             if float((rebuilt - output.float()).abs().max()) > 1e-2 * scale:
-                raise UnsupportedArchitecture(f"{type(module).__name__}: recomputed experts disagree with the module")
+                raise UnsupportedArchitecture("recomputed experts disagree with the module", where=type(module).__name__)
         return found
 
 

@@ -51,7 +51,7 @@ class StreamingModel:
     """A model skeleton on the meta device whose weights are read from a checkpoint only when needed.
 
     Args:
-        checkpoint: the opened checkpoint (scanner.checkpoint.open_checkpoint).
+        checkpoint: the opened checkpoint (scanner.scan.open_checkpoint).
         device: where layers run.
         dtype: the compute dtype; None keeps the checkpoint's (float16 runs as float32 on CPU;
             GGUF is dequantized to float32).
@@ -74,7 +74,7 @@ class StreamingModel:
                     self.config, dtype=self.dtype, trust_remote_code=trust_remote_code
                 )
         except ValueError as e:
-            raise UnsupportedArchitecture(f"{path}: no causal-LM class for this config ({first_line(e)})") from e
+            raise UnsupportedArchitecture(f"no causal-LM class for this config ({first_line(e)})", where=path) from e
         self.model.eval()
         _move_buffers(self.model, self.device)
         tcfg = self.config.get_text_config()  # multimodal configs nest the decoder's
@@ -82,9 +82,8 @@ class StreamingModel:
         self.num_layers = tcfg.num_hidden_layers
         if self.num_layers < MIN_LAYERS:
             raise UnsupportedArchitecture(
-                f"{path}: {self.num_layers} decoder layer(s); a spike is measured against the median "
-                f"layer, which needs at least {MIN_LAYERS}"
-            )
+                f"{self.num_layers} decoder layer(s); a spike is measured against the median "
+                f"layer, which needs at least {MIN_LAYERS}", where=path)
         self.base_model = self.model.base_model
         _, self.layers = find_decoder_layers(self.base_model, self.num_layers)
         self.layers_prefix = _module_path(self.model, self.layers)
@@ -198,8 +197,7 @@ class StreamingModel:
         missing = [name for name in needed if name not in sources]
         if missing:
             raise CorruptCheckpoint(
-                f"{self.path}: checkpoint lacks {len(missing)} tensor(s) the config requires, e.g. {missing[0]}"
-            )
+                f"checkpoint lacks {len(missing)} tensor(s) the config requires, e.g. {missing[0]}", where=self.path)
         self.checkpoint.check(sources, meta, converted)  # dtypes (or quantization types) and shapes
 
     # -- loading --------------------------------------------------------------------------------
@@ -219,7 +217,7 @@ class StreamingModel:
         vocab = self.tensors[self.embed_key].shape[0]
         bad = [i for i in token_ids if not 0 <= i < vocab]
         if bad:
-            raise CorruptCheckpoint(f"{self.path}: token ids {bad} fall outside the embedding ({vocab} rows)")
+            raise CorruptCheckpoint(f"token ids {bad} fall outside the embedding ({vocab} rows)", where=self.path)
         rows = sorted(set(token_ids))
         weight, size = self.checkpoint.read_rows(self.embed_key, rows)  # (len(rows), hidden)
         self.bytes_read += size
@@ -231,7 +229,7 @@ class StreamingModel:
         return torch.tensor([[remap[t] for t in token_ids]], device=self.device)
 
     @property
-    def head_rows(self) -> int:
+    def vocab_size(self) -> int:
         """The vocabulary size of the language-model head."""
         return self.tensors[self.head_key].shape[0]
 
@@ -241,14 +239,14 @@ class StreamingModel:
         The scan itself never reads the head, so it is checked only when verifying.
         """
         if self.head_key is None:
-            raise CannotVerify(f"{self.path}: checkpoint has no language-model head weight (lm_head.weight)")
+            raise CannotVerify("checkpoint has no language-model head weight (lm_head.weight)", where=self.path)
         shape = self.tensors[self.head_key].shape
         if len(shape) != 2 or shape[1] != self.hidden_size:
-            raise CannotVerify(f"{self.path}: LM head tensor {self.head_key} has shape {list(shape)}, "
-                               f"not (vocabulary, {self.hidden_size})")
+            raise CannotVerify(f"LM head tensor {self.head_key} has shape {list(shape)}, "
+                               f"not (vocabulary, {self.hidden_size})", where=self.path)
         bias = self.tensors[self.head_bias_key].shape if self.head_bias_key else (shape[0],)
         if bias != (shape[0],):
-            raise CannotVerify(f"{self.path}: LM head bias {self.head_bias_key} has shape {list(bias)}, not [{shape[0]}]")
+            raise CannotVerify(f"LM head bias {self.head_bias_key} has shape {list(bias)}, not [{shape[0]}]", where=self.path)
         parts = {self.head_key: shape, self.head_bias_key: (shape[0],)}
         try:  # the checkpoint's own dtype (safetensors) or quantization type (GGUF) checks
             for key, expected in parts.items():

@@ -78,7 +78,7 @@ def plot(result: ScanResult, out: Path) -> Figure:
         with written_aside(Path(out)) as tmp:
             fig.savefig(tmp, format="png")
     except OSError as e:
-        raise CannotWrite(f"{out}: cannot write the figure ({e.strerror or e})") from None
+        raise CannotWrite(f"cannot write the figure ({e.strerror or e})", where=out) from None
     finally:
         plt.close(fig)
     return data

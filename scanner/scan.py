@@ -1,31 +1,32 @@
-"""Scan one source end to end: resolve it, open it once, stream it through detection (and verification),
-return a ScanResult."""
+"""Scan one source end to end: resolve it, open it once (`open_checkpoint`), stream it through
+detection (and verification), return a ScanResult."""
 
 import logging
 import threading
 import time
-from datetime import UTC, datetime
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .checkpoint import open_checkpoint
+from .checkpoint import DTYPE_NAMES, Checkpoint
 from .config import DetectConfig
 from .detect import Detector
-from .errors import CannotVerify, DeviceUnavailable, InvalidPrompt
+from .errors import CannotVerify, DeviceUnavailable, InvalidPrompt, ScanError, relocated
+from .files import inside
+from .gguf import GGUFCheckpoint, find_gguf
 from .hub import resolve
 from .loader import StreamingModel
-from .result import ScanResult, Verification
 from .progress import Progress
+from .result import ScanResult, Verification
+from .safetensors_checkpoint import SafetensorsCheckpoint
 from .tokens import hashed_ids, max_positions
 from .verify import VerifyConfig, verify
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,27 @@ def pick_device(device: str) -> torch.device:
     return chosen
 
 
+def open_checkpoint(path: Path, *, trust_remote_code: bool = False, root: Path | None = None,
+                    revision: str | None = None) -> Checkpoint:
+    """The checkpoint at `path`: a GGUF file, a folder holding one GGUF file, or a safetensors folder.
+
+    Args:
+        path: the folder or file (a resolved source's path).
+        trust_remote_code: allow repo code named by config.json's auto_map.
+        root: every file read must be a regular file inside it (default: the folder, or the GGUF file's).
+        revision: the revision when it is known (a Hub commit sha); else it is the content hash.
+    """
+    path = Path(path)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        inside(gguf_file, root or gguf_file.parent, what="GGUF file")
+        checkpoint = GGUFCheckpoint(gguf_file, root=root or gguf_file.parent)  # no code: nothing to trust
+    else:
+        checkpoint = SafetensorsCheckpoint(path, trust_remote_code=trust_remote_code, root=root)
+    checkpoint.known_revision = revision
+    return checkpoint
+
+
 def prompt_ids(prompt: str, config, tokenizer=None) -> tuple[list[int], list[str] | None]:
     """Token ids of `prompt` with the checkpoint's own tokenizer, and the tokens (None without one).
 
@@ -77,9 +99,16 @@ def check_prompt(path: Path, ids: list[int], config) -> None:
     """Raise InvalidPrompt unless the prompt has between 1 and the model's maximum positions of tokens."""
     limit = max_positions(config)
     if not ids:
-        raise InvalidPrompt(f"{path}: the prompt gives no tokens; pass a --prompt with words in it")
+        raise InvalidPrompt("the prompt gives no tokens; pass a --prompt with words in it", where=path)
     if limit and len(ids) > limit:
-        raise InvalidPrompt(f"{path}: the prompt has {len(ids)} tokens, more than the model's {limit} positions")
+        raise InvalidPrompt(f"the prompt has {len(ids)} tokens, more than the model's {limit} positions", where=path)
+
+
+def _named(error: ScanError, resolved) -> ScanError:
+    """`error`, naming a file of a Hub download by its repo and commit rather than by its cache folder."""
+    if resolved.repo_id is None or resolved.artifact is not None or resolved.root is None:
+        return error  # a folder the user gave, or a built-in example: its own path is its name
+    return relocated(error, resolved.path, f"{resolved.repo_id}@{resolved.revision[:12]}")
 
 
 def scan_source(source: str, options: ScanOptions = ScanOptions(), *, progress: Progress | None = None) -> dict:
@@ -107,7 +136,7 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
     try:
         checkpoint = open_checkpoint(resolved.path, trust_remote_code=options.trust_remote_code, root=resolved.root,
                                      revision=resolved.revision)
-        model = StreamingModel(checkpoint, device=str(device), dtype=DTYPES.get(options.dtype),
+        model = StreamingModel(checkpoint, device=str(device), dtype=DTYPE_NAMES.get(options.dtype),
                                trust_remote_code=options.trust_remote_code)
         hashing = pool.submit(checkpoint.revision, stop=stop)  # a local checkpoint's hash, while the layers stream
         tokenizer = checkpoint.tokenizer()
@@ -120,8 +149,11 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
                 verification = verify(model, detection, tokenizer=tokenizer, config=options.verify, progress=progress)
             except CannotVerify as e:  # the coordinates still stand; the record says why there are no effects
                 logger.warning("%s: not verified: %s", source, e)
-                verification = Verification(skipped=str(e))
+                verification = Verification(skipped=str(_named(e, resolved)))
         revision = hashing.result()
+    except ScanError as e:
+        _named(e, resolved)
+        raise
     finally:
         stop.set()  # a failed scan does not wait for the hash of the whole checkpoint
         pool.shutdown(wait=True)

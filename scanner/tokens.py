@@ -20,15 +20,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "generation_config.json", "config.json")
 
 
-def load_tokenizer(path: Path, *, root: Path | None = None):
-    """The checkpoint's own tokenizer (a GGUF file's included), or None without a usable one.
+def load_tokenizer(path: Path, *, root: Path | None = None, gguf_file: Path | None = None):
+    """The tokenizer of the checkpoint folder `path`, or the one in `gguf_file`'s metadata; None
+    without a usable one.
 
     Raises:
         UnsafeCheckpoint: a tokenizer file links outside `root` (default `path`) or is not a regular file.
     """
-    from .gguf import find_gguf
-
-    gguf_file = find_gguf(path)
     if gguf_file is None:
         present = [path / name for name in TOKENIZER_FILES if (path / name).exists() or (path / name).is_symlink()]
         for file in present:

@@ -35,34 +35,9 @@ from .errors import CannotVerify
 from .head import Head, head_stats
 from .loader import LayerObserver, StreamingModel
 from .progress import Progress
-from .tokens import continuation, encode, hashed_ids, leading_special, max_positions
+from .evaluation import EVAL_TEXTS, PROMPTS, STOPWORDS, Inputs, evaluation_inputs
 
 logger = logging.getLogger(__name__)
-
-# Public-domain English in two registers, the same share of tokens from each: the effect of a
-# super weight depends on the text (on SmolLM2, x5 on the novel, x135 on the Constitution).
-EVAL_TEXTS = (
-    Path(__file__).parent / "data" / "us-constitution.txt",  # Articles I-VII (1787), a U.S. government work
-    Path(__file__).parent / "data" / "pride-and-prejudice-1-3.txt",  # Jane Austen (1813), chapters 1-3
-)
-
-# Paper-style prompts (arXiv 2411.07191, Fig. 3: "Summer is hot. Winter is" -> " cold"): the next
-# word is nearly certain for an intact model.
-PROMPTS = (
-    ("Summer is hot. Winter is", " cold"),
-    ("The capital of France is", " Paris"),
-    ("One, two, three, four,", " five"),
-    ("Monday, Tuesday, Wednesday,", " Thursday"),
-    ("January, February, March,", " April"),
-    ("The opposite of up is", " down"),
-    ("The sun rises in the east and sets in the", " west"),
-    ("Day is light. Night is", " dark"),
-)
-
-# Without its super weight a model puts its probability on these (the paper's Fig. 3).
-STOPWORDS = (" the", " a", " an", ",", ".", " and", " of", " to", " in", " is", " that", " it",
-             " was", " for", " on", " with", " as", " I", " he", "\n")
-
 
 @dataclass(frozen=True)
 class VerifyConfig:
@@ -71,7 +46,7 @@ class VerifyConfig:
     texts: tuple[Path, ...] = EVAL_TEXTS
     tokens: int = 2048  # evaluation tokens, an equal share from the start of each text (each has 4,000+)
     context: int = 512  # tokens per evaluated sequence
-    head_rows: int = 16384  # vocabulary rows of the LM head read at once
+    head_slice_rows: int = 16384  # vocabulary rows of the LM head read at once
     prompts: tuple[tuple[str, str], ...] = PROMPTS  # (prompt, expected next word)
     stopwords: tuple[str, ...] = STOPWORDS
     # Zeroing matters when it multiplies perplexity by at least this, and by this much more than
@@ -88,18 +63,6 @@ class VerifyConfig:
 # One copy of the model in the batch: what it zeroes, as ("weight", k) for super weight k or
 # ("control", k) for its control (chosen when k's layer is first loaded).
 Variant = tuple[tuple[str, int], ...]
-
-
-@dataclass
-class Inputs:
-    """The token ids of both groups, and what is predicted from them."""
-
-    text: torch.Tensor  # (B, T) evaluation text, in chunks of `context`
-    prompts: torch.Tensor  # (P, Tp) prompts, right-padded (causal attention never sees the padding)
-    prompt_last: list[int]  # per prompt, the position of its last real token
-    expected: list[int] | None  # per prompt, the first token of the expected next word
-    stopwords: list[int] | None  # stopwords that are one token after a word
-    tokenizer: bool  # False: one hashed id per word (no usable tokenizer), prompt figures unknown
 
 
 def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
@@ -127,7 +90,7 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     start = time.perf_counter()
     model.check_head()
     head = Head(model)  # refuses an unusable head before the passes
-    inputs = _inputs(model, tokenizer, config)
+    inputs = evaluation_inputs(model, tokenizer, config)
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in found]
     groups = [a.weights for a in detection.super_activations]
     meter = _Meter(model, head, inputs, coords, config, progress=progress or Progress())
@@ -215,9 +178,9 @@ def verdict(alone: dict | None, group: dict | None, config: VerifyConfig) -> str
 class _Meter:
     """Runs variants through the streamed model, `max_copies` copies per pass, and keeps their figures."""
 
-    def __init__(self, model: StreamingModel, head: "Head", inputs: "Inputs", coords: list[tuple],
+    def __init__(self, model: StreamingModel, head: "Head", inputs: Inputs, coords: list[tuple],
                  config: VerifyConfig, *, progress: Progress):
-        self.sm, self.head, self.inputs, self.coords, self.config = model, head, inputs, coords, config
+        self.model, self.head, self.inputs, self.coords, self.config = model, head, inputs, coords, config
         self.progress = progress
         self.chosen: list[dict | None] = [None] * len(coords)  # each super weight's control, once picked
         remapped = model.load_static(inputs.text.flatten().tolist() + inputs.prompts.flatten().tolist())[0]
@@ -244,10 +207,10 @@ class _Meter:
         """Stream the text and the prompts through one copy per variant (and the original, the first time)."""
         first = self.base_hidden is None
         copies = len(variants) + first
-        stream = _VariantStream(self.sm, [()] * first + variants, self.coords, self.chosen, progress=self.progress)
-        self.progress.phase(f"verify: {copies} copies of the text", self.sm.num_layers)
+        stream = _VariantStream(self.model, [()] * first + variants, self.coords, self.chosen, progress=self.progress)
+        self.progress.phase(f"verify: {copies} copies of the text", self.model.num_layers)
         text_hidden = stream.run(self.text_ids)[:, :, :-1]  # (V, B, T-1, H): each position predicts the next
-        self.progress.phase(f"verify: {copies} copies of the prompts", self.sm.num_layers)
+        self.progress.phase(f"verify: {copies} copies of the prompts", self.model.num_layers)
         prompt_hidden = stream.run(self.prompt_ids)  # (V, P, Tp, H)
         self.passes += 2
         self.copies += len(variants) + first
@@ -258,17 +221,17 @@ class _Meter:
         else:  # the original goes first: every figure is relative to it
             text_hidden = torch.cat([self.base_hidden[0], text_hidden])
             prompt_hidden = torch.cat([self.base_hidden[1], prompt_hidden])
-        targets = self.inputs.text[:, 1:].reshape(-1).to(self.sm.device)
+        targets = self.inputs.text[:, 1:].reshape(-1).to(self.model.device)
         V = len(variants) + 1
-        slices = math.ceil(self.sm.head_rows / self.config.head_rows)
+        slices = math.ceil(self.model.vocab_size / self.config.head_slice_rows)
         with self.head:
             self.progress.phase("verify: LM head on the text", slices)
-            text = head_stats(self.sm, self.head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets,
-                              [], slice_rows=self.config.head_rows, progress=self.progress)
-            expected = torch.tensor(self.inputs.expected or [0] * len(last), device=self.sm.device)
+            text = head_stats(self.model, self.head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets,
+                              [], slice_rows=self.config.head_slice_rows, progress=self.progress)
+            expected = torch.tensor(self.inputs.expected or [0] * len(last), device=self.model.device)
             self.progress.phase("verify: LM head on the prompts", slices)
-            prompt = head_stats(self.sm, self.head, prompt_hidden, expected, self.inputs.stopwords or [],
-                                slice_rows=self.config.head_rows, progress=self.progress)
+            prompt = head_stats(self.model, self.head, prompt_hidden, expected, self.inputs.stopwords or [],
+                                slice_rows=self.config.head_slice_rows, progress=self.progress)
         ppl = torch.exp(text["nll"].mean(dim=1))  # (V,)
         if not bool(torch.isfinite(ppl).all()):
             raise CannotVerify("the evaluation text's perplexity is not finite for some variant (NaN or overflow)")
@@ -279,47 +242,10 @@ class _Meter:
                 for v in range(1, V)]
 
 
-def _prompt_figures(stats: dict, v: int, inputs: "Inputs") -> dict:
+def _prompt_figures(stats: dict, v: int, inputs: Inputs) -> dict:
     """Mean expected-word probability and stopword share of variant `v` over the prompts (None: unknown)."""
     return {"expected_prob": float(torch.exp(-stats["nll"][v]).mean()) if inputs.expected else None,
             "stopword_share": float(stats["stop_share"][v].mean()) if inputs.stopwords else None}
-
-
-# -- inputs ---------------------------------------------------------------------------------------
-
-def _inputs(model: StreamingModel, tokenizer, config: VerifyConfig) -> Inputs:
-    """Token ids of the evaluation texts and the prompts, with the checkpoint's tokenizer if it has one.
-
-    Sequences are `config.context` tokens (at most the model's positions), each starting with the
-    tokenizer's leading special tokens (BOS), as the model saw text in training.
-    """
-    vocab = model.tensors[model.embed_key].shape[0]  # embedding rows
-    if tokenizer is not None:
-        prefix = leading_special(tokenizer)
-        body = lambda text: encode(tokenizer, text)  # noqa: E731
-        expected = [(continuation(tokenizer, p, w) or [-1])[0] for p, w in config.prompts]
-        stopwords = sorted({ids[0] for w in config.stopwords if len(ids := continuation(tokenizer, "x", w)) == 1})
-    else:
-        prefix = hashed_ids("", model.config)  # the BOS token, if the config has one
-        body = lambda text: hashed_ids(text, model.config)[len(prefix):]  # noqa: E731
-        expected = stopwords = None
-    prompts = [prefix + body(p) for p, _ in config.prompts]
-    positions = max_positions(model.config)
-    context = min(config.context, positions or config.context)
-    step, share = context - len(prefix), config.tokens // len(config.texts)
-    chunks = []
-    for text in config.texts:
-        ids = body(text.read_text(encoding="utf-8"))[:share]
-        chunks += [prefix + ids[i : i + step] for i in range(0, len(ids) - step + 1, step)]
-    if not chunks:
-        raise CannotVerify(f"the evaluation texts give no sequence of {context} tokens")
-    width = max(len(p) for p in prompts)
-    padded = [p + [p[-1]] * (width - len(p)) for p in prompts]
-    bad = sorted({i for ids in [*chunks, *padded, expected or []] for i in ids if not 0 <= i < vocab})
-    if bad:
-        raise CannotVerify(f"token ids {bad[:3]} of the evaluation fall outside the embedding ({vocab} rows)")
-    return Inputs(torch.tensor(chunks), torch.tensor(padded), [len(p) - 1 for p in prompts],
-                  expected, stopwords, tokenizer is not None)
 
 
 # -- the streamed variants --------------------------------------------------------------------------
@@ -333,15 +259,15 @@ class _VariantStream(LayerObserver):
 
     def __init__(self, model: StreamingModel, variants: list[Variant], coords: list[tuple],
                  chosen: list[dict | None], *, progress: Progress):
-        self.sm, self.variants, self.coords, self.chosen = model, variants, coords, chosen
+        self.model, self.variants, self.coords, self.chosen = model, variants, coords, chosen
         self.progress = progress
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor) -> torch.Tensor:
         """Final hidden states, (V, *ids.shape, H), for ids (N, T) repeated once per variant."""
         batch = ids.repeat(len(self.variants), 1)  # variant-major: rows [v*N, (v+1)*N) are variant v
-        with self.sm.observe(self, progress=self.progress):
-            out = self.sm.base_model(input_ids=batch, use_cache=False).last_hidden_state
+        with self.model.observe(self, progress=self.progress):
+            out = self.model.base_model(input_ids=batch, use_cache=False).last_hidden_state
         return out.view(len(self.variants), *ids.shape, -1)
 
     def entering(self, index: int, args: tuple, kwargs: dict) -> None:
@@ -352,7 +278,7 @@ class _VariantStream(LayerObserver):
         edits = self._edits(index)
         if not edits:
             return None
-        if self.sm.out_projs[index].layout.experts:
+        if self.model.out_projs[index].layout.experts:
             self._correct_experts(index, module, args, kwargs, output, edits)
         else:
             self._correct_dense(index, module, args, output, edits)
@@ -378,7 +304,7 @@ class _VariantStream(LayerObserver):
 
     def _matrix(self, layer: int, expert: int | None) -> torch.Tensor:
         """The layer's MLP output projection as (out, in), of `expert` for MoE."""
-        return self.sm.out_projs[layer].layout.matrix(self.sm.out_proj_weight(layer), expert)
+        return self.model.out_projs[layer].layout.matrix(self.model.out_proj_weight(layer), expert)
 
     def _edits(self, layer: int) -> dict[tuple[int, int | None, int], list[int]]:
         """(variant, expert, row) -> the columns zeroed there, for every weight zeroed in `layer`."""
@@ -413,7 +339,7 @@ class _VariantStream(LayerObserver):
 
     def _correct_experts(self, i: int, module, args: tuple, kwargs: dict, output: torch.Tensor, edits: dict) -> None:
         """Subtract each zeroed weight's routed contribution, computed in float32 from the expert's input."""
-        layout = self.sm.out_projs[i].layout
+        layout = self.model.out_projs[i].layout
         routed = {p.expert: p for p in layout.projections(module, args, kwargs, output,
                                                           experts={e for _, e, _ in edits})}
         per_variant = output.shape[0] // len(self.variants)

@@ -6,7 +6,6 @@ but some sources failed.
 
 import logging
 import sys
-import traceback
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -16,11 +15,11 @@ import click
 from superweight import options as opt
 from superweight.index.errors import IndexStoreError
 from superweight.scanner import __version__
-from superweight.scanner.config import CATALOG_FILE, DEBUG, SUPERWEIGHT_HOME, DetectConfig
+from superweight.scanner.config import CATALOG_FILE, SUPERWEIGHT_HOME, DetectConfig
 from superweight.scanner.errors import ScanError, first_line
 
 from .display import progress_display, progress_mode
-from .report import crawl_counts, crawl_line, crawl_summary, figure_line, ledger_line, scan_report, table, to_json, written
+from .report import crawl_counts, explain, crawl_line, crawl_summary, figure_line, ledger_line, scan_report, table, to_json, written
 
 EXIT_SOME_FAILED = 3
 _DEFAULTS = DetectConfig()
@@ -44,7 +43,7 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except (IndexStoreError, ScanError) as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(explain(e)) from None
 
 
 @click.group(cls=_Cli)
@@ -124,7 +123,7 @@ def _scan_one(run, source: str, options, *, as_json: bool, progress: str) -> boo
         with progress_display(source, progress) as display:
             result = run(source, options, progress=display)
     except Exception as e:  # one bad source must not stop the others
-        message = _explain(source, e)
+        message = explain(e, source=source)
         click.echo(f"Error: {message}", err=True)
         if as_json:
             click.echo(to_json({"source": source, "status": "failed", "error": message}))
@@ -263,8 +262,8 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
     import ray
     from huggingface_hub import constants as hf_constants
 
-    from superweight.index.crawl import CrawlOptions, crawl as run_crawl
-    from superweight.scanner.discover import HubAccess, discover
+    from superweight.index.crawl import CrawlOptions, HubAccess, discover
+    from superweight.index.crawl import crawl as run_crawl
     from superweight.scanner.scan import ScanOptions
     from superweight.scanner.verify import VerifyConfig
 
@@ -341,7 +340,7 @@ def plot(source, out, revision, device, verify) -> None:
         result = scan_checkpoint(source, options)
         data = draw(result, out)
     except ScanError as e:
-        raise click.ClickException(_explain(source, e)) from None
+        raise click.ClickException(explain(e, source=source)) from None
     click.echo(figure_line(out, data))
 
 
@@ -373,16 +372,6 @@ def ledger_command(state, as_json) -> None:
         records = [r for r in read_records(url) if state is None or r["state"] == state]
     for r in records:
         click.echo(to_json(r) if as_json else ledger_line(r))
-
-
-def _explain(source: str, error: Exception) -> str:
-    """One line for the user; the traceback only with SUPERWEIGHT_DEBUG=1."""
-    if DEBUG:
-        traceback.print_exception(error, file=sys.stderr)
-    if isinstance(error, ScanError):
-        return str(error)
-    hint = "" if DEBUG else " (set SUPERWEIGHT_DEBUG=1 for the traceback)"
-    return f"{source}: unexpected {type(error).__name__}: {first_line(error)}{hint}"
 
 
 def main() -> None:

@@ -5,8 +5,34 @@ The one formatter of each thing; superweight.cli only chooses between them.
 
 import json
 import math
+import sys
+import traceback
 
+from superweight.index.errors import IndexStoreError
+from superweight.scanner.config import DEBUG
+from superweight.scanner.errors import OverLimit, ScanError, first_line
 from superweight.scanner.result import ScanResult
+
+
+def explain(error: Exception, *, source: str | None = None) -> str:
+    """One line for the user about `error` (raised for `source`); the traceback only with SUPERWEIGHT_DEBUG=1.
+
+    Errors carry data (`where`, a reason, a refusal's limit); this is where they are worded for the
+    command line, e.g. a limit named by the option that sets it.
+    """
+    if DEBUG:
+        traceback.print_exception(error, file=sys.stderr)
+    if isinstance(error, OverLimit):
+        return f"{error} ({_flag(error.limit)})"
+    if isinstance(error, (ScanError, IndexStoreError)):
+        return str(error)
+    hint = "" if DEBUG else " (set SUPERWEIGHT_DEBUG=1 for the traceback)"
+    return f"{source}: unexpected {type(error).__name__}: {first_line(error)}{hint}"
+
+
+def _flag(limit: str) -> str:
+    """The option that sets a limit: max_params -> --max-params."""
+    return "--" + limit.replace("_", "-")
 
 
 def to_json(value) -> str:
@@ -125,6 +151,8 @@ def crawl_line(outcome: dict) -> str:
         detail = "; ".join(_outcome_weight(w) for w in outcome["super_weights"]) or "no super weight"
     else:
         detail = outcome.get("error") or outcome.get("reason", "")
+        if outcome.get("limit"):  # a refusal for this run's limit: name the option that sets it
+            detail += f" ({_flag(outcome['limit'])})"
     return f"{outcome['repo_id']}@{outcome['revision'][:12]}  {outcome['state']}  {detail}"
 
 

@@ -271,7 +271,7 @@ def make_gguf(path: Path, arch: str, plants: list[Plant] = (), *, seed: int = 0,
 
 def streaming(path: Path, **options):
     """A StreamingModel of the checkpoint at `path` (a folder or a GGUF file)."""
-    from superweight.scanner.checkpoint import open_checkpoint
+    from superweight.scanner.scan import open_checkpoint
     from superweight.scanner.loader import StreamingModel
 
     return StreamingModel(open_checkpoint(Path(path)), **options)

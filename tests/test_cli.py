@@ -114,7 +114,7 @@ def test_off_a_terminal_each_finished_phase_is_one_line(tmp_path, monkeypatch):
     from superweight.scanner.verify import VerifyConfig
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")  # the tests' quiet default
-    monkeypatch.setattr("superweight.scanner.verify.VerifyConfig", lambda: VerifyConfig(tokens=256, context=64, head_rows=100))
+    monkeypatch.setattr("superweight.scanner.verify.VerifyConfig", lambda: VerifyConfig(tokens=256, context=64, head_slice_rows=100))
     path = make_checkpoint(tmp_path, "llama", [Plant(5, 10, 20)])
 
     result = CliRunner().invoke(cli, ["scan", str(path), "--json", "--no-record", "--verify"])  # stderr: not a terminal

@@ -19,7 +19,7 @@ from superweight.index.catalog import Catalog
 from superweight.index.crawl import CrawlOptions, crawl
 from superweight.index.errors import NoWorkers
 from superweight.index.ledger import Ledger
-from superweight.scanner.discover import HubAccess, discover, vet
+from superweight.index.crawl import HubAccess, discover, vet
 from superweight.scanner.scan import ScanOptions
 from tests.checkpoints import Plant, make_checkpoint
 from tests.hub_front import HubFront, serve
@@ -124,12 +124,19 @@ def test_vetting_pins_the_sha_and_refuses_before_downloading_weights(front, craw
     assert ok.revision == crawl_hub.sha("crawl/llama") and ok.refusal is None and ok.error is None
     assert ok.parameters > 0 and ok.size_bytes == ok.parameters * 4  # float32
 
-    assert "gated" in vet(GATED, hub=hub, cache_dir=tmp_path).refusal
-    assert "needs custom code from the repo" in vet(REMOTE, hub=hub, cache_dir=tmp_path).refusal
-    assert vet(PICKLE, hub=hub, cache_dir=tmp_path).refusal == "no safetensors weights (has: bin)"
+    gated = vet(GATED, hub=hub, cache_dir=tmp_path).refusal
+    assert (gated.kind, gated.reconsider) == ("gated", True) and "gated" in str(gated)
+    remote = vet(REMOTE, hub=hub, cache_dir=tmp_path)
+    assert remote.refusal.kind == "remote_code" and not remote.refusal.reconsider
+    assert str(remote.refusal).startswith(f"{REMOTE}@{remote.revision[:12]}: config.json needs custom code from the repo")
+    pickled = vet(PICKLE, hub=hub, cache_dir=tmp_path).refusal
+    assert pickled.kind == "unsafe" and str(pickled).startswith("only pickle weights (pytorch_model.bin)")
     wide = vet(WIDE, hub=hub, max_params=ok.parameters, cache_dir=tmp_path)
-    assert wide.refusal == f"{wide.parameters:,} parameters, over the limit of {ok.parameters:,} (--max-params)"
-    assert "(--max-cache-gb)" in vet("crawl/llama", hub=hub, max_bytes=1000, cache_dir=tmp_path).refusal
+    assert str(wide.refusal) == f"{wide.parameters:,} parameters, over the limit of {ok.parameters:,}"
+    assert (wide.refusal.kind, wide.refusal.limit, wide.refusal.value, wide.refusal.bound) == (
+        "limit", "max_params", wide.parameters, ok.parameters)
+    big = vet("crawl/llama", hub=hub, max_bytes=1000, cache_dir=tmp_path).refusal
+    assert (big.limit, big.value, big.bound, big.reconsider) == ("max_cache_gb", ok.size_bytes, 1000, True)
     assert not any(p.suffix == ".safetensors" for p in tmp_path.rglob("*"))  # headers read, no weights saved
 
 
@@ -159,7 +166,9 @@ def test_a_crawl_scans_records_and_refuses_and_a_rerun_does_only_new_work(ray_cl
     for repo in (GATED, REMOTE, WIDE, PICKLE, BROKEN):  # never in the catalog
         assert found(catalog, repo) == []
     assert outcomes[BROKEN]["error"].startswith(f"{BROKEN}@{crawl_hub.sha(BROKEN)[:12]}/model.safetensors: not a readable")
-    assert ledger_row(ledger, BROKEN)["state"] == "failed"
+    assert (ledger_row(ledger, BROKEN)["state"], ledger_row(ledger, BROKEN)["refusal"]) == ("failed", None)
+    assert {r: ledger_row(ledger, r)["refusal"] for r in (GATED, REMOTE, WIDE, PICKLE)} == {
+        GATED: "gated", REMOTE: "remote_code", WIDE: "limit", PICKLE: "unsafe"}  # kinds, not words, decide
     assert list((tmp_path / "scratch").rglob("*.safetensors")) == []  # downloads cleaned up
 
     again = crawl(repos, catalog=catalog, ledger=ledger, options=options(front, tmp_path, max_params=limit))
@@ -407,7 +416,8 @@ def test_a_refusal_for_this_runs_limits_is_reconsidered_and_a_missing_catalog_ro
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     with Catalog(tmp_path / "first.duckdb") as catalog:
         first = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=options(front, tmp_path, max_params=10))
-        assert first.outcomes[0]["state"] == "refused" and "(--max-params)" in first.outcomes[0]["error"]
+        assert first.outcomes[0] == {**first.outcomes[0], "state": "refused", "refusal": "limit", "limit": "max_params"}
+        assert ledger.records()[0]["refusal"] == "limit"  # a kind the next crawl reconsiders
         second = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=options(front, tmp_path))
         assert second.outcomes[0]["state"] == "succeeded"  # the limit is gone: vetted again and scanned
     with Catalog(tmp_path / "second.duckdb") as fresh:  # a new catalog: the ledger alone must not skip

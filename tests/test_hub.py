@@ -89,8 +89,10 @@ def test_only_config_and_safetensors_are_downloaded(local_hub, tmp_path):
 def test_pickle_only_repo_is_refused_before_download(local_hub, tmp_path):
     with pytest.raises(UnsafeCheckpoint) as caught:
         resolve("testorg/pickle-only", revision="main", endpoint=local_hub.endpoint, cache_dir=tmp_path)
-    assert str(caught.value) == ("testorg/pickle-only@main: only pickle weights (pytorch_model.bin); "
-                                 "superweight reads safetensors only and never unpickles")
+    assert str(caught.value) == ("testorg/pickle-only@main: only pickle weights (pytorch_model.bin); superweight "
+                                 "never unpickles: it reads safetensors and GGUF. Convert the checkpoint to "
+                                 "safetensors first")
+    assert (caught.value.where, caught.value.kind) == ("testorg/pickle-only@main", "unsafe")
     assert not (tmp_path / "models--testorg--pickle-only").exists()
 
 

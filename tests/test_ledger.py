@@ -78,8 +78,10 @@ def test_a_failure_keeps_its_reason_and_a_retry_counts_as_an_attempt(ledger):
 
 def test_refused_is_its_own_state(ledger):
     record_id = ledger.start("org/pickles", "main", "0.1.0", worker="w")
-    ledger.finish(record_id, "refused", error="only pickle weights")
-    assert [r["state"] for r in ledger.records()] == ["refused"]
+    ledger.finish(record_id, "refused", error="only pickle weights", refusal="unsafe")
+    assert [(r["state"], r["refusal"]) for r in ledger.records()] == [("refused", "unsafe")]
+    ledger.finish(ledger.start("org/pickles", "main", "0.1.0", worker="w"), "failed", error="disk full")
+    assert [(r["state"], r["refusal"]) for r in ledger.records()] == [("failed", None)]  # a kind only for refusals
     with pytest.raises(ValueError, match="not 'done'"):
         ledger.finish(record_id, "done")
 
@@ -158,22 +160,62 @@ def test_renew_extends_and_release_gives_back(ledger_url):
     ledger.close()
 
 
-def test_a_ledger_made_by_migration_0001_upgrades_and_keeps_its_rows(ledger_url):
+def migrate(url: str, revision: str, *statements, down: bool = False) -> None:
+    """Move the ledger at `url` to migration `revision`, then run `statements` ((sql, parameters) pairs)."""
     from alembic import command
     from alembic.config import Config
 
-    engine = create_engine(ledger_url)
+    engine = create_engine(url)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
-        connection.execute(text("INSERT INTO scans (repo_id, revision, scanner_version, state, attempts) "
-                                "VALUES ('org/old', 'b', '0.0.1', 'failed', 3)"))
+        (command.downgrade if down else command.upgrade)(config, revision)
+        for sql, parameters in statements:
+            connection.execute(text(sql), parameters)
     engine.dispose()
+
+
+def test_a_ledger_made_by_migration_0001_upgrades_and_keeps_its_rows(ledger_url):
+    migrate(ledger_url, "0001", ("INSERT INTO scans (repo_id, revision, scanner_version, state, attempts) "
+                                 "VALUES ('org/old', 'b', '0.0.1', 'failed', 3)", {}))
 
     ledger = Ledger(ledger_url)
     (record,) = ledger.records()
     assert (record["repo_id"], record["state"], record["attempts"], record["lease_owner"]) == ("org/old", "failed", 3, None)
     assert ledger.claim("org/old", "b", "0.0.1", owner="crawl", lease_seconds=60) is not None  # failed: retried
     ledger.close()
+
+
+def test_migration_0003_gives_old_refusals_their_kind_and_a_crawl_reconsiders_by_kind(ledger_url):
+    from superweight.scanner.errors import reconsidered
+
+    old = {  # reasons as crawls before 0003 wrote them
+        "org/wide": ("1,000 parameters, over the limit of 10 (--max-params)", "limit"),
+        "org/big": ("9.0 GB of weights, over the download limit of 1.0 GB (--max-cache-gb)", "limit"),
+        "org/gated": ("gated (auto); the crawl scans open models only", "gated"),
+        "org/remote": ("org/remote/config.json: config.json needs custom code from the repo (auto_map); "
+                       "pass --trust-remote-code only if you trust it", "remote_code"),
+        "org/pickle": ("no safetensors weights (has: bin)", "unsafe"),
+        "org/arch": ("org/arch: model_type 'x' is unknown to transformers 5.0", "architecture"),
+        "org/q": ("x.gguf: tensor t is Q1, which the gguf package cannot dequantize", "quantization"),
+        "org/adapter": ("no config.json: not a full model checkpoint (an adapter?)", "other"),
+    }
+    insert = ("INSERT INTO scans (repo_id, revision, scanner_version, state, attempts, error) "
+              "VALUES (:repo, 'b', '0.0.1', :state, 1, :error)")
+    migrate(ledger_url, "0002", *[(insert, {"repo": repo, "state": "refused", "error": error})
+                                  for repo, (error, _) in old.items()],
+            (insert, {"repo": "org/broken", "state": "failed", "error": "gated words in a failure"}))
+
+    ledger = Ledger(ledger_url)
+    kinds = {r["repo_id"]: r["refusal"] for r in ledger.records()}
+    assert kinds == {**{repo: kind for repo, (_, kind) in old.items()}, "org/broken": None}
+    assert {repo for repo, kind in kinds.items() if reconsidered(kind)} == {"org/wide", "org/big", "org/gated"}
+    ledger.close()
+
+    migrate(ledger_url, "0002", down=True)  # and back: the column goes, the rows stay
+    engine = create_engine(ledger_url)
+    assert "refusal" not in {c["name"] for c in inspect(engine).get_columns("scans")}
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM scans")).scalar() == len(old) + 1
+    engine.dispose()

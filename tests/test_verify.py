@@ -2,7 +2,6 @@
 streamed model, checked against zeroing the weight in a whole in-memory model."""
 
 import copy
-import json
 import math
 import subprocess
 import sys
@@ -19,12 +18,13 @@ from superweight.scanner.detect import Detector
 from superweight.scanner.config import DetectConfig
 from superweight.scanner.scan import ScanOptions, prompt_ids, scan, scan_source
 from superweight.scanner.tokens import load_tokenizer
-from superweight.scanner.verify import PROMPTS, STOPWORDS, VerifyConfig, _inputs, verdict, verify
+from superweight.scanner.evaluation import PROMPTS, STOPWORDS, evaluation_inputs
+from superweight.scanner.verify import VerifyConfig, verdict, verify
 from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, make_checkpoint, streaming
 
 CLI = str(Path(sys.executable).with_name("superweight"))
-# Small enough to be quick; head_rows below the vocabulary (256) so the head is read in slices.
-QUICK = VerifyConfig(tokens=256, context=64, head_rows=100)
+# Small enough to be quick; head_slice_rows below the vocabulary (256) so the head is read in slices.
+QUICK = VerifyConfig(tokens=256, context=64, head_slice_rows=100)
 
 
 def planted(arch: str) -> list[Plant]:
@@ -75,10 +75,10 @@ def test_the_figures_equal_zeroing_the_weight_in_a_whole_model(tmp_path, case):
     detection = Detector(sm, DetectConfig()).run(sm.load_static(ids))
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in detection.super_weights]
     assert sorted(coords) == sorted((p.layer, p.expert, p.row, p.col) for p in plants)
-    everything = VerifyConfig(tokens=256, context=64, head_rows=100, matters=0.0)  # every group "matters"
+    everything = VerifyConfig(tokens=256, context=64, head_slice_rows=100, matters=0.0)  # every group "matters"
     figures = verify(sm, detection, config=everything)
 
-    text = _inputs(sm, None, QUICK).text  # (B, T): the same sequences the streamed pass read
+    text = evaluation_inputs(sm, None, QUICK).text  # (B, T): the same sequences the streamed pass read
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
     base = _log_probs(model, text)
 
@@ -121,7 +121,7 @@ def test_weights_alone_are_measured_only_inside_super_activations_that_matter(tm
     alone = {(w["layer"], w["out_channel"]): w["effect"] for w in inert["super_weights"]}
     assert alone[(2, 10)] is None and alone[(3, 40)] is not None  # a one-weight group is its weight
 
-    matters = scan_source(str(ckpt), ScanOptions(verify=VerifyConfig(tokens=256, context=64, head_rows=100,
+    matters = scan_source(str(ckpt), ScanOptions(verify=VerifyConfig(tokens=256, context=64, head_slice_rows=100,
                                                                       matters=0.0)))
     # The second stage reuses the original's hidden states: 3 weights alone and their 3 controls.
     assert (matters["verification"]["passes"], matters["verification"]["copies"]) == (4, 8 + 6)
@@ -129,7 +129,7 @@ def test_weights_alone_are_measured_only_inside_super_activations_that_matter(tm
     assert [w["verdict"] for w in matters["super_weights"]] == ["super"] * 5
 
     # Two copies per pass: the same figures, in more passes.
-    small = scan_source(str(ckpt), ScanOptions(verify=VerifyConfig(tokens=256, context=64, head_rows=100,
+    small = scan_source(str(ckpt), ScanOptions(verify=VerifyConfig(tokens=256, context=64, head_slice_rows=100,
                                                                    matters=0.0, max_copies=2)))
     # Stage 1: the original and 1 variant, then 2, 2, 2; stage 2: 2, 2, 2. Two passes (text, prompts) each.
     assert small["verification"]["passes"] == 2 * (4 + 3)
@@ -151,7 +151,7 @@ def test_what_verifying_fifteen_weights_costs(tmp_path):
     assert len(inert["super_weights"]) == 15 and len(inert["super_activations"]) == 5
     assert (inert["verification"]["copies"], inert["verification"]["passes"]) == (1 + 5 + 1 + 5, 2)
 
-    matters = scan_source(str(ckpt), ScanOptions(verify=VerifyConfig(tokens=256, context=64, head_rows=100,
+    matters = scan_source(str(ckpt), ScanOptions(verify=VerifyConfig(tokens=256, context=64, head_slice_rows=100,
                                                                      matters=0.0)))
     assert (matters["verification"]["copies"], matters["verification"]["passes"]) == (12 + 30, 2 + 2 * 3)
 
@@ -240,7 +240,7 @@ def test_with_a_tokenizer_the_prompt_figures_are_those_of_the_expected_words(tmp
     ckpt = make_checkpoint(tmp_path / "m", "llama", planted("llama"))
     tokenizer = sentencepiece_tokenizer()
     tokenizer.save_pretrained(ckpt)
-    inputs = _inputs(streaming(ckpt), load_tokenizer(ckpt), QUICK)
+    inputs = evaluation_inputs(streaming(ckpt), load_tokenizer(ckpt), QUICK)
     # Continuations, not words encoded alone (which would give the bare "▁" piece first).
     assert tokenizer.convert_ids_to_tokens(inputs.expected) == ["▁" + w.strip() for _, w in PROMPTS]
     assert {",", ".", "▁the", "▁and"} <= set(tokenizer.convert_ids_to_tokens(inputs.stopwords))

@@ -1,8 +1,8 @@
-"""The crawl: vet and queue models, scan them on Ray workers, and be the one writer of the results.
+"""The crawl's driver: vet and queue models, scan them on Ray workers, and be the one writer of the results.
 
-The driver (this module) vets each model against the Hub (pinned sha, safetensors, no remote code,
+The driver vets each model against the Hub (pinned sha, safetensors, no remote code,
 size), skips what the ledger says is settled for this scanner version, and hands the rest to Ray
-actors (scanner.workers) one model per actor at a time, within a disk budget for downloads. Each
+actors (worker.py, in a WorkerPool: pool.py) one model per actor at a time, within a disk budget for downloads. Each
 model is claimed in the ledger first, under a lease the driver keeps renewing, so two crawls never
 scan the same model. Results come back as dicts and the driver writes the catalog and the ledger.
 
@@ -24,24 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
 from superweight.scanner import __version__
-from superweight.scanner.errors import first_line
 from superweight.scanner.config import SUPERWEIGHT_HOME
-from superweight.scanner.discover import Candidate, HubAccess, reconsidered, vet
+from superweight.scanner.errors import first_line, reconsidered
 from superweight.scanner.hub import EXAMPLE_PREFIX, source_name
 from superweight.scanner.scan import ScanOptions
-from superweight.scanner.workers import WorkerConfig, actor_class
 
-from .catalog import Catalog
-from .errors import NoWorkers
-from .ledger import Ledger
+from ..catalog import Catalog
+from ..errors import NoWorkers
+from ..ledger import Ledger
+from .pool import Finished, Job, WorkerPool
+from .vet import HubAccess, VettedModel, vet
+from .worker import WorkerConfig, actor_class, outcome_of
 
 logger = logging.getLogger(__name__)
 
 VET_THREADS = 4  # models vetted at once: each is a few small Hub requests
-WORKER_LOST = (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError)
 
 
 @dataclass(frozen=True)
@@ -59,17 +58,6 @@ class CrawlOptions:
     hub: HubAccess = HubAccess()
     scan: ScanOptions = ScanOptions()
     scratch: Path = SUPERWEIGHT_HOME / "crawl-cache"
-
-
-@dataclass
-class Job:
-    candidate: Candidate
-    record_id: int
-    attempt: int = 1
-    started: float = 0.0  # when it went to a started actor
-    actor: object = None
-    killed: bool = False  # by the driver, for running past the timeout
-    also: tuple[str, ...] = ()  # a settled state its claim may take over (see _settle_without_scan)
 
 
 @dataclass
@@ -109,24 +97,23 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
     update = on_update or (lambda _: None)
     owner = f"crawl:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     pending = []
-    def check(repo_id: str) -> Candidate:
+    def check(repo_id: str) -> VettedModel:
         if is_local(repo_id):  # its revision, a content hash, is known only once scanned: always scanned
-            return Candidate(repo_id, revision="")
+            return VettedModel(repo_id, revision="")
         try:
             return vet(repo_id, hub=options.hub, max_params=options.max_params,
                        max_bytes=int(options.max_cache_gb * 1e9), cache_dir=options.scratch / "vet")
         except Exception as e:  # one model's surprise must not end the crawl
-            return Candidate(repo_id, "", error=f"{repo_id}: vetting failed ({type(e).__name__}: {first_line(e)})")
+            return VettedModel(repo_id, "", error=f"{repo_id}: vetting failed ({type(e).__name__}: {first_line(e)})")
 
     pool = ThreadPoolExecutor(VET_THREADS)  # Hub round trips overlap; results stay in order
     try:
-        for candidate in pool.map(check, dict.fromkeys(map(source_name, repo_ids))):  # once each, folders by path
-            outcome, also = _settle_without_scan(candidate, ledger, catalog, owner,
-                                                 verify=options.scan.verify is not None)
+        for vetted in pool.map(check, dict.fromkeys(map(source_name, repo_ids))):  # once each, folders by path
+            outcome, also = _settle_without_scan(vetted, ledger, catalog, owner, verify=options.scan.verify is not None)
             if outcome is not None:
                 report.add(outcome)
             else:
-                pending.append(Job(candidate, record_id=0, also=also))
+                pending.append(Job(vetted, record_id=0, also=also))
             report.queued = len(pending)
             update(report)
     finally:
@@ -143,7 +130,7 @@ def is_local(source: str) -> bool:
     return source.startswith(EXAMPLE_PREFIX) or Path(source).expanduser().exists()
 
 
-def _settle_without_scan(candidate: Candidate, ledger: Ledger, catalog: Catalog, owner: str, *,
+def _settle_without_scan(vetted: VettedModel, ledger: Ledger, catalog: Catalog, owner: str, *,
                          verify: bool = False) -> tuple[dict | None, tuple[str, ...]]:
     """Record a model that needs no scan (settled, refused, unvettable).
 
@@ -155,24 +142,24 @@ def _settle_without_scan(candidate: Candidate, ledger: Ledger, catalog: Catalog,
     success missing from this catalog (a new --catalog, a lost volume) is scanned again, and so is
     one without measured effects when this crawl verifies.
     """
-    key = (candidate.repo_id, candidate.revision, __version__)
-    outcome = {"repo_id": candidate.repo_id, "revision": candidate.revision}
+    key = (vetted.repo_id, vetted.revision, __version__)
+    outcome = {"repo_id": vetted.repo_id, "revision": vetted.revision}
     record = ledger.record(*key)
     state = record["state"] if record else None
     if state == "succeeded" and catalog.has_scan(*key, verified=verify):
         return {**outcome, "state": "skipped", "reason": "already succeeded"}, ()
-    if state == "refused" and not reconsidered(record["error"]):
+    if state == "refused" and not reconsidered(record["refusal"]):
         return {**outcome, "state": "skipped", "reason": "already refused"}, ()
     also = (state,) if state in ("succeeded", "refused") else ()
     ledger.queue(*key)
-    if candidate.refusal is None and candidate.error is None:
+    if vetted.refusal is None and vetted.error is None:
         return None, also
     record_id = ledger.claim(*key, owner=owner, lease_seconds=60, also=also)
     if record_id is None:
         return {**outcome, "state": "skipped", "reason": "another crawl holds it"}, ()
-    state, reason = ("refused", candidate.refusal) if candidate.refusal else ("failed", candidate.error)
-    ledger.finish(record_id, state, error=reason, owner=owner)
-    return {**outcome, "state": state, "error": reason}, ()
+    settled = outcome_of(vetted.refusal) if vetted.refusal else {"state": "failed", "error": vetted.error}
+    ledger.finish(record_id, settled["state"], error=settled["error"], refusal=settled.get("refusal"), owner=owner)
+    return {**outcome, **settled}, ()
 
 
 def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: CrawlOptions, owner: str,
@@ -182,70 +169,59 @@ def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: C
     A model goes only to an actor that has started: on an autoscaling cluster some actors wait for
     a node, and the others work meanwhile.
     """
-    spawn_actor, gpus = _actor_factory(options)
-    up = {}  # actor -> ObjectRef of its pid(): ready once the actor has started
-
-    def spawn():
-        actor = spawn_actor()
-        up[actor] = actor.pid.remote()
-        return actor
-
-    actors = [spawn() for _ in range(_worker_count(options))]
-    free, inflight = list(actors), {}  # inflight: ObjectRef -> Job
-    budget = int(options.max_cache_gb * 1e9)
+    make_actor, gpus = _actor_factory(options)
+    pool = WorkerPool(make_actor, _worker_count(options))
     queue = list(pending)
     last_renewal = starved_since = time.monotonic()
     try:
-        while queue or inflight:
-            used = sum(j.candidate.size_bytes or 0 for j in inflight.values())
-            idle = [a for a in free if ray.wait([up[a]], timeout=0)[0]]
-            while idle and queue and (not inflight or used + (queue[0].candidate.size_bytes or 0) <= budget):
-                job = queue.pop(0)
-                record_id = ledger.claim(job.candidate.repo_id, job.candidate.revision, __version__, owner=owner,
-                                         lease_seconds=options.lease_seconds, also=job.also)
-                if record_id is None:
-                    report.add({"repo_id": job.candidate.repo_id, "revision": job.candidate.revision,
-                                "state": "skipped", "reason": "another crawl holds it"})
-                    continue
-                job.record_id, job.actor, job.started = record_id, idle.pop(0), time.monotonic()
-                free.remove(job.actor)
-                inflight[job.actor.scan.remote(job.candidate.repo_id, job.candidate.revision,
-                                               timeout=options.timeout)] = job
-                used += job.candidate.size_bytes or 0
-            report.queued = len(queue) + len(inflight)
+        while queue or pool.jobs:
+            _submit_what_fits(queue, pool, report, ledger=ledger, options=options, owner=owner)
+            report.queued = len(queue) + len(pool.jobs)
             update(report)
-            if not inflight:  # work waits for an actor to start
+            if not pool.jobs:  # work waits for an actor to start
                 if queue and time.monotonic() - starved_since > options.start_timeout:
                     raise NoWorkers(f"no scan worker started within {options.start_timeout:.0f} s: the Ray cluster has no "
                                     f"room for an actor with {gpus:g} GPU(s) and 1 CPU; add nodes, or pass "
                                     "--gpus-per-worker 0 to scan on CPUs")
-                ray.wait([up[a] for a in free], num_returns=1, timeout=1.0)
+                pool.wait_for_a_start(timeout=1.0)
                 continue
             starved_since = time.monotonic()
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=min(1.0, options.lease_seconds / 4))
-            for ref in ready:
-                job = inflight.pop(ref)
-                retry, lost = _finish(job, ref, report, catalog=catalog, ledger=ledger, options=options, owner=owner)
-                lost = lost or job.killed  # its result may have beaten the kill; the actor is gone anyway
-                if lost:  # its process died or was killed: a fresh actor takes its place
-                    ray.kill(job.actor, no_restart=True)
-                    actors.append(spawn())
-                free.append(actors[-1] if lost else job.actor)
+            for finished in pool.next_finished(timeout=min(1.0, options.lease_seconds / 4)):
+                retry = _finish(finished, report, catalog=catalog, ledger=ledger, options=options, owner=owner)
                 if retry is not None:
                     queue.insert(0, retry)
-            _stop_overdue(inflight, options)
+            pool.kill_stuck(options.timeout + min(60.0, options.timeout / 2))  # the worker stops itself at the timeout if it can
             if time.monotonic() - last_renewal > options.lease_seconds / 3:
                 ledger.renew(owner, lease_seconds=options.lease_seconds)
                 last_renewal = time.monotonic()
         report.queued = 0
         update(report)
     except BaseException:  # Ctrl-C or a driver error: give the claimed models back
-        for job in inflight.values():
+        for job in pool.jobs:
             ledger.release(job.record_id, owner=owner)
         raise
     finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        pool.shutdown()
+
+
+def _submit_what_fits(queue: list[Job], pool: WorkerPool, report: CrawlReport, *, ledger: Ledger,
+                      options: CrawlOptions, owner: str) -> None:
+    """Claim and submit queued models while a started actor is free and their downloads fit the disk budget.
+
+    The first model always goes, however large: the budget bounds models in flight at once.
+    """
+    budget = int(options.max_cache_gb * 1e9)
+    used = sum(j.model.size_bytes or 0 for j in pool.jobs)
+    while queue and pool.has_free_worker() and (not pool.jobs or used + (queue[0].model.size_bytes or 0) <= budget):
+        job = queue.pop(0)
+        job.record_id = ledger.claim(job.model.repo_id, job.model.revision, __version__, owner=owner,
+                                     lease_seconds=options.lease_seconds, also=job.also)
+        if job.record_id is None:
+            report.add({"repo_id": job.model.repo_id, "revision": job.model.revision,
+                        "state": "skipped", "reason": "another crawl holds it"})
+            continue
+        pool.submit(job, timeout=options.timeout)
+        used += job.model.size_bytes or 0
 
 
 def _gpus_per_worker(options: CrawlOptions) -> float:
@@ -273,52 +249,41 @@ def _worker_count(options: CrawlOptions) -> int:
     return max(1, int(resources.get("CPU", 1) // 2))
 
 
-def _finish(job: Job, ref, report: CrawlReport, *, catalog: Catalog, ledger: Ledger, options: CrawlOptions,
-            owner: str) -> tuple[Job | None, bool]:
-    """Record how `job` ended, under `owner`'s lease.
+def _finish(finished: Finished, report: CrawlReport, *, catalog: Catalog, ledger: Ledger, options: CrawlOptions,
+            owner: str) -> Job | None:
+    """Record how a job ended, under `owner`'s lease.
 
     Returns:
-        The job to run again (its worker died and retries remain) or None, and whether the worker was lost.
+        The job to run again (its worker died and retries remain), or None.
     """
-    name = {"repo_id": job.candidate.repo_id, "revision": job.candidate.revision}
-    try:
-        outcome = ray.get(ref)
-    except WORKER_LOST as e:
-        if job.killed:
-            error = f"{job.candidate.repo_id}@{job.candidate.revision[:12]}: timed out after {options.timeout:.0f} s"
-        else:
-            error = f"{job.candidate.repo_id}@{job.candidate.revision[:12]}: the worker process died ({type(e).__name__})"
+    job, outcome = finished.job, finished.outcome
+    name = {"repo_id": job.model.repo_id, "revision": job.model.revision}
+    if finished.lost is not None:
+        what = (f"timed out after {options.timeout:.0f} s" if job.killed
+                else f"the worker process died ({type(finished.lost).__name__})")
+        error = f"{job.model.repo_id}@{job.model.revision[:12]}: {what}"
         ledger.finish(job.record_id, "failed", error=error, owner=owner)
         if not job.killed and job.attempt <= options.retries:
             logger.warning("%s; trying again (attempt %d)", error, job.attempt + 1)
-            return Job(job.candidate, record_id=0, attempt=job.attempt + 1), True
+            return Job(job.model, record_id=0, attempt=job.attempt + 1)
         report.add({**name, "state": "failed", "error": error})
-        return None, True
-    if outcome["state"] == "succeeded":
-        result = outcome["result"]
-        try:
-            catalog.record_scan(result)
-        except Exception as e:
-            ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}", owner=owner)
-            raise
-        ledger.finish(job.record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read, owner=owner)
-        report.download_seconds += result.download_seconds
-        report.scan_seconds += result.seconds - result.download_seconds
-        weights = [{**{k: getattr(w, k) for k in ("layer", "expert", "out_channel", "in_channel", "weight", "verdict")},
-                    "ppl_ratio": (w.effect or {}).get("ppl_ratio")} for w in result.super_weights]
-        report.add({**name, "revision": result.revision, "state": "succeeded", "super_weights": weights,
-                    "seconds": outcome["seconds"], "worker": outcome["worker"], "gpus": outcome["gpus"]})
-    else:
-        ledger.finish(job.record_id, outcome["state"], error=outcome["error"], owner=owner)
-        report.add({**name, "state": outcome["state"], "error": outcome["error"]})
-    return None, False
-
-
-def _stop_overdue(inflight: dict, options: CrawlOptions) -> None:
-    """Kill the actor of a scan well past its timeout (the worker stops itself at the timeout if it can)."""
-    grace = min(60.0, options.timeout / 2)
-    for job in inflight.values():
-        if not job.killed and time.monotonic() - job.started > options.timeout + grace:
-            logger.warning("%s: past its timeout; killing its worker", job.candidate.repo_id)
-            job.killed = True
-            ray.kill(job.actor, no_restart=True)  # its call fails now; a fresh actor replaces it
+        return None
+    if outcome["state"] != "succeeded":
+        ledger.finish(job.record_id, outcome["state"], error=outcome["error"], refusal=outcome.get("refusal"),
+                      owner=owner)
+        report.add({**name, **{k: v for k, v in outcome.items() if k in ("state", "error", "refusal", "limit")}})
+        return None
+    result = outcome["result"]
+    try:
+        catalog.record_scan(result)
+    except Exception as e:
+        ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}", owner=owner)
+        raise
+    ledger.finish(job.record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read, owner=owner)
+    report.download_seconds += result.download_seconds
+    report.scan_seconds += result.seconds - result.download_seconds
+    weights = [{**{k: getattr(w, k) for k in ("layer", "expert", "out_channel", "in_channel", "weight", "verdict")},
+                "ppl_ratio": (w.effect or {}).get("ppl_ratio")} for w in result.super_weights]
+    report.add({**name, "revision": result.revision, "state": "succeeded", "super_weights": weights,
+                "seconds": outcome["seconds"], "worker": outcome["worker"], "gpus": outcome["gpus"]})
+    return None

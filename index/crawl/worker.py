@@ -1,4 +1,4 @@
-"""Ray actors that scan Hub checkpoints: each downloads one model at a time, scans it, cleans up.
+"""The crawl's Ray actor: it downloads one model at a time, scans it, and cleans up.
 
 An actor imports torch and transformers once and then scans whatever the driver hands it. Each
 model is downloaded into its own folder under the actor's scratch directory (only the files the scan
@@ -7,7 +7,6 @@ dict: the driver, not the worker, writes the ledger and the catalog.
 """
 
 import os
-import re
 import shutil
 import socket
 import time
@@ -16,12 +15,12 @@ from pathlib import Path
 
 import ray
 
-from .errors import ScanError, ScanTimeout
-from .files import alive
-from .progress import Progress
-from .hub import with_retries
-from .scan import ScanOptions
-from .scan import scan as scan_checkpoint
+from superweight.scanner.errors import OverLimit, Refused, ScanError, ScanTimeout
+from superweight.scanner.files import alive
+from superweight.scanner.hub import with_retries
+from superweight.scanner.progress import Progress
+from superweight.scanner.scan import ScanOptions
+from superweight.scanner.scan import scan as scan_checkpoint
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,9 @@ class ScanWorker:
 
         Returns:
             {"state": "succeeded", "result": <a ScanResult>} or {"state": "failed" or
-            "refused", "error": one line}, with "worker" and "seconds".
+            "refused", "error": one line} (a refusal with its "refusal" kind: `outcome_of`), with
+            "worker", "gpus" and "seconds".
         """
-        from superweight.index.record import REFUSALS  # the same split of refusals and failures as `superweight scan`
-
         start = time.monotonic()
         deadline = start + timeout
         cache = self.scratch / repo_id.replace("/", "--")
@@ -74,7 +72,8 @@ class ScanWorker:
 
             def step(self) -> None:
                 if time.monotonic() > deadline:
-                    raise ScanTimeout(f"{repo_id}@{revision[:12]}: timed out after {timeout:.0f} s, in {self.where}")
+                    raise ScanTimeout(f"timed out after {timeout:.0f} s, in {self.where}",
+                                      where=f"{repo_id}@{revision[:12]}")
 
         outcome: dict = {"worker": f"{socket.gethostname()}:{os.getpid()}",
                          "gpus": ray.get_runtime_context().get_accelerator_ids().get("GPU", [])}
@@ -82,10 +81,8 @@ class ScanWorker:
             result = with_retries(lambda: scan_checkpoint(repo_id, options, progress=Deadline()),
                                   attempts=self.config.hub_attempts, backoff=self.config.hub_backoff)
             outcome.update(state="succeeded", result=result)
-        except ScanError as e:
-            # Name the model, not the worker's scratch folder: ".../snapshots/<sha>/x" -> "org/name@sha/x".
-            error = re.sub(re.escape(str(cache)) + r"\S*?/snapshots/[0-9a-f]+", f"{repo_id}@{revision[:12]}", str(e))
-            outcome.update(state="refused" if isinstance(e, REFUSALS) else "failed", error=error)
+        except ScanError as e:  # the scan names a Hub file by repo@sha, not by this worker's scratch folder
+            outcome.update(outcome_of(e))
         except Exception as e:  # a bug or a broken checkpoint: this model fails, the worker goes on
             outcome.update(state="failed", error=f"{repo_id}@{revision[:12]}: {type(e).__name__}: {e}".splitlines()[0])
         finally:
@@ -98,3 +95,13 @@ def actor_class(*, num_gpus: float, num_cpus: float):
     """ScanWorker as a Ray actor class. Not restarted by Ray: the driver replaces a dead actor and
     decides whether to retry its model."""
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0, max_task_retries=0)(ScanWorker)
+
+
+def outcome_of(error: ScanError) -> dict:
+    """How a scan that raised `error` ended: failed, or refused with the refusal's kind (and limit)."""
+    if not isinstance(error, Refused):
+        return {"state": "failed", "error": str(error)}
+    outcome = {"state": "refused", "error": str(error), "refusal": error.kind}
+    if isinstance(error, OverLimit):
+        outcome["limit"] = error.limit
+    return outcome
