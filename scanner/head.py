@@ -12,11 +12,12 @@ import math
 import torch
 from torch import nn
 
-from .errors import CannotVerify
+from .errors import CannotVerify, ScanError, first_line
 from .loader import StreamingModel
 from .progress import Progress
 
-def head_stats(model: StreamingModel, head: "Head", hidden: torch.Tensor, targets: torch.Tensor,
+
+def head_stats(head: "Head", hidden: torch.Tensor, targets: torch.Tensor,
                stopwords: list[int], *, slice_rows: int, progress: Progress) -> dict:
     """Per variant and position: -log p(target), KL from variant 0, and the stopwords' probability share.
 
@@ -32,9 +33,9 @@ def head_stats(model: StreamingModel, head: "Head", hidden: torch.Tensor, target
            "cross": zeros(V, N),  # sum exp(base logit - base peak) * (base logit - logit)
            "target": zeros(V, N), "stop": zeros(V, N, len(stopwords))}
     stop = torch.tensor(stopwords, dtype=torch.long, device=h.device)
-    vocab = model.vocab_size
+    vocab = head.vocab_size
     for lo in range(0, vocab, slice_rows):
-        rows, bias = model.read_head(lo, min(lo + slice_rows, vocab))  # (S, H), (S,) or None
+        rows, bias = head.read_rows(lo, min(lo + slice_rows, vocab))  # (S, H), (S,) or None
         step = max(1, (1 << 24) // (V * rows.shape[0]))  # positions per product: logits stay ~64 MB
         for n in range(0, N, step):
             span = slice(n, min(n + step, N))
@@ -100,11 +101,56 @@ class Head:
     """
 
     def __init__(self, model: StreamingModel):
+        self.model = model
         self.causal, self.head = model.model, model.model.get_output_embeddings()
         self.prefix = model.model.base_model_prefix
         if not isinstance(self.head, nn.Linear):
             raise CannotVerify("an LM head that is not a linear layer", where=type(self.head).__name__)
+        self._check_stored()
         self.given = _Given()
+
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary size of the language-model head."""
+        return self.model.tensors[self.model.head_key].shape[0]
+
+    def _check_stored(self) -> None:
+        """Raise CannotVerify unless the checkpoint's head (and its bias) can be read: present, (vocab, hidden).
+
+        The scan itself never reads the head, so it is checked only when verifying.
+        """
+        model = self.model
+        if model.head_key is None:
+            raise CannotVerify("checkpoint has no language-model head weight (lm_head.weight)", where=model.path)
+        shape = model.tensors[model.head_key].shape
+        if len(shape) != 2 or shape[1] != model.hidden_size:
+            raise CannotVerify(f"LM head tensor {model.head_key} has shape {list(shape)}, "
+                               f"not (vocabulary, {model.hidden_size})", where=model.path)
+        bias = model.tensors[model.head_bias_key].shape if model.head_bias_key else (shape[0],)
+        if bias != (shape[0],):
+            raise CannotVerify(f"LM head bias {model.head_bias_key} has shape {list(bias)}, not [{shape[0]}]",
+                               where=model.path)
+        try:  # the checkpoint's own dtype (safetensors) or quantization type (GGUF) checks
+            for key, expected in {model.head_key: shape, model.head_bias_key: (shape[0],)}.items():
+                if key is not None:
+                    model.checkpoint.check({key: [key]}, {key: torch.empty(expected, device="meta")}, set())
+        except ScanError as e:
+            raise CannotVerify(f"cannot read the LM head: {first_line(e)}") from e
+
+    def read_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows start:stop of the head's weight (vocabulary, hidden) and bias, float32 on the device.
+
+        The head is never loaded whole; verification reads it a slice of the vocabulary at a time.
+        """
+        model = self.model
+        rows, size = model.checkpoint.read_rows(model.head_key, range(start, stop))
+        model.bytes_read += size
+        bias = None
+        if model.head_bias_key is not None:
+            bias, size = model.checkpoint.read_rows(model.head_bias_key, range(start, stop))
+            model.bytes_read += size
+            bias = bias.reshape(-1).to(model.device, torch.float32)
+        return rows.to(model.device, torch.float32), bias
 
     def __enter__(self) -> "Head":
         self.saved = (getattr(self.causal, self.prefix), self.head.weight, self.head.bias)

@@ -25,7 +25,7 @@ from transformers.core_model_loading import dot_natural_key
 
 from .arch import OutProj, find_decoder_layers, find_out_proj
 from .checkpoint import Checkpoint, check_layer_count
-from .errors import CannotVerify, CorruptCheckpoint, ScanError, UnsupportedArchitecture, first_line
+from .errors import CorruptCheckpoint, UnsupportedArchitecture, first_line
 from .progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -227,47 +227,6 @@ class StreamingModel:
             embed.padding_idx = None  # it indexes the full table (and only matters for gradients)
         remap = {token: i for i, token in enumerate(rows)}
         return torch.tensor([[remap[t] for t in token_ids]], device=self.device)
-
-    @property
-    def vocab_size(self) -> int:
-        """The vocabulary size of the language-model head."""
-        return self.tensors[self.head_key].shape[0]
-
-    def check_head(self) -> None:
-        """Raise CannotVerify unless the language-model head (and its bias) can be read: present, (vocab, hidden).
-
-        The scan itself never reads the head, so it is checked only when verifying.
-        """
-        if self.head_key is None:
-            raise CannotVerify("checkpoint has no language-model head weight (lm_head.weight)", where=self.path)
-        shape = self.tensors[self.head_key].shape
-        if len(shape) != 2 or shape[1] != self.hidden_size:
-            raise CannotVerify(f"LM head tensor {self.head_key} has shape {list(shape)}, "
-                               f"not (vocabulary, {self.hidden_size})", where=self.path)
-        bias = self.tensors[self.head_bias_key].shape if self.head_bias_key else (shape[0],)
-        if bias != (shape[0],):
-            raise CannotVerify(f"LM head bias {self.head_bias_key} has shape {list(bias)}, not [{shape[0]}]", where=self.path)
-        parts = {self.head_key: shape, self.head_bias_key: (shape[0],)}
-        try:  # the checkpoint's own dtype (safetensors) or quantization type (GGUF) checks
-            for key, expected in parts.items():
-                if key is not None:
-                    self.checkpoint.check({key: [key]}, {key: torch.empty(expected, device="meta")}, set())
-        except ScanError as e:
-            raise CannotVerify(f"cannot read the LM head: {first_line(e)}") from e
-
-    def read_head(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows start:stop of the language-model head's weight (vocabulary, hidden) and bias, float32 on the device.
-
-        The head is never loaded whole; verification reads it a slice of the vocabulary at a time.
-        """
-        rows, size = self.checkpoint.read_rows(self.head_key, range(start, stop))
-        self.bytes_read += size
-        bias = None
-        if self.head_bias_key is not None:
-            bias, size = self.checkpoint.read_rows(self.head_bias_key, range(start, stop))
-            self.bytes_read += size
-            bias = bias.reshape(-1).to(self.device, torch.float32)
-        return rows.to(self.device, torch.float32), bias
 
     def load_layer(self, index: int) -> None:
         """Fill decoder layer `index` from disk, with the weights `zeroed` names set to 0."""

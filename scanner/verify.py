@@ -88,7 +88,6 @@ def verify(model: StreamingModel, detection: Detection, *, tokenizer=None,
     if not found:
         return None
     start = time.perf_counter()
-    model.check_head()
     head = Head(model)  # refuses an unusable head before the passes
     inputs = evaluation_inputs(model, tokenizer, config)
     coords = [(w.layer, w.expert, w.out_channel, w.in_channel) for w in found]
@@ -223,14 +222,14 @@ class _Meter:
             prompt_hidden = torch.cat([self.base_hidden[1], prompt_hidden])
         targets = self.inputs.text[:, 1:].reshape(-1).to(self.model.device)
         V = len(variants) + 1
-        slices = math.ceil(self.model.vocab_size / self.config.head_slice_rows)
+        slices = math.ceil(self.head.vocab_size / self.config.head_slice_rows)
         with self.head:
             self.progress.phase("verify: LM head on the text", slices)
-            text = head_stats(self.model, self.head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets,
+            text = head_stats(self.head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets,
                               [], slice_rows=self.config.head_slice_rows, progress=self.progress)
             expected = torch.tensor(self.inputs.expected or [0] * len(last), device=self.model.device)
             self.progress.phase("verify: LM head on the prompts", slices)
-            prompt = head_stats(self.model, self.head, prompt_hidden, expected, self.inputs.stopwords or [],
+            prompt = head_stats(self.head, prompt_hidden, expected, self.inputs.stopwords or [],
                                 slice_rows=self.config.head_slice_rows, progress=self.progress)
         ppl = torch.exp(text["nll"].mean(dim=1))  # (V,)
         if not bool(torch.isfinite(ppl).all()):
