@@ -146,3 +146,17 @@ def test_example_conversion_does_not_depend_on_the_installed_transformers(smollm
     assert "transformers_version" not in json.loads((again / "config.json").read_text())
     revision = json.loads((smollm2 / "source.json").read_text())["revision"]
     assert revision == content_hash([smollm2_gguf()], smollm2_gguf().parent)  # the shipped file alone decides
+
+
+def test_a_limit_is_data_in_the_error_and_named_by_its_option_only_on_the_command_line():
+    from superweight.report import crawl_line, explain
+    from superweight.scanner.errors import OverLimit
+
+    error = OverLimit("2,000 parameters, over the limit of 1,000", where="org/big@0123456789ab",
+                      limit="max_params", value=2000, bound=1000)
+    assert str(error) == "org/big@0123456789ab: 2,000 parameters, over the limit of 1,000"  # what the ledger keeps
+    assert explain(error) == f"{error} (--max-params)"
+    outcome = {"repo_id": "org/big", "revision": "0123456789abcdef", "state": "refused", "error": str(error),
+               "refusal": "limit", "limit": "max_cache_gb"}
+    assert crawl_line(outcome).endswith("over the limit of 1,000 (--max-cache-gb)")
+    assert "(--" not in crawl_line({**outcome, "limit": None, "refusal": "unsafe"})
