@@ -1,14 +1,15 @@
 """The crawl's driver: vet and queue models, scan them on Ray workers, and be the one writer of the results.
 
-The driver vets each model against the Hub (pinned sha, safetensors, no remote code,
-size), skips what the ledger says is settled for this scanner version, and hands the rest to Ray
-actors (worker.py, in a WorkerPool: pool.py) one model per actor at a time, within a disk budget for downloads. Each
-model is claimed in the ledger first, under a lease the driver keeps renewing, so two crawls never
-scan the same model. Results come back as dicts and the driver writes the catalog and the ledger.
+The driver vets each model against the Hub (pinned sha, safetensors, no remote code, size; vet.py),
+skips what the ledger says is settled for this scanner version, and hands the rest to Ray actors
+(worker.py, in a WorkerPool: pool.py) one model per actor at a time, within a disk budget for
+downloads. Each model is claimed in the ledger first, under a lease the driver keeps renewing, so
+two crawls never scan the same model. Results come back as dicts and the driver writes the catalog
+and the ledger.
 
 Faults: a worker process that dies is replaced by a fresh actor and its model retried (up to
-`retries` times); a scan past its timeout is stopped by the worker itself, or its actor is killed; a failed
-model is recorded as failed and the crawl goes on. Ctrl-C gives the claimed models back (queued);
+`retries` times); a scan past its timeout is stopped by the worker itself, or its actor is killed;
+a failed model is recorded as failed and the crawl goes on. Ctrl-C gives the claimed models back (queued);
 a crawl killed outright leaves leases that expire, and a re-run picks those models up.
 """
 
@@ -97,6 +98,7 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
     update = on_update or (lambda _: None)
     owner = f"crawl:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     pending = []
+
     def check(repo_id: str) -> VettedModel:
         if is_local(repo_id):  # its revision, a content hash, is known only once scanned: always scanned
             return VettedModel(repo_id, revision="")
@@ -106,9 +108,9 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
         except Exception as e:  # one model's surprise must not end the crawl
             return VettedModel(repo_id, "", error=f"{repo_id}: vetting failed ({type(e).__name__}: {first_line(e)})")
 
-    pool = ThreadPoolExecutor(VET_THREADS)  # Hub round trips overlap; results stay in order
+    vetting = ThreadPoolExecutor(VET_THREADS)  # Hub round trips overlap; results stay in order
     try:
-        for vetted in pool.map(check, dict.fromkeys(map(source_name, repo_ids))):  # once each, folders by path
+        for vetted in vetting.map(check, dict.fromkeys(map(source_name, repo_ids))):  # once each, folders by path
             outcome, also = _settle_without_scan(vetted, ledger, catalog, owner, verify=options.scan.verify is not None)
             if outcome is not None:
                 report.add(outcome)
@@ -117,7 +119,7 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
             report.queued = len(pending)
             update(report)
     finally:
-        pool.shutdown(cancel_futures=True)  # Ctrl-C: do not vet the rest first
+        vetting.shutdown(cancel_futures=True)  # Ctrl-C: do not vet the rest first
     report.vet_seconds = time.monotonic() - start
     if pending:
         _run(pending, report, catalog=catalog, ledger=ledger, options=options, owner=owner, update=update)
@@ -138,7 +140,7 @@ def _settle_without_scan(vetted: VettedModel, ledger: Ledger, catalog: Catalog, 
         Its outcome, or None if it is to be scanned; and the settled state its claim may take over.
 
     Skipped: a key that succeeded and is in this catalog, or that was refused for a reason that
-    holds for the commit. A refusal for this run's limits or for gating is vetted again, and a
+    holds for the commit. A refusal of a reconsidered kind (a limit, gating) is vetted again, and a
     success missing from this catalog (a new --catalog, a lost volume) is scanned again, and so is
     one without measured effects when this crawl verifies.
     """
@@ -180,9 +182,9 @@ def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: C
             update(report)
             if not pool.jobs:  # work waits for an actor to start
                 if queue and time.monotonic() - starved_since > options.start_timeout:
-                    raise NoWorkers(f"no scan worker started within {options.start_timeout:.0f} s: the Ray cluster has no "
-                                    f"room for an actor with {gpus:g} GPU(s) and 1 CPU; add nodes, or pass "
-                                    "--gpus-per-worker 0 to scan on CPUs")
+                    raise NoWorkers(f"no scan worker started within {options.start_timeout:.0f} s: the Ray cluster "
+                                    f"has no room for an actor with {gpus:g} GPU(s) and 1 CPU; add nodes, or "
+                                    "pass --gpus-per-worker 0 to scan on CPUs")
                 pool.wait_for_a_start(timeout=1.0)
                 continue
             starved_since = time.monotonic()
@@ -190,7 +192,8 @@ def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: C
                 retry = _finish(finished, report, catalog=catalog, ledger=ledger, options=options, owner=owner)
                 if retry is not None:
                     queue.insert(0, retry)
-            pool.kill_stuck(options.timeout + min(60.0, options.timeout / 2))  # the worker stops itself at the timeout if it can
+            # The worker stops itself at the timeout if it can; one stuck in a download is killed after a grace.
+            pool.kill_stuck(options.timeout + min(60.0, options.timeout / 2))
             if time.monotonic() - last_renewal > options.lease_seconds / 3:
                 ledger.renew(owner, lease_seconds=options.lease_seconds)
                 last_renewal = time.monotonic()
