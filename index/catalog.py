@@ -23,6 +23,7 @@ from pathlib import Path
 
 import duckdb
 
+from superweight.scanner.errors import first_line
 from superweight.scanner.files import written_aside
 from superweight.scanner.result import ScanResult
 from superweight.scanner.hub import file_sha256
@@ -180,7 +181,7 @@ class Catalog:
             with written_aside(out.with_suffix(".json")) as tmp:
                 tmp.write_text(json.dumps(asdict(manifest), indent=2) + "\n")
         except (OSError, duckdb.IOException) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
             raise CatalogUnavailable(f"{out}: cannot write the export ({reason})") from None
         return manifest
 
@@ -202,10 +203,10 @@ def connect(path: Path, *, read_only: bool, wait: float) -> duckdb.DuckDBPyConne
                     raise CatalogLocked(f"{path}: another process has held this catalog for {wait:g} s; "
                                         "wait for it or use --catalog") from None
             elif path.exists() and not _is_duckdb(path):
-                raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)}); move it aside, "
+                raise CatalogUnavailable(f"{path}: not a readable catalog ({first_line(e)}); move it aside, "
                                          "and rescan or run superweight download") from None
             else:  # a read-only or full disk, no permission
-                raise CatalogUnavailable(f"{path}: cannot open the catalog ({_first(e)}); set SUPERWEIGHT_HOME "
+                raise CatalogUnavailable(f"{path}: cannot open the catalog ({first_line(e)}); set SUPERWEIGHT_HOME "
                                          "or --catalog to a writable place") from None
         time.sleep(delay)
         delay = min(2 * delay, 1.0)
@@ -224,7 +225,7 @@ def attach_read_only(con: duckdb.DuckDBPyConnection, path: Path, alias: str, *,
             break
         except duckdb.Error as e:
             if not isinstance(e, duckdb.IOException) or "lock" not in str(e).lower():
-                raise CatalogUnavailable(f"{path}: not a readable catalog ({_first(e)})") from None
+                raise CatalogUnavailable(f"{path}: not a readable catalog ({first_line(e)})") from None
             if time.monotonic() + delay > deadline:
                 raise CatalogLocked(f"{path}: another process has held this catalog for {wait:g} s") from None
         time.sleep(delay)
@@ -247,7 +248,7 @@ def _transaction(con: duckdb.DuckDBPyConnection, path: Path) -> Iterator[None]:
             con.rollback()
         except duckdb.Error:
             pass  # the failed commit has ended the transaction already
-        raise CatalogUnavailable(f"{path}: cannot write the catalog ({_first(e)}); nothing was changed") from None
+        raise CatalogUnavailable(f"{path}: cannot write the catalog ({first_line(e)}); nothing was changed") from None
     except BaseException:
         con.rollback()
         raise
@@ -320,6 +321,3 @@ def _check_finite(result: ScanResult) -> None:
                 walk(v, f"{where}[{i}]")
     walk(result.to_json(), "")
 
-
-def _first(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

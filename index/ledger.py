@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from superweight.scanner.errors import first_line
+
 from .errors import LedgerUnavailable
 
 STATES = ("queued", "running", "succeeded", "failed", "refused")
@@ -82,7 +84,7 @@ class Ledger:
         try:
             self.engine = create_engine(url, pool_pre_ping=True)  # a PostgreSQL restart mid-crawl
         except (ArgumentError, NoSuchModuleError, ImportError) as e:
-            raise LedgerUnavailable(f"{_safe_or_raw(url)}: not a ledger URL ({_first(e)}); set "
+            raise LedgerUnavailable(f"{_safe_or_raw(url)}: not a ledger URL ({first_line(e)}); set "
                                     "SUPERWEIGHT_LEDGER_URL to e.g. postgresql+psycopg://user@host/db") from None
         try:
             if url.startswith("sqlite:///"):
@@ -90,7 +92,7 @@ class Ledger:
             upgrade(self.engine)
         except DBAPIError as e:  # unreachable, not a database, read-only
             self.engine.dispose()
-            raise LedgerUnavailable(f"{_safe(url)}: cannot open the ledger ({_first(e.orig)})") from None
+            raise LedgerUnavailable(f"{_safe(url)}: cannot open the ledger ({first_line(e.orig)})") from None
         except OSError as e:  # its folder or the migration lock file cannot be written
             self.engine.dispose()
             raise LedgerUnavailable(f"{_safe(url)}: cannot open the ledger ({e.strerror}: {e.filename}); "
@@ -240,13 +242,13 @@ def read_records(url: str) -> list[dict]:
     try:
         engine = create_engine(url)
     except (ArgumentError, NoSuchModuleError, ImportError) as e:
-        raise LedgerUnavailable(f"{_safe_or_raw(url)}: not a ledger URL ({_first(e)})") from None
+        raise LedgerUnavailable(f"{_safe_or_raw(url)}: not a ledger URL ({first_line(e)})") from None
     try:
         with Session(engine) as session:
             query = select(ScanRecord).order_by(ScanRecord.started_at.desc(), ScanRecord.id.desc())
             return [_as_expired(r.to_dict()) for r in session.scalars(query)]
     except DBAPIError as e:
-        raise LedgerUnavailable(f"{_safe(url)}: cannot read the ledger ({_first(e.orig)}); "
+        raise LedgerUnavailable(f"{_safe(url)}: cannot read the ledger ({first_line(e.orig)}); "
                                 "`superweight ledger` upgrades an older one") from None
     finally:
         engine.dispose()
@@ -311,6 +313,3 @@ def _safe_or_raw(url: str) -> str:
     except (ArgumentError, ValueError):
         return url.split("@")[-1] if "@" in url else url.split("://")[0] + "://..."
 
-
-def _first(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -24,7 +24,7 @@ from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, Hf
 from huggingface_hub.errors import HfHubHTTPError
 
 from superweight.scanner.errors import first_line
-from superweight.scanner.files import remove_stale, written_aside
+from superweight.scanner.files import written_aside
 from superweight.scanner.hub import file_sha256, use_timeouts
 
 from .errors import ChecksumMismatch, DownloadFailed, NotACatalog, PublishFailed
@@ -232,12 +232,8 @@ def download(source: str, dest: Path) -> dict:
         ChecksumMismatch: the file does not match its manifest; `dest` is left as it was.
         DownloadFailed: either file could not be fetched or the manifest is unreadable.
     """
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(dest)
-    except OSError as e:
-        raise DownloadFailed(f"{dest.parent}: cannot write the download here ({e.strerror})") from None
     try:  # both written aside; renamed into place, the manifest last, only once the checksum holds
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with written_aside(dest.with_name(MANIFEST)) as manifest_file, written_aside(dest) as parquet:
             fetch(source, PARQUET, parquet)
             fetch(source, MANIFEST, manifest_file)

@@ -18,6 +18,8 @@ from pathlib import Path
 import duckdb
 from sqlalchemy import DateTime, Integer
 
+from superweight.scanner.errors import first_line
+
 from .catalog import attach_read_only
 from .errors import QueryRefused
 from .ledger import ScanRecord, read_records
@@ -128,7 +130,7 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str, *, limits: Limits = Limi
         raise QueryRefused(f"query: needs more memory than --max-memory {limits.max_memory} allows; "
                            "narrow it, or raise --max-memory")
     if error is not None:
-        raise QueryRefused(f"query: {str(error).splitlines()[0]}")
+        raise QueryRefused(f"query: {first_line(error)}")
     return outcome["result"]
 
 
@@ -144,7 +146,7 @@ def _check_is_one_read(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         statements = con.extract_statements(sql)
         inner = con.extract_statements(_EXPLAIN.sub("", sql, count=1)) if _is_explain(statements) else statements
     except duckdb.Error as e:
-        raise QueryRefused(f"query: {str(e).splitlines()[0]}") from None
+        raise QueryRefused(f"query: {first_line(e)}") from None
     if len(statements) != 1 or len(inner) != 1 or inner[0].type not in _READ:
         kinds = ", ".join(s.type.name for s in statements) or "nothing"
         if len(statements) == 1 and _is_explain(statements):
@@ -167,7 +169,7 @@ def _read_parquet(con: duckdb.DuckDBPyConnection, source: str) -> None:
             fetch(source, PARQUET, local)  # the download command's fetch: paths, http(s), hf://datasets
             con.execute(f"CREATE TABLE catalog AS SELECT * FROM read_parquet('{_quote(local)}')")
     except duckdb.Error as e:
-        raise QueryRefused(f"{source}: not a readable catalog.parquet ({str(e).splitlines()[0]})") from None
+        raise QueryRefused(f"{source}: not a readable catalog.parquet ({first_line(e)})") from None
 
 
 def _duck_type(sql_type) -> str:

@@ -9,7 +9,7 @@ import socket
 import time
 
 from superweight.scanner import __version__
-from superweight.scanner.errors import Refused
+from superweight.scanner.errors import outcome_of
 from superweight.scanner.hub import source_name
 from superweight.scanner.progress import Progress, Relay
 from superweight.scanner.result import ScanResult
@@ -55,9 +55,8 @@ def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledg
         result = scan(source, options, progress=_Renewing(ledger, worker, progress))
         catalog.record_scan(result)
     except Exception as e:
-        refused = isinstance(e, Refused)  # declined, as opposed to broken
-        ledger.finish(record_id, "refused" if refused else "failed", error=str(e) or type(e).__name__,
-                      refusal=e.kind if refused else None)
+        settled = outcome_of(e)
+        ledger.finish(record_id, settled["state"], error=settled["error"], refusal=settled.get("refusal"))
         raise
     ledger.finish(record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read)
     return result

@@ -125,6 +125,9 @@ def check_sizes(raw: dict, config_file: Path) -> None:
                 raise MissingConfig(f"{key} is {value}, beyond any model (at most {SIZE_LIMITS[key]})", where=config_file)
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|blk)\.(\d+)\.")
+
+
 def check_layer_count(config, tensors, path: Path) -> None:
     """Raise CorruptCheckpoint when the config claims more decoder layers than the weights hold.
 
@@ -135,6 +138,3 @@ def check_layer_count(config, tensors, path: Path) -> None:
     held = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.search(name))}
     if held and claimed > len(held):
         raise CorruptCheckpoint(f"config.json says {claimed} decoder layers; the weights hold {len(held)}", where=path)
-
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|blk)\.(\d+)\.")

@@ -124,6 +124,17 @@ class CannotWrite(ScanError):
     """A file the command was asked to write (a figure, a converted example) cannot be written there."""
 
 
+def outcome_of(error: Exception) -> dict:
+    """How a scan that raised `error` ended, as the ledger records it: failed, or refused (declined,
+    as opposed to broken) with the refusal's kind, and for a limit its name."""
+    outcome = {"state": "failed", "error": str(error) or type(error).__name__}
+    if isinstance(error, Refused):
+        outcome.update(state="refused", refusal=error.kind)
+        if isinstance(error, OverLimit):
+            outcome["limit"] = error.limit
+    return outcome
+
+
 def refusal_kinds() -> dict[str, type[Refused]]:
     """Every kind of refusal, by the name the ledger stores."""
     found, todo = {Refused.kind: Refused}, [Refused]

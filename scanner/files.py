@@ -94,3 +94,9 @@ def no_weights(names: list[str], where, *, on_hub: bool = False) -> ScanError:
                                 "it reads safetensors and GGUF. Convert the checkpoint to safetensors first",
                                 where=where)
     return CorruptCheckpoint("no .safetensors or .gguf weights found", where=where)
+
+
+def require_safetensors(names: list[str], where) -> None:
+    """Raise `no_weights` unless a Hub repo whose files are `names` holds safetensors weights."""
+    if not any(n.endswith(".safetensors") for n in names):
+        raise no_weights(names, where, on_hub=True)

@@ -32,7 +32,7 @@ from huggingface_hub.utils import validate_repo_id
 from .config import CHECKPOINT_PATTERNS, DIGEST_CACHE, HUB_TIMEOUT, SUPERWEIGHT_HOME
 from .errors import GatedRepo, HubError, HubUnavailable, SourceNotFound, first_line
 from .examples import example_checkpoint, find_example
-from .files import no_weights, written_aside
+from .files import require_safetensors, written_aside
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +210,7 @@ def _needed_files(where: str, repo_id: str, files: list[str], *, revision: str, 
     Refuses repos without safetensors weights. With a shard index only the shards it names are
     fetched (Mistral repos also ship a consolidated.safetensors of the same weights).
     """
-    if not any(f.endswith(".safetensors") for f in files):
-        raise no_weights(files, where, on_hub=True)
+    require_safetensors(files, where)
     wanted = [f for f in CHECKPOINT_PATTERNS if "*" not in f and f in files]
     if "model.safetensors.index.json" in files:
         index = hf_hub_download(repo_id, "model.safetensors.index.json", revision=revision, endpoint=endpoint,

@@ -28,7 +28,7 @@ import ray
 
 from superweight.scanner import __version__
 from superweight.scanner.config import SUPERWEIGHT_HOME
-from superweight.scanner.errors import first_line, reconsidered
+from superweight.scanner.errors import first_line, outcome_of, reconsidered
 from superweight.scanner.hub import EXAMPLE_PREFIX, source_name
 from superweight.scanner.scan import ScanOptions
 
@@ -37,7 +37,7 @@ from ..errors import NoWorkers
 from ..ledger import Ledger
 from .pool import Finished, Job, WorkerPool
 from .vet import HubAccess, VettedModel, vet
-from .worker import WorkerConfig, actor_class, outcome_of
+from .worker import WorkerConfig, actor_class
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ deadline is killed.
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import ray
@@ -64,9 +64,13 @@ class WorkerPool:
         """The jobs in flight."""
         return list(self._busy.values())
 
+    def _free(self) -> Iterator:
+        """Idle actors that have started, checked one at a time: they can take a job now."""
+        return (a for a in self._idle if ray.wait([self._started[a]], timeout=0)[0])
+
     def has_free_worker(self) -> bool:
         """Whether an idle actor has started and can take a job now."""
-        return any(ray.wait([self._started[a]], timeout=0)[0] for a in self._idle)
+        return next(self._free(), None) is not None
 
     def wait_for_a_start(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for an idle actor to start."""
@@ -75,7 +79,7 @@ class WorkerPool:
 
     def submit(self, job: Job, *, timeout: float) -> None:
         """Hand `job` to a started idle actor (there must be one: `has_free_worker`)."""
-        job.actor = next(a for a in self._idle if ray.wait([self._started[a]], timeout=0)[0])
+        job.actor = next(self._free())
         self._idle.remove(job.actor)
         job.started = time.monotonic()
         self._busy[job.actor.scan.remote(job.model.repo_id, job.model.revision, timeout=timeout)] = job

@@ -20,7 +20,7 @@ from superweight.scanner.checkpoint import load_config
 from superweight.scanner.errors import (
     GatedRepo, MissingConfig, OverLimit, Refused, ScanError, SourceNotFound, first_line, relocated,
 )
-from superweight.scanner.files import no_weights
+from superweight.scanner.files import require_safetensors
 from superweight.scanner.hub import hub_errors, with_retries
 
 logger = logging.getLogger(__name__)
@@ -125,8 +125,7 @@ def _checked(repo_id: str, info, hub: HubAccess, api: HfApi, cache_dir):
     files, where = [s.rfilename for s in info.siblings or []], f"{repo_id}@{info.sha[:12]}"
     if info.gated:
         raise GatedRepo(f"gated ({info.gated}); the crawl scans open models only")
-    if not any(f.endswith(".safetensors") for f in files):
-        raise no_weights(files, None, on_hub=True)
+    require_safetensors(files, None)
     if "config.json" not in files:  # e.g. an adapter (PEFT) repo tagged text-generation
         raise Refused("no config.json: not a full model checkpoint (an adapter?)")
     config = hub.call(where, lambda: hf_hub_download(repo_id, "config.json", revision=info.sha,

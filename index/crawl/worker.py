@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray
 
-from superweight.scanner.errors import OverLimit, Refused, ScanError, ScanTimeout
+from superweight.scanner.errors import ScanError, ScanTimeout, outcome_of
 from superweight.scanner.files import alive
 from superweight.scanner.hub import with_retries
 from superweight.scanner.progress import Progress
@@ -95,13 +95,3 @@ def actor_class(*, num_gpus: float, num_cpus: float):
     """ScanWorker as a Ray actor class. Not restarted by Ray: the driver replaces a dead actor and
     decides whether to retry its model."""
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0, max_task_retries=0)(ScanWorker)
-
-
-def outcome_of(error: ScanError) -> dict:
-    """How a scan that raised `error` ended: failed, or refused with the refusal's kind (and limit)."""
-    if not isinstance(error, Refused):
-        return {"state": "failed", "error": str(error)}
-    outcome = {"state": "refused", "error": str(error), "refusal": error.kind}
-    if isinstance(error, OverLimit):
-        outcome["limit"] = error.limit
-    return outcome
