@@ -24,6 +24,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .config import DIGEST_CACHE, NULLABLE_SIZES, SIZE_LIMITS, SUPERWEIGHT_HOME
 from .errors import CorruptCheckpoint, MissingConfig, RemoteCodeRefused, UnsupportedArchitecture, first_line
+from .fetch import FileBytes
 from .files import inside
 from .hub import content_hash
 from .tokens import load_tokenizer
@@ -44,6 +45,44 @@ class Checkpoint:
 
     known_revision: str | None = None  # a Hub commit sha or an example's GGUF hash, set by open_checkpoint
     gguf_file: Path | None = None  # the GGUF file, whose metadata holds the tokenizer
+    sources: list[FileBytes] = []  # the weight files' bytes, local or remote, closed by close()
+
+    def span(self, key: str) -> tuple[FileBytes, int, int]:
+        """Where tensor `key`'s bytes lie: (file, offset, length)."""
+        info = self.tensors[key]
+        return info.file, info.offset, info.n_bytes
+
+    def nbytes(self, keys: list[str]) -> int:
+        """The stored size of `keys`, in bytes."""
+        return sum(self.span(k)[2] for k in keys)
+
+    def fetch(self, keys: list[str]) -> dict[str, memoryview]:
+        """The stored bytes of `keys`, read together: one read per run of neighbouring tensors in a file."""
+        by_file: dict[int, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(id(self.span(key)[0]), []).append(key)
+        raw = {}
+        for names in by_file.values():
+            file = self.span(names[0])[0]
+            views = file.read_spans([self.span(k)[1:] for k in names])
+            raw.update(zip(names, views, strict=True))
+        return raw
+
+    def read_row_bytes(self, key: str, rows: list[int] | range) -> tuple[memoryview, int]:
+        """The stored bytes of rows of a 2D tensor (rows outermost), and one row's size."""
+        file, offset, length = self.span(key)
+        row_bytes = length // self.tensors[key].shape[0]
+        if isinstance(rows, range) and rows.step == 1:
+            return file.read_spans([(offset + rows.start * row_bytes, len(rows) * row_bytes)])[0], row_bytes
+        views = file.read_spans([(offset + r * row_bytes, row_bytes) for r in rows])
+        return memoryview(b"".join(views)), row_bytes
+
+    def close(self) -> None:
+        """Let go of the weight files (open descriptors)."""
+        for source in self.sources:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
 
     def tokenizer(self):
         """The checkpoint's own tokenizer, or None without a usable one (loaded once)."""
@@ -62,9 +101,11 @@ class Checkpoint:
 class TensorInfo:
     """Where a checkpoint tensor is stored and what its header says."""
 
-    file: Path
+    file: FileBytes
     dtype: str  # safetensors dtype string, e.g. "BF16"
     shape: tuple[int, ...]
+    offset: int  # of its data, from the start of the file
+    n_bytes: int
 
 
 def load_config(path: Path, *, trust_remote_code: bool = False, root: Path | None = None):

@@ -12,6 +12,9 @@ SUPERWEIGHT_HOME = Path(
 )
 DEBUG = os.getenv("SUPERWEIGHT_DEBUG", "") not in ("", "0")
 HUB_TIMEOUT = float(os.getenv("SUPERWEIGHT_HUB_TIMEOUT", "30"))  # seconds any one Hub request may wait for bytes
+HUB_ATTEMPTS = int(os.getenv("SUPERWEIGHT_HUB_ATTEMPTS", "4"))  # tries of one range read before a scan fails
+HUB_BACKOFF = float(os.getenv("SUPERWEIGHT_HUB_BACKOFF", "1"))  # seconds before the first retry, doubling after
+DEFAULT_CACHE_SHARE = 0.25  # of the machine's memory, for layers kept between a scan's passes (--cache-gb)
 CATALOG_FILE = "catalog.duckdb"  # under SUPERWEIGHT_HOME unless --catalog
 DIGEST_CACHE = "file-digests.json"  # per-file sha256s of local checkpoints, under SUPERWEIGHT_HOME
 

@@ -164,7 +164,7 @@ class Detector(LayerObserver):
         `start` (earlier layers are unchanged)."""
         self.progress.phase(name, self.model.num_layers - start)
         hidden = _hidden(*self.inputs[start])
-        with self.model.observe(self, progress=self.progress), self.model.zeroed(zeroed):
+        with self.model.observe(self, progress=self.progress, first=start), self.model.zeroed(zeroed):
             for i in range(start, self.model.num_layers):
                 args, kwargs = self.inputs[i]
                 if args:

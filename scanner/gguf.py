@@ -31,6 +31,7 @@ from transformers import AutoConfig
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
 from .checkpoint import Checkpoint
+from .fetch import LocalFile, Transfer
 from .errors import CorruptCheckpoint, SourceNotFound, UnsupportedArchitecture, UnsupportedQuantization, first_line
 
 logger = logging.getLogger(__name__)
@@ -81,12 +82,15 @@ class GGUFCheckpoint(Checkpoint):
         root: every file read must lie inside it (default: the file's folder).
     """
 
-    def __init__(self, file: Path, *, root: Path | None = None):
+    def __init__(self, file: Path, *, root: Path | None = None, transfer: Transfer | None = None):
         self.path = self.gguf_file = file
         self.folder = file.parent
         self.root = root or file.parent
         self.weight_files = [file]
         self.hashed_files = [file]  # the config and tokenizer are in the file too
+        self.transfer = transfer or Transfer()
+        self.source = LocalFile(file, self.transfer)
+        self.sources = [self.source]
         self.architecture, self.tensors = _read_header(file)
         self.config = _load_config(file, self.architecture)
         self.dtype = _majority_quant(self.tensors)  # a name such as "Q4_1", reported as the scan's dtype
@@ -166,24 +170,28 @@ class GGUFCheckpoint(Checkpoint):
 
     # -- reading --------------------------------------------------------------------------------
 
-    def load(self, model: nn.Module, keys: list[str], *, dtype: torch.dtype, device: torch.device) -> int:
-        """Dequantize `keys` and put them into the model's parameters.
+    def span(self, key: str) -> tuple[LocalFile, int, int]:
+        info = self.tensors[key]
+        return self.source, info.offset, info.n_bytes
+
+    def load(self, model: nn.Module, raw: dict[str, memoryview], *, dtype: torch.dtype, device: torch.device) -> int:
+        """Dequantize tensors, given as their stored bytes (`fetch`), and put them into the model's parameters.
 
         Returns:
-            The bytes read from the file.
+            The bytes loaded.
         """
         state: dict[str, np.ndarray | torch.Tensor] = {}
         merged: dict[str, dict] = {"tensors": {}}  # where processors put the expert tensors they merge
-        for key in keys:
-            result = self.processor.process(weights=self._read(key), name=key, tensor_key_mapping=self.names,
-                                            parsed_parameters=merged)
+        for key, data in raw.items():
+            result = self.processor.process(weights=self._dequantize(key, data), name=key,
+                                            tensor_key_mapping=self.names, parsed_parameters=merged)
             if result.name is not None:  # None: the processor merged it into `merged`
                 state[self.key_target[result.name]] = result.weights
         state.update(merged["tensors"])
         for target, weights in state.items():
             tensor = torch.from_numpy(np.ascontiguousarray(weights)) if isinstance(weights, np.ndarray) else weights
             _assign(model, target, tensor.to(device, dtype), self.path)
-        return sum(self.tensors[k].n_bytes for k in keys)
+        return sum(len(data) for data in raw.values())
 
     def read_rows(self, key: str, rows: list[int] | range) -> tuple[torch.Tensor, int]:
         """Rows of a 2D tensor (the embedding or the LM head), dequantized without reading the rest.
@@ -193,25 +201,14 @@ class GGUFCheckpoint(Checkpoint):
         Returns:
             The rows as float32, (len(rows), hidden), and the bytes read.
         """
-        info = self.tensors[key]
-        row_bytes = info.n_bytes // info.shape[0]
-        with open(self.path, "rb") as f:
-            if isinstance(rows, range) and rows.step == 1:
-                f.seek(info.offset + rows.start * row_bytes)
-                data = f.read(len(rows) * row_bytes)
-            else:
-                data = b"".join(_read_at(f, info.offset + r * row_bytes, row_bytes) for r in rows)
-        if len(data) != len(rows) * row_bytes:
-            raise CorruptCheckpoint(f"tensor {key} is cut short; the file is truncated", where=self.path)
+        data, row_bytes = self.read_row_bytes(key, rows)
         raw = np.frombuffer(data, dtype=np.uint8).reshape(len(rows), row_bytes)
-        return torch.from_numpy(np.array(dequantize(raw, info.qtype), dtype=np.float32)), len(data)
+        return torch.from_numpy(np.array(dequantize(raw, self.tensors[key].qtype), dtype=np.float32)), data.nbytes
 
-    def _read(self, key: str) -> np.ndarray:
-        """One whole tensor, dequantized to float32 in its stored (numpy) shape."""
+    def _dequantize(self, key: str, data: memoryview) -> np.ndarray:
+        """One whole tensor from its stored bytes, dequantized to float32 in its stored (numpy) shape."""
         info = self.tensors[key]
-        raw = np.fromfile(self.path, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
-        if raw.size != info.n_bytes:
-            raise CorruptCheckpoint(f"tensor {key} is cut short; the file is truncated", where=self.path)
+        raw = np.frombuffer(data, dtype=np.uint8)
         return dequantize(raw.reshape(quant_shape_to_byte_shape(info.shape, info.qtype)), info.qtype)
 
     def stored_index(self, keys: list[str], layout, row: int, col: int, expert: int | None) -> tuple[str, list[int]]:
@@ -292,11 +289,6 @@ def _majority_quant(tensors: dict[str, GGUFTensorInfo]) -> str:
     if not counts:  # no MLP tensor under the standard names: all matrices count
         counts.update({info.qtype.name: math.prod(info.shape) for info in tensors.values() if len(info.shape) >= 2})
     return counts.most_common(1)[0][0] if counts else "unknown"
-
-
-def _read_at(f, offset: int, size: int) -> bytes:
-    f.seek(offset)
-    return f.read(size)
 
 
 def _assign(model: nn.Module, target: str, tensor: torch.Tensor, path: Path) -> None:

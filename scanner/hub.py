@@ -32,6 +32,7 @@ from huggingface_hub.utils import validate_repo_id
 from .config import CHECKPOINT_PATTERNS, DIGEST_CACHE, HUB_TIMEOUT, SUPERWEIGHT_HOME
 from .errors import GatedRepo, HubError, HubUnavailable, SourceNotFound, first_line
 from .examples import example_checkpoint, find_example
+from .fetch import count_request
 from .files import require_safetensors, written_aside
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class Resolved:
     artifact: str | None = None  # what is read when it is not the repo's own weights at `revision`
     dtype: str | None = None  # the weights' own precision when the files read hold another (examples)
     root: Path | None = None  # every file read must lie inside it (None: the folder, or the file's folder)
+    remote: tuple[str, ...] = ()  # weight files read from the Hub by range requests, at `revision`
+    endpoint: str | None = None  # the Hub they are read from (None: HF_ENDPOINT or huggingface.co)
 
 
 def source_name(source: str) -> str:
@@ -62,8 +65,12 @@ def source_name(source: str) -> str:
 
 
 def resolve(source: str, *, revision: str | None = None, endpoint: str | None = None,
-            token: str | None = None, cache_dir: Path | None = None) -> Resolved:
-    """Make `source` available locally.
+            token: str | None = None, cache_dir: Path | None = None, download: bool = False) -> Resolved:
+    """Find `source`: a local path, or a Hub repo pinned to a commit.
+
+    A Hub repo's weights are read remotely (`Resolved.remote`), unless `download` is set or the Hub
+    is offline (HF_HUB_OFFLINE: the cache alone serves); its config and tokenizer files are small
+    and go to the Hub cache either way.
 
     Args:
         source: a checkpoint folder, a .gguf file, `owner/name` on the Hub, or `example:NAME`.
@@ -71,6 +78,7 @@ def resolve(source: str, *, revision: str | None = None, endpoint: str | None = 
         endpoint: the Hub to use (default HF_ENDPOINT or huggingface.co).
         token: a Hub token (default HF_TOKEN / the cached login).
         cache_dir: the Hub cache (default HF_HUB_CACHE).
+        download: download the weights into the Hub cache and read them from there.
 
     Returns:
         The Resolved source. Hub checkpoints carry their commit sha.
@@ -87,7 +95,8 @@ def resolve(source: str, *, revision: str | None = None, endpoint: str | None = 
         validate_repo_id(source)
     except HFValidationError:
         raise SourceNotFound("no such folder, and not a Hub repo id (owner/name)", where=source) from None
-    return _download(source, revision or "main", endpoint=endpoint, token=token, cache_dir=cache_dir)
+    return _download(source, revision or "main", endpoint=endpoint, token=token, cache_dir=cache_dir,
+                     weights=download)
 
 
 def _example(source: str) -> Resolved:
@@ -110,7 +119,7 @@ def use_timeouts() -> None:
     client = get_session()
     hooks = client.event_hooks["request"]
     if _bound_timeouts not in hooks:
-        client.event_hooks = {**client.event_hooks, "request": [*hooks, _bound_timeouts]}
+        client.event_hooks = {**client.event_hooks, "request": [*hooks, _bound_timeouts, count_request]}
 
 
 def _bound_timeouts(request: httpx2.Request) -> None:
@@ -121,18 +130,22 @@ def _bound_timeouts(request: httpx2.Request) -> None:
     request.extensions["timeout"] = timeout
 
 
-def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Resolved:
-    """Pin `revision` to a sha, refuse repos without safetensors, and fetch only what a scan reads."""
+def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir, weights: bool) -> Resolved:
+    """Pin `revision` to a sha, refuse repos without safetensors, and fetch only what a scan reads:
+    the small files, and the weights too when `weights` is set or the Hub is offline."""
     where = f"{repo_id}@{revision}"
     with hub_errors(where, endpoint=endpoint):
         try:
             info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
         except OfflineModeIsEnabled:
             info = None  # HF_HUB_OFFLINE=1: the cache alone decides
-        patterns = CHECKPOINT_PATTERNS
+        patterns, remote = CHECKPOINT_PATTERNS, []
         if info is not None:
-            patterns = _needed_files(where, repo_id, [s.rfilename for s in info.siblings or []], revision=info.sha,
-                                     endpoint=endpoint, token=token, cache_dir=cache_dir)
+            files = [s.rfilename for s in info.siblings or []]
+            small = [f for f in CHECKPOINT_PATTERNS if "*" not in f and f in files]
+            remote = _weight_files(where, repo_id, files, revision=info.sha, endpoint=endpoint, token=token,
+                                   cache_dir=cache_dir)
+            patterns, remote = (small + remote, []) if weights else (small, remote)
         try:
             # Ask for the revision as given (not info.sha) so the cache records refs/<revision> and a
             # later offline scan can find it; the snapshot folder's name is the commit actually fetched.
@@ -149,7 +162,8 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir) -> Res
         raise HubError(f"moved from {info.sha[:12]} to {folder.name[:12]} while downloading; scan again", where=where)
     logger.info("%s resolved to %s", where, folder)
     # Snapshot files link into the repo's blobs/: the repo's cache folder is what they may resolve into.
-    return Resolved(repo_id, folder, repo_id, folder.name, root=folder.parent.parent)  # named by commit sha
+    return Resolved(repo_id, folder, repo_id, folder.name, root=folder.parent.parent,  # named by commit sha
+                    remote=tuple(remote), endpoint=endpoint)
 
 
 @contextlib.contextmanager
@@ -203,15 +217,15 @@ def with_retries(call, *, attempts: int = 4, backoff: float = 2.0):
             time.sleep(delay)
 
 
-def _needed_files(where: str, repo_id: str, files: list[str], *, revision: str, endpoint, token,
+def _weight_files(where: str, repo_id: str, files: list[str], *, revision: str, endpoint, token,
                   cache_dir) -> list[str]:
-    """Exactly the files a scan reads: config, tokenizer, and the weights the loader will use.
+    """Exactly the weight files a scan reads: the ones the loader will use.
 
     Refuses repos without safetensors weights. With a shard index only the shards it names are
-    fetched (Mistral repos also ship a consolidated.safetensors of the same weights).
+    read (Mistral repos also ship a consolidated.safetensors of the same weights).
     """
     require_safetensors(files, where)
-    wanted = [f for f in CHECKPOINT_PATTERNS if "*" not in f and f in files]
+    wanted = []
     if "model.safetensors.index.json" in files:
         index = hf_hub_download(repo_id, "model.safetensors.index.json", revision=revision, endpoint=endpoint,
                                 token=token, cache_dir=cache_dir)

@@ -26,6 +26,7 @@ from transformers.core_model_loading import dot_natural_key
 from .arch import OutProj, find_decoder_layers, find_out_proj
 from .checkpoint import Checkpoint, check_layer_count
 from .errors import CorruptCheckpoint, UnsupportedArchitecture, first_line
+from .feed import LayerFeed
 from .progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,11 @@ class StreamingModel:
         dtype: the compute dtype; None keeps the checkpoint's (float16 runs as float32 on CPU;
             GGUF is dequantized to float32).
         trust_remote_code: allow repo code named by config.json's auto_map.
+        cache_bytes: how many bytes of stored layers may be kept between passes (scanner.feed).
     """
 
     def __init__(self, checkpoint: Checkpoint, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, cache_bytes: int = 0):
         self.checkpoint = checkpoint
         self.path = path = checkpoint.path
         self.device = torch.device(device)
@@ -91,19 +93,30 @@ class StreamingModel:
         self.out_projs: list[OutProj] = [find_out_proj(layer, self.hidden_size) for layer in self.layers]
         self._plan_keys()
         self._zeroed: dict[int, list[tuple[int, ...]]] = {}  # layer -> positions set to 0 as it loads
-        self.bytes_read = 0  # tensor bytes read from the checkpoint, replays included
+        self.bytes_read = 0  # tensor bytes loaded into layers, replays and cached layers included
+        self.feed = LayerFeed(checkpoint.fetch, self.layer_keys, [checkpoint.nbytes(k) for k in self.layer_keys],
+                              cache_bytes=cache_bytes, transfer=checkpoint.transfer)
+        self.forwards = 0  # streamed passes over the layers
+
+    def close(self) -> None:
+        """Stop fetching ahead, drop kept layers and let go of the checkpoint's files."""
+        self.feed.close()
+        self.checkpoint.close()
 
     # -- what runs through it -------------------------------------------------------------------
 
     @contextmanager
-    def observe(self, observer: LayerObserver, *, progress: Progress | None = None) -> Iterator[None]:
+    def observe(self, observer: LayerObserver, *, progress: Progress | None = None, first: int = 0) -> Iterator[None]:
         """For the block, every forward through the layers streams them and tells `observer`.
 
-        Each layer is read just before it runs (with any zeroed weights applied), the observer sees
-        its input, its MLP output projection and its output, and it is freed right after; each
-        layer read is a step of `progress`.
+        Each layer is read just before it runs (with any zeroed weights applied; its bytes were
+        fetched ahead, see scanner.feed), the observer sees its input, its MLP output projection and
+        its output, and it is freed right after; each layer read is a step of `progress`. `first`:
+        the first layer the forward runs.
         """
         progress = progress or Progress()
+        self.forwards += 1
+        self.feed.begin_pass(first)
         hooks = []
         for i, layer in enumerate(self.layers):
             def enter(module, args, kwargs, i=i):
@@ -202,9 +215,10 @@ class StreamingModel:
 
     # -- loading --------------------------------------------------------------------------------
 
-    def _load(self, keys: list[str]) -> None:
-        """Read `keys` from disk into the skeleton."""
-        self.bytes_read += self.checkpoint.load(self.model, keys, dtype=self.dtype, device=self.device)
+    def _load(self, keys: list[str], raw: dict | None = None) -> None:
+        """Put `keys` into the skeleton: their stored bytes `raw`, or read now."""
+        raw = raw if raw is not None else self.checkpoint.fetch(keys)
+        self.bytes_read += self.checkpoint.load(self.model, raw, dtype=self.dtype, device=self.device)
 
     def load_static(self, token_ids: list[int]) -> torch.Tensor:
         """Load the small non-layer weights and the embedding rows of `token_ids`.
@@ -229,12 +243,15 @@ class StreamingModel:
         return torch.tensor([[remap[t] for t in token_ids]], device=self.device)
 
     def load_layer(self, index: int) -> None:
-        """Fill decoder layer `index` from disk, with the weights `zeroed` names set to 0."""
-        self._load(self.layer_keys[index])
-        weight = self.out_proj_weight(index)
-        with torch.no_grad():
-            for position in self._zeroed.get(index, []):
+        """Fill decoder layer `index` from its fetched bytes, with the weights `zeroed` names set to 0."""
+        self._load(self.layer_keys[index], self.feed.get(index))
+        positions = self._zeroed.get(index, [])
+        if positions:  # the weight may share memory with the kept bytes: change a copy
+            module, name = self.out_proj_module(index), self.out_projs[index].param_name
+            weight = getattr(module, name).detach().clone()
+            for position in positions:
                 weight[position] = 0.0
+            setattr(module, name, nn.Parameter(weight, requires_grad=False))
 
     def free_layer(self, index: int) -> None:
         """Return decoder layer `index`'s parameters to the meta device, releasing their memory."""

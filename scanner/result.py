@@ -137,9 +137,15 @@ class ScanResult:
     criteria: dict
     scanner_version: str
     scanned_at: str  # UTC, ISO 8601
-    bytes_read: int
+    bytes_read: int  # tensor bytes loaded into the model, every pass counted
     seconds: float = 0.0
-    download_seconds: float = 0.0
+    download_seconds: float = 0.0  # resolving the source: a Hub download, when weights are downloaded
+    remote: bool = False  # the weights were read from the Hub by range requests
+    bytes_fetched: int | None = None  # bytes read from the source (disk or network): each byte once, if cached
+    requests: int | None = None  # HTTP requests (remote) or range reads (local)
+    passes: int | None = None  # streamed passes that fetched layers: 1 when the layers fit the cache
+    forwards: int | None = None  # streamed passes over the layers, all told
+    wait_seconds: float | None = None  # seconds the compute waited for bytes (network or disk)
 
     @property
     def name(self) -> str:
@@ -160,7 +166,7 @@ class ScanResult:
         return {**identity, **asdict(self.detection),
                 "verification": self.verification.to_json() if self.verification else None,
                 "criteria": self.criteria, "scanner_version": self.scanner_version, "scanned_at": self.scanned_at,
-                "bytes_read": self.bytes_read, "seconds": self.seconds, "download_seconds": self.download_seconds}
+                **{name: getattr(self, name) for name in _COSTS}}
 
     @classmethod
     def from_json(cls, data: dict) -> "ScanResult":
@@ -174,13 +180,18 @@ class ScanResult:
         verification = data.get("verification")
         return cls(**{name: data.get(name) for name in _IDENTITY}, detection=detection,
                    verification=Verification(**_known(Verification, verification)) if verification else None,
-                   **{k: data.get(k) for k in ("criteria", "scanner_version", "scanned_at", "bytes_read")},
-                   seconds=data.get("seconds", 0.0), download_seconds=data.get("download_seconds", 0.0))
+                   **{k: data.get(k) for k in ("criteria", "scanner_version", "scanned_at")},
+                   **{k: data.get(k, getattr(cls, k, None)) for k in _COSTS})
 
 
 # The identity fields of a ScanResult, in the order its JSON lists them.
 _IDENTITY = ("source", "repo_id", "revision", "artifact", "path", "model_type", "architecture", "num_layers",
              "hidden_size", "out_proj", "dtype", "compute_dtype", "device", "prompt", "tokens")
+
+
+# What a scan cost, in the order its JSON lists them.
+_COSTS = ("bytes_read", "seconds", "download_seconds", "remote", "bytes_fetched", "requests", "passes", "forwards",
+          "wait_seconds")
 
 
 def _known(kind, data: dict) -> dict:

@@ -7,12 +7,10 @@ files inside the folder, no pickles (scanner.files.no_weights says why), a stric
 import json
 import logging
 import math
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
@@ -26,6 +24,7 @@ from transformers.modeling_utils import LoadStateDictConfig
 
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, load_config
 from .errors import CorruptCheckpoint, first_line
+from .fetch import FileBytes, LocalFile, Transfer
 from .files import inside, no_weights
 from .layout import Layout
 
@@ -58,18 +57,64 @@ def find_weight_files(path: Path, *, root: Path | None = None) -> list[Path]:
     raise no_weights([p.name for p in path.iterdir()], path)
 
 
-def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
-    """Name -> TensorInfo for every tensor, from the safetensors headers alone."""
-    tensors = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    tensor = f.get_slice(name)
-                    tensors[name] = TensorInfo(file, tensor.get_dtype(), tuple(tensor.get_shape()))
-        except (SafetensorError, OSError) as e:
-            raise CorruptCheckpoint(f"not a readable safetensors file ({first_line(e)})", where=file) from e
+# Bytes per element of every safetensors dtype (F4 packs two to a byte, and is checked as such).
+ITEM_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64,
+             "U32": 32, "U16": 16, "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F6_E2M3": 6,
+             "F6_E3M2": 6, "F4": 4, "C64": 64}
+MAX_HEADER = 100 << 20  # safetensors' own bound on the JSON header
+
+
+def read_header(file: FileBytes) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor of a safetensors file, from its header alone.
+
+    The header is untrusted: its length, its JSON, every entry's dtype, shape and offsets are
+    checked, and so is that each tensor's bytes match its shape, lie inside the file, and overlap
+    no other tensor's, before any tensor is read.
+    """
+    if file.size < 8:
+        raise CorruptCheckpoint(f"{file.size} bytes, too short for a safetensors file", where=file.name)
+    length = int.from_bytes(file.read(0, 8), "little")
+    if length > MAX_HEADER or 8 + length > file.size:
+        raise CorruptCheckpoint(f"header length {length} does not fit the file ({file.size} bytes); "
+                                "not a safetensors file", where=file.name)
+    try:
+        header = json.loads(bytes(file.read(8, length)))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"not a readable safetensors header ({e})", where=file.name) from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint("the safetensors header is not a JSON object", where=file.name)
+    tensors = {name: _entry(file, name, value, 8 + length) for name, value in header.items() if name != "__metadata__"}
+    spans = sorted((info.offset, info.offset + info.n_bytes, name) for name, info in tensors.items())
+    for (_, end, before), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CorruptCheckpoint(f"tensors {before} and {name} overlap; the header lies", where=file.name)
     return tensors
+
+
+def _entry(file: FileBytes, name: str, value, data_start: int) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape of whole numbers, offsets that match it."""
+    try:
+        dtype, shape, (begin, end) = value["dtype"], value["shape"], value["data_offsets"]
+        if dtype not in ITEM_BITS or not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end]):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise CorruptCheckpoint(f"tensor {name}: not a valid header entry ({str(value)[:80]})", where=file.name) from None
+    expected = math.ceil(math.prod(shape) * ITEM_BITS[dtype] / 8)
+    if end - begin != expected:
+        raise CorruptCheckpoint(f"tensor {name}: offsets {begin}-{end} hold {end - begin} bytes, but a {dtype} "
+                                f"tensor of shape {shape} takes {expected}; the header lies", where=file.name)
+    if data_start + end > file.size:
+        raise CorruptCheckpoint(f"tensor {name} runs past the end of the file ({file.size} bytes); "
+                                "the file is truncated or its header lies", where=file.name)
+    return TensorInfo(file, dtype, tuple(shape), data_start + begin, end - begin)
+
+
+def local_sources(files: list[Path], transfer: Transfer) -> list[FileBytes]:
+    """The weight files of a local folder, read with pread."""
+    try:
+        return [LocalFile(f, transfer) for f in files]
+    except OSError as e:
+        raise CorruptCheckpoint(f"cannot open a weight file ({first_line(e)})", where=files[0].parent) from e
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -80,13 +125,22 @@ class SafetensorsCheckpoint(Checkpoint):
         trust_remote_code: allow repo code named by config.json's auto_map.
     """
 
-    def __init__(self, path: Path, *, trust_remote_code: bool = False, root: Path | None = None):
+    def __init__(self, path: Path, *, sources: list[FileBytes] | None = None, transfer: Transfer | None = None,
+                 trust_remote_code: bool = False, root: Path | None = None):
         self.path = self.folder = path
         self.root = root or path
         self.config = load_config(path, trust_remote_code=trust_remote_code, root=root)
-        self.weight_files = find_weight_files(path, root=root)
-        self.hashed_files = self.weight_files + [path / "config.json"]  # what a local folder's revision hashes
-        self.tensors = read_headers(self.weight_files)
+        self.transfer = transfer or Transfer()
+        if sources is None:  # a local folder: its own safetensors files, hashed for its revision
+            self.weight_files = find_weight_files(path, root=root)
+            self.hashed_files = self.weight_files + [path / "config.json"]
+            sources = local_sources(self.weight_files, self.transfer)
+        else:  # read remotely: the revision is the commit sha
+            self.weight_files, self.hashed_files = [], []
+        self.sources = sources
+        self.tensors = {}
+        for source in sources:
+            self.tensors.update(read_header(source))
         self.dtype = _majority_dtype(self.tensors, path)
         self.conversions = []  # transformers' key conversions for the model, set by targets()
 
@@ -121,7 +175,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 if info.dtype not in FLOAT_DTYPES:
                     raise CorruptCheckpoint(
                         f"tensor {key} has dtype {info.dtype}; only unquantized "
-                        "F32/F16/BF16 checkpoints can be scanned", where=info.file)
+                        "F32/F16/BF16 checkpoints can be scanned", where=info.file.name)
             expected = tuple(meta[target].shape)
             stored = [self.tensors[k].shape for k in keys]
             if target in converted:  # merged (experts) or split (fused qkv): sizes must add up
@@ -132,36 +186,42 @@ class SafetensorsCheckpoint(Checkpoint):
             if not ok:
                 raise CorruptCheckpoint(
                     f"tensor {keys[0]} has shape {list(stored[0])}, "
-                    f"but the config implies {list(expected)} for {target}", where=self.tensors[keys[0]].file)
+                    f"but the config implies {list(expected)} for {target}", where=self.tensors[keys[0]].file.name)
 
-    def load(self, model: nn.Module, keys: list[str], *, dtype: torch.dtype, device: torch.device) -> int:
-        """Read `keys` from disk into the model, through transformers' own key conversions.
+    def load(self, model: nn.Module, raw: dict[str, memoryview], *, dtype: torch.dtype,
+             device: torch.device) -> int:
+        """Put tensors, given as their stored bytes (`fetch`), into the model through transformers'
+        own key conversions.
 
         Returns:
-            The bytes read.
+            The bytes loaded.
         """
-        with ExitStack() as stack:
-            handles = {}
-            state = {}
-            for key in keys:
-                file = self.tensors[key].file
-                if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-                state[key] = handles[file].get_slice(key)
-            settings = LoadStateDictConfig(weight_mapping=self.conversions, dtype=dtype, device_map={"": device})
-            bars = transformers.utils.logging.is_progress_bar_enabled()
-            transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar, once per layer
-            try:
-                info, _ = convert_and_load_state_dict_in_model(model, state, settings)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CorruptCheckpoint(f"reading {keys[0]} failed ({first_line(e)})", where=self.path) from e
-            finally:
-                if bars:
-                    transformers.utils.logging.enable_progress_bar()
+        state = {key: self._tensor(key, data) for key, data in raw.items()}
+        settings = LoadStateDictConfig(weight_mapping=self.conversions, dtype=dtype, device_map={"": device})
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar, once per layer
+        try:
+            info, _ = convert_and_load_state_dict_in_model(model, state, settings)
+        except RuntimeError as e:
+            raise CorruptCheckpoint(f"loading {next(iter(raw))} failed ({first_line(e)})", where=self.path) from e
+        finally:
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
         if info.mismatched_keys or info.conversion_errors:
             raise CorruptCheckpoint(
                 f"tensors do not fit the model: {info.mismatched_keys or info.conversion_errors}", where=self.path)
-        return sum(math.prod(self.tensors[k].shape) * FLOAT_DTYPES[self.tensors[k].dtype].itemsize for k in keys)
+        return sum(len(data) for data in raw.values())
+
+    def _tensor(self, key: str, data: memoryview) -> torch.Tensor:
+        """A tensor over its stored bytes (no copy), in its stored dtype and shape."""
+        info = self.tensors[key]
+        dtype = FLOAT_DTYPES[info.dtype]
+        if not data.nbytes:
+            return torch.empty(info.shape, dtype=dtype)
+        tensor = torch.frombuffer(data, dtype=dtype)
+        if tensor.data_ptr() % dtype.itemsize:  # a misaligned span: copy to aligned memory
+            tensor = tensor.clone()
+        return tensor.view(info.shape)
 
     def read_rows(self, key: str, rows: list[int] | range) -> tuple[torch.Tensor, int]:
         """Rows of a 2D tensor (the embedding or the LM head), without reading the rest.
@@ -170,13 +230,9 @@ class SafetensorsCheckpoint(Checkpoint):
             The rows in the stored dtype, (len(rows), hidden), and the bytes read.
         """
         info = self.tensors[key]
-        with safe_open(info.file, framework="pt", device="cpu") as f:
-            table = f.get_slice(key)
-            if isinstance(rows, range) and rows.step == 1:
-                weight = table[rows.start : rows.stop]
-            else:
-                weight = torch.cat([table[i : i + 1] for i in rows])
-        return weight, weight.numel() * FLOAT_DTYPES[info.dtype].itemsize
+        data, _ = self.read_row_bytes(key, rows)
+        weight = torch.frombuffer(bytearray(data), dtype=FLOAT_DTYPES[info.dtype]).view(len(rows), *info.shape[1:])
+        return weight, data.nbytes
 
     def stored_index(self, keys: list[str], layout: Layout, row: int, col: int,
                      expert: int | None) -> tuple[str, list[int]]:

@@ -2,6 +2,7 @@
 detection (and verification), return a ScanResult."""
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +14,13 @@ import torch
 
 from . import __version__
 from .checkpoint import DTYPE_NAMES, Checkpoint
-from .config import DetectConfig
+from .config import DEFAULT_CACHE_SHARE, DetectConfig
 from .detect import Detector
 from .errors import CannotVerify, DeviceUnavailable, InvalidPrompt, ScanError, relocated
 from .files import inside
 from .gguf import GGUFCheckpoint, find_gguf
-from .hub import resolve
+from .fetch import FileBytes, HubFile, Pacer, Transfer
+from .hub import hub_errors, resolve
 from .loader import StreamingModel
 from .progress import Progress
 from .result import ScanResult, Verification
@@ -39,6 +41,9 @@ class ScanOptions:
     trust_remote_code: bool = False
     endpoint: str | None = None
     cache_dir: Path | None = None  # where Hub downloads go (default: the Hub cache, HF_HUB_CACHE)
+    download: bool = False  # download a Hub repo's weights to the cache instead of reading them remotely
+    cache_gb: float | None = None  # memory for layers kept between passes (None: DEFAULT_CACHE_SHARE of RAM)
+    max_requests_per_5min: int | None = None  # pace Hub range requests under this budget (None: unpaced)
     detect: DetectConfig = field(default_factory=DetectConfig)
     verify: VerifyConfig | None = None  # measure each super weight's effect (scanner.verify); None: don't
 
@@ -61,7 +66,8 @@ def pick_device(device: str) -> torch.device:
 
 
 def open_checkpoint(path: Path, *, trust_remote_code: bool = False, root: Path | None = None,
-                    revision: str | None = None) -> Checkpoint:
+                    revision: str | None = None, transfer: Transfer | None = None,
+                    sources: list[FileBytes] | None = None) -> Checkpoint:
     """The checkpoint at `path`: a GGUF file, a folder holding one GGUF file, or a safetensors folder.
 
     Args:
@@ -69,16 +75,37 @@ def open_checkpoint(path: Path, *, trust_remote_code: bool = False, root: Path |
         trust_remote_code: allow repo code named by config.json's auto_map.
         root: every file read must be a regular file inside it (default: the folder, or the GGUF file's).
         revision: the revision when it is known (a Hub commit sha); else it is the content hash.
+        transfer: where the bytes read are counted.
+        sources: the weight files, when they are not the folder's own (read remotely).
     """
     path = Path(path)
-    gguf_file = find_gguf(path)
+    transfer = transfer or Transfer()
+    gguf_file = find_gguf(path) if sources is None else None
     if gguf_file is not None:
         inside(gguf_file, root or gguf_file.parent, what="GGUF file")
-        checkpoint = GGUFCheckpoint(gguf_file, root=root or gguf_file.parent)  # no code: nothing to trust
+        checkpoint = GGUFCheckpoint(gguf_file, root=root or gguf_file.parent, transfer=transfer)  # no code to trust
     else:
-        checkpoint = SafetensorsCheckpoint(path, trust_remote_code=trust_remote_code, root=root)
+        checkpoint = SafetensorsCheckpoint(path, sources=sources, transfer=transfer,
+                                           trust_remote_code=trust_remote_code, root=root)
     checkpoint.known_revision = revision
     return checkpoint
+
+
+def remote_sources(resolved, transfer: Transfer, *, pacer: Pacer | None = None) -> list[FileBytes] | None:
+    """The weight files of a Hub repo, read by range requests (None: the source is read locally)."""
+    if not resolved.remote:
+        return None
+    where = f"{resolved.repo_id}@{resolved.revision[:12]}"
+    with hub_errors(where, endpoint=resolved.endpoint):
+        return [HubFile(resolved.repo_id, resolved.revision, name, name=f"{where}/{name}", transfer=transfer,
+                        endpoint=resolved.endpoint, pacer=pacer) for name in resolved.remote]
+
+
+def cache_bytes(cache_gb: float | None) -> int:
+    """The layer cache's size: `cache_gb`, or DEFAULT_CACHE_SHARE of the machine's memory."""
+    if cache_gb is not None:
+        return int(cache_gb * 1e9)
+    return int(DEFAULT_CACHE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def prompt_ids(prompt: str, config, tokenizer=None) -> tuple[list[int], list[str] | None]:
@@ -130,14 +157,19 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
     start = time.perf_counter()
     scanned_at = datetime.now(UTC).replace(microsecond=0, tzinfo=None).isoformat()
     device = pick_device(options.device)
-    resolved = resolve(source, revision=options.revision, endpoint=options.endpoint, cache_dir=options.cache_dir)
+    resolved = resolve(source, revision=options.revision, endpoint=options.endpoint, cache_dir=options.cache_dir,
+                       download=options.download)
     resolved_at = time.perf_counter()
     pool, stop = ThreadPoolExecutor(max_workers=1), threading.Event()
+    transfer = Transfer()
+    pacer = Pacer(options.max_requests_per_5min) if options.max_requests_per_5min else None
+    model = None
     try:
         checkpoint = open_checkpoint(resolved.path, trust_remote_code=options.trust_remote_code, root=resolved.root,
-                                     revision=resolved.revision)
+                                     revision=resolved.revision, transfer=transfer,
+                                     sources=remote_sources(resolved, transfer, pacer=pacer))
         model = StreamingModel(checkpoint, device=str(device), dtype=DTYPE_NAMES.get(options.dtype),
-                               trust_remote_code=options.trust_remote_code)
+                               trust_remote_code=options.trust_remote_code, cache_bytes=cache_bytes(options.cache_gb))
         hashing = pool.submit(checkpoint.revision, stop=stop)  # a local checkpoint's hash, while the layers stream
         tokenizer = checkpoint.tokenizer()
         ids, tokens = prompt_ids(options.detect.prompt, model.config, tokenizer)
@@ -157,6 +189,16 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
     finally:
         stop.set()  # a failed scan does not wait for the hash of the whole checkpoint
         pool.shutdown(wait=True)
+        if model is not None:
+            model.close()
+    return _result(source, options, resolved, model, detection, verification, revision=revision, tokens=tokens,
+                   ids=ids, device=device, transfer=transfer, scanned_at=scanned_at, start=start,
+                   resolved_at=resolved_at)
+
+
+def _result(source, options, resolved, model, detection, verification, *, revision, tokens, ids, device,
+            transfer, scanned_at, start, resolved_at) -> ScanResult:
+    """The ScanResult of a finished scan: what was read, what was found, what it cost."""
     return ScanResult(
         source=source, repo_id=resolved.repo_id, revision=revision, artifact=resolved.artifact,
         path=str(resolved.path), model_type=model.config.get_text_config().model_type,
@@ -168,4 +210,6 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
         criteria=asdict(options.detect), scanner_version=__version__, scanned_at=scanned_at,
         bytes_read=model.bytes_read, seconds=round(time.perf_counter() - start, 3),
         download_seconds=round(resolved_at - start, 3),  # resolving: the Hub download, if any
+        remote=bool(resolved.remote), bytes_fetched=transfer.bytes, requests=transfer.requests,
+        passes=model.feed.passes, forwards=model.forwards, wait_seconds=round(transfer.wait_seconds, 3),
     )

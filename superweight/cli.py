@@ -72,8 +72,10 @@ def cli(verbose: int) -> None:
               help="Write each attempt to the ledger and each finished scan to the catalog.")
 @opt.catalog()
 @opt.verify(default=False)
+@opt.apply(opt.transfer(download_help="Download a Hub repo's weights to the Hub cache and read them there, "
+                                      "instead of reading them remotely by range requests."))
 def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio, progress, record,
-         catalog_path, verify) -> None:
+         catalog_path, verify, download, cache_gb, max_requests_per_5min) -> None:
     """Scan checkpoints for super weights.
 
     SOURCE is a local checkpoint folder, a GGUF file, a Hugging Face Hub repo id (owner/name), or
@@ -84,7 +86,8 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
 
     detect = DetectConfig(prompt=prompt, spike_ratio=spike_ratio)
     options = ScanOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
-                          detect=detect, verify=VerifyConfig() if verify else None)
+                          detect=detect, verify=VerifyConfig() if verify else None, download=download,
+                          cache_gb=cache_gb, max_requests_per_5min=max_requests_per_5min)
     progress = progress_mode(progress)
     with ExitStack() as stores:
         run = scan_checkpoint

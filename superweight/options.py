@@ -76,3 +76,25 @@ def verify(*, default: bool) -> click.option:
         help="Measure what zeroing the super weights does (each super activation's weights together, "
              "each weight alone inside those that matter, controls) and give each a verdict: super, "
              "group or inert (two to four more passes over the layers).")
+
+
+def transfer(*, download_help: str) -> list:
+    """--download, --cache-gb and --max-requests-per-5min: how a scan reads a Hub repo's weights."""
+    return [
+        click.option("--download", is_flag=True, help=download_help),
+        click.option("--cache-gb", type=Finite(min=0), default=None,
+                     help="Memory for decoder layers kept between a scan's passes, so a model that fits is "
+                          "fetched once (default: a quarter of the machine's memory; 0: keep none)."),
+        click.option("--max-requests-per-5min", type=click.IntRange(min=1), default=None,
+                     help="Pace Hub range requests to at most this many in any 5 minutes (the Hub's rate "
+                          "limit is per token per 5 minutes)."),
+    ]
+
+
+def apply(options: list):
+    """Decorate a command with each of `options`, in order."""
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate

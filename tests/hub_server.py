@@ -196,9 +196,16 @@ def olah_server(mirrors: Path, workdir: Path, *, probe_repo: str = READY_PROBE) 
 
 @pytest.fixture(scope="session")
 def local_hub(tmp_path_factory) -> Iterator[LocalHub]:
-    """The test repos served by a real olah on 127.0.0.1 for the whole session."""
+    """The test repos served by a real olah on 127.0.0.1 for the whole session, behind a front that
+    honours Range as the Hub does (olah ignores it; tests/hub_front.py)."""
+    from tests.hub_front import HubFront, serve  # it imports this module's git()
+
     root = tmp_path_factory.mktemp("local-hub")
     mirrors = root / "mirrors"
     build_mirrors(mirrors)
     with olah_server(mirrors, root / "olah") as hub:
-        yield hub
+        front = serve(HubFront(upstream=hub.endpoint, mirrors=mirrors))
+        try:
+            yield LocalHub(endpoint=front.url, mirrors=mirrors, log=hub.log)
+        finally:
+            front.stop()

@@ -48,6 +48,8 @@ def test_scan_main_pins_the_latest_commit(local_hub):
     assert (result["source"], result["repo_id"], result["revision"]) == (TINY, TINY, main)
     assert Path(result["path"]).name == main
     assert coordinates(result) == planted(LATEST_PLANT)
+    assert result["remote"] and result["bytes_fetched"] > 0 and result["passes"] == 1
+    assert not any(p.suffix == ".safetensors" for p in Path(result["path"]).iterdir())  # read remotely
 
 
 def test_scan_an_old_sha_reads_that_commit(local_hub):
@@ -58,14 +60,16 @@ def test_scan_an_old_sha_reads_that_commit(local_hub):
     assert coordinates(result) == planted(FIRST_PLANT)
 
 
-def test_scan_a_sharded_checkpoint(local_hub):
-    result = scan_source(SHARDED, ScanOptions(endpoint=local_hub.endpoint, revision="main"))
+@pytest.mark.parametrize("download", [False, True], ids=["remote", "downloaded"])
+def test_scan_a_sharded_checkpoint(local_hub, tmp_path, download):
+    result = scan_source(SHARDED, ScanOptions(endpoint=local_hub.endpoint, revision="main", cache_dir=tmp_path,
+                                              download=download))
     assert result["revision"] == local_hub.sha(SHARDED)
     files = {p.name for p in Path(result["path"]).iterdir()}
-    shards = {f for f in files if f.endswith(".safetensors")}
+    shards = {f for f in local_hub.git_files(SHARDED) if f.startswith("model-") and f.endswith(".safetensors")}
     assert len(shards) > 1 and "consolidated.safetensors" in local_hub.git_files(SHARDED)
-    assert files == {"config.json", "model.safetensors.index.json", *shards}
-    assert "consolidated.safetensors" not in files
+    assert files == {"config.json", "model.safetensors.index.json", *(shards if download else ())}
+    assert result["remote"] is not download
     assert coordinates(result) == planted(FIRST_PLANT)
 
 
@@ -77,13 +81,16 @@ def test_resolve_defaults_to_main(local_hub, tmp_path):
 
 # --- fetching only what a scan reads -------------------------------------------------------------
 
-def test_only_config_and_safetensors_are_downloaded(local_hub, tmp_path):
+@pytest.mark.parametrize("download", [False, True], ids=["remote", "downloaded"])
+def test_only_config_and_safetensors_are_fetched(local_hub, tmp_path, download):
     in_repo = set(local_hub.git_files(TINY))
     assert {"pytorch_model.bin", "README.md", "generation_config.json"} <= in_repo  # so this test can fail
-    resolved = resolve(TINY, revision="main", endpoint=local_hub.endpoint, cache_dir=tmp_path)
-    assert {p.name for p in resolved.path.iterdir()} == {"config.json", "model.safetensors"}
+    resolved = resolve(TINY, revision="main", endpoint=local_hub.endpoint, cache_dir=tmp_path, download=download)
+    weights = {"model.safetensors"} if download else set()
+    assert {p.name for p in resolved.path.iterdir()} == {"config.json", *weights}
+    assert resolved.remote == (() if download else ("model.safetensors",))
     blobs = tmp_path / "models--testorg--tiny-llama" / "blobs"
-    assert len(list(blobs.iterdir())) == 2  # nothing else fetched, not even partly
+    assert len(list(blobs.iterdir())) == 1 + len(weights)  # nothing else fetched, not even partly
 
 
 def test_pickle_only_repo_is_refused_before_download(local_hub, tmp_path):
@@ -135,6 +142,8 @@ def test_cli_scans_hub_repos_as_json_lines(local_hub, tmp_path):
     assert (sharded["status"], sharded["source"], sharded["revision"]) == ("ok", SHARDED, local_hub.sha(SHARDED))
     assert coordinates(sharded) == planted(FIRST_PLANT)
     assert Path(tiny["path"]).is_relative_to(tmp_path / "hf" / "hub")
+    weights = [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and p.stat().st_size > 10_000]
+    assert weights == []  # the weights were read remotely: the cache holds config files alone
 
 
 def test_cli_offline_with_an_empty_cache_explains_itself(tmp_path):
@@ -147,7 +156,7 @@ def test_cli_offline_with_an_empty_cache_explains_itself(tmp_path):
 
 def test_cli_offline_scans_what_an_online_scan_downloaded(local_hub, tmp_path):
     cache = tmp_path / "hf" / "hub"
-    online = resolve(TINY, endpoint=local_hub.endpoint, cache_dir=cache)  # what `superweight scan` does online
+    online = resolve(TINY, endpoint=local_hub.endpoint, cache_dir=cache, download=True)  # `scan --download`
     done = cli_scan(TINY, "--json", hf_home=tmp_path / "hf", HF_HUB_OFFLINE="1")
     ref = cache / "models--testorg--tiny-llama" / "refs" / "main"
     assert done.returncode == 0, (

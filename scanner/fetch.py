@@ -1,0 +1,252 @@
+"""Byte ranges of checkpoint files, read from a local disk or straight from the Hub, and counted.
+
+A scan reads a checkpoint as byte spans: the safetensors or GGUF header, then each decoder layer's
+tensors coalesced into as few spans as the file layout allows, the embedding rows of the prompt's
+tokens, and slices of the LM head. A `FileBytes` answers those spans: `LocalFile` with pread on a
+descriptor opened once (no memory map, so no file-backed pages pile up), `HubFile` with HTTP range
+requests through huggingface_hub's shared session, its auth headers and its retry and backoff
+(which honours a 429's Retry-After). Nothing is written to disk. Every read is counted in the
+scan's `Transfer`.
+
+A range request is checked: a server that answers 200 (it ignored Range), a Content-Range for other
+bytes, or a body of the wrong length is an error naming the file, never a wrong result. A body cut
+short by the network is fetched again from the start of its span.
+"""
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import httpx2
+from huggingface_hub import constants, hf_hub_url
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import build_hf_headers, http_stream_backoff
+
+from .config import HUB_ATTEMPTS, HUB_BACKOFF, HUB_TIMEOUT
+from .errors import CorruptCheckpoint, HubError, HubUnavailable, first_line
+
+logger = logging.getLogger(__name__)
+
+HEAD_GUESS = 1 << 18  # bytes read with a file's first request: the header of most safetensors files
+MAX_GAP = 1 << 16  # bytes between two wanted spans that are read rather than split into two requests
+RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+@dataclass
+class Transfer:
+    """What a scan moved: bytes and requests (range reads), and the seconds its compute waited for them."""
+
+    bytes: int = 0
+    requests: int = 0
+    wait_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, size: int, requests: int = 1) -> None:
+        with self.lock:
+            self.bytes += size
+            self.requests += requests
+
+    def waited(self, seconds: float) -> None:
+        with self.lock:
+            self.wait_seconds += seconds
+
+
+class FileBytes:
+    """One checkpoint file, read by byte spans. Subclasses set `name` (for errors) and `size`."""
+
+    name: str
+    size: int
+
+    def read(self, offset: int, length: int) -> bytearray:
+        """Bytes offset:offset+length, exactly, or a ScanError naming the file."""
+        raise NotImplementedError
+
+    def read_spans(self, spans: list[tuple[int, int]]) -> list[memoryview]:
+        """The bytes of each (offset, length), reading nearby spans together (gaps up to MAX_GAP).
+
+        Returns:
+            One view per span, in the order given.
+        """
+        for offset, length in spans:
+            if offset < 0 or length < 0 or offset + length > self.size:
+                raise CorruptCheckpoint(f"bytes {offset}-{offset + length} lie past the end of the file "
+                                        f"({self.size} bytes); the file is truncated or its header lies", where=self.name)
+        views: list[memoryview | None] = [None] * len(spans)
+        for start, stop, members in coalesce(spans):
+            data = memoryview(self.read(start, stop - start))
+            for i in members:
+                offset, length = spans[i]
+                views[i] = data[offset - start: offset - start + length]
+        return views
+
+
+def coalesce(spans: list[tuple[int, int]], max_gap: int = MAX_GAP) -> list[tuple[int, int, list[int]]]:
+    """Group (offset, length) spans into reads: (start, stop, indices of the spans inside), by offset."""
+    order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+    reads: list[tuple[int, int, list[int]]] = []
+    for i in order:
+        offset, length = spans[i]
+        if reads and offset <= reads[-1][1] + max_gap:
+            start, stop, members = reads[-1]
+            reads[-1] = (start, max(stop, offset + length), members + [i])
+        else:
+            reads.append((offset, offset + length, [i]))
+    return reads
+
+
+class LocalFile(FileBytes):
+    """A file on a local (or network) file system, read with pread; the descriptor stays open until close()."""
+
+    def __init__(self, path, transfer: Transfer):
+        self.path, self.name, self.transfer = path, str(path), transfer
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def read(self, offset: int, length: int) -> bytearray:
+        buffer = bytearray(length)
+        view, done = memoryview(buffer), 0
+        while done < length:
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise CorruptCheckpoint(f"ends at byte {offset + done}, before {offset + length}; "
+                                        "the file is truncated", where=self.name)
+            done += got
+        self.transfer.count(length)
+        return buffer
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class HubFile(FileBytes):
+    """A file of a Hub repo at a pinned commit, read by HTTP range requests; never stored on disk.
+
+    Args:
+        repo_id, revision, filename: the file (revision: a commit sha).
+        name: how errors name it (`repo@sha12/filename`).
+        transfer: where its bytes and requests are counted.
+        endpoint, token: the Hub (default HF_ENDPOINT and the cached login).
+        pacer: paces requests under a per-5-minute budget (None: unpaced).
+    """
+
+    def __init__(self, repo_id: str, revision: str, filename: str, *, name: str, transfer: Transfer,
+                 endpoint: str | None = None, token: str | None = None, pacer: "Pacer | None" = None):
+        self.url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
+        self.name, self.transfer, self.pacer = name, transfer, pacer
+        self.endpoint = endpoint or constants.ENDPOINT
+        self.headers = build_hf_headers(token=token)
+        self.head, self.size = self._get(0, HEAD_GUESS, up_to_end=True)  # most headers, and the size
+
+    def read(self, offset: int, length: int) -> bytearray:
+        if offset + length <= len(self.head):
+            return bytearray(self.head[offset:offset + length])
+        data, _ = self._get(offset, length)
+        return data
+
+    def _get(self, offset: int, length: int, *, up_to_end: bool = False) -> tuple[bytearray, int]:
+        """Bytes offset:offset+length (fewer if `up_to_end` and the file ends first) and the file's
+        size; a body cut short is fetched again from its start."""
+        for attempt in range(1, HUB_ATTEMPTS + 1):
+            try:
+                return self._attempt(offset, length, up_to_end)
+            except (httpx2.TransportError, _CutShort) as e:
+                if attempt == HUB_ATTEMPTS:
+                    raise HubUnavailable(f"reading bytes {offset}-{offset + length - 1} failed {attempt} times "
+                                         f"({first_line(e)})", where=self.name) from e
+                logger.warning("%s: bytes %d-%d: %s; reading them again", self.name, offset, offset + length - 1,
+                               first_line(e))
+                time.sleep(HUB_BACKOFF * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def _attempt(self, offset: int, length: int, up_to_end: bool) -> tuple[bytearray, int]:
+        if self.pacer is not None:
+            self.pacer.take()
+        last = offset + length - 1
+        headers = {**self.headers, "Range": f"bytes={offset}-{last}"}
+        meter = {"superweight.transfer": self.transfer}
+        try:
+            with http_stream_backoff("GET", self.url, headers=headers, retry_on_status_codes=RETRY_STATUS,
+                                     max_retries=HUB_ATTEMPTS - 1, base_wait_time=HUB_BACKOFF,
+                                     timeout=HUB_TIMEOUT, follow_redirects=True, extensions=meter) as response:
+                if response.status_code in RETRY_STATUS:
+                    raise HubUnavailable(f"answered {response.status_code} {HUB_ATTEMPTS} times", where=self.name)
+                if response.status_code == 200:
+                    raise HubError(f"{self.endpoint} answered 200 with the whole file to a range request "
+                                   "(it ignores Range); a scan reads only the bytes it needs", where=self.name)
+                if response.status_code != 206:
+                    raise HubError(f"range request answered {response.status_code}", where=self.name)
+                total, last = _content_range(response.headers.get("Content-Range", ""), offset, last, self.name,
+                                             up_to_end=up_to_end)
+                length = last + 1 - offset
+                buffer = bytearray(length)
+                done = 0
+                for chunk in response.iter_bytes(1 << 20):
+                    if done + len(chunk) > length:
+                        raise HubError(f"answered more than the {length} bytes asked for", where=self.name)
+                    buffer[done:done + len(chunk)] = chunk
+                    done += len(chunk)
+        except HfHubHTTPError as e:  # raised by the backoff once its retries are spent
+            raise HubUnavailable(f"range request failed ({first_line(e)})", where=self.name) from e
+        if done != length:
+            raise _CutShort(f"body ended after {done} of {length} bytes")
+        self.transfer.count(length, requests=0)  # requests are counted as sent (see count_request)
+        return buffer, total
+
+
+class _CutShort(Exception):
+    """A response body shorter than its range: the connection dropped."""
+
+
+def _content_range(header: str, first: int, last: int, name: str, *, up_to_end: bool = False) -> tuple[int, int]:
+    """(total size, last byte) from `bytes FIRST-LAST/TOTAL`, checked against the span asked for.
+
+    With `up_to_end`, a span that stops early at the end of the file is accepted.
+    """
+    try:
+        unit, _, rest = header.partition(" ")
+        span, _, total = rest.partition("/")
+        start, _, stop = span.partition("-")
+        ends = int(stop) == last or (up_to_end and int(stop) < last and int(stop) == int(total) - 1)
+        if unit != "bytes" or int(start) != first or not ends:
+            raise ValueError
+        return int(total), int(stop)
+    except ValueError:
+        raise HubError(f"answered Content-Range {header!r} to a request for bytes {first}-{last}", where=name) from None
+
+
+def count_request(request: httpx2.Request) -> None:
+    """A request hook on huggingface_hub's session: counts each request (retries and redirects too) of a scan."""
+    transfer = request.extensions.get("superweight.transfer")
+    if transfer is not None:
+        transfer.count(0)
+
+
+class Pacer:
+    """At most `per_5min` requests in any 5 minutes (the Hub's rate-limit window), shared by threads.
+
+    `take()` blocks until a request fits the window; the Hub counts requests per token, so a crawl
+    gives each worker its share of the budget.
+    """
+
+    WINDOW = 300.0
+
+    def __init__(self, per_5min: int):
+        self.per_5min = per_5min
+        self.sent: deque[float] = deque()
+        self.lock = threading.Lock()
+
+    def take(self) -> None:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                while self.sent and now - self.sent[0] >= self.WINDOW:
+                    self.sent.popleft()
+                if len(self.sent) < self.per_5min:
+                    self.sent.append(now)
+                    return
+                wait = self.WINDOW - (now - self.sent[0])
+            logger.info("request budget of %d per 5 minutes spent; waiting %.0f s", self.per_5min, wait)
+            time.sleep(wait)
