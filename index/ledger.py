@@ -19,7 +19,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
-    BigInteger, CheckConstraint, DateTime, Integer, String, Text, UniqueConstraint, and_, create_engine, or_, select,
+    BigInteger, CheckConstraint, DateTime, Float, Integer, String, Text, UniqueConstraint, and_, create_engine, or_, select,
     text, update,
 )
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
@@ -65,11 +65,25 @@ class ScanRecord(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     bytes_read: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_fetched: Mapped[int | None] = mapped_column(BigInteger)  # from the Hub or the disk (migration 0004)
+    requests: Mapped[int | None] = mapped_column(Integer)  # HTTP requests (remote) or reads (local)
+    network_seconds: Mapped[float | None] = mapped_column(Float)  # waiting on bytes: downloads and range reads
+    compute_seconds: Mapped[float | None] = mapped_column(Float)  # the rest of the scan
     lease_owner: Mapped[str | None] = mapped_column(String(256))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     def to_dict(self) -> dict:
         return {c.name: getattr(self, c.name) for c in self.__table__.columns}
+
+
+COSTS = ("bytes_fetched", "requests", "network_seconds", "compute_seconds")
+
+
+def costs_of(result) -> dict:
+    """The ledger's cost columns of a ScanResult: network time is the download plus the waits for bytes."""
+    network = (result.download_seconds or 0.0) + (result.wait_seconds or 0.0)
+    return {"bytes_fetched": result.bytes_fetched, "requests": result.requests,
+            "network_seconds": round(network, 3), "compute_seconds": round(max(0.0, result.seconds - network), 3)}
 
 
 class Ledger:
@@ -118,7 +132,8 @@ class Ledger:
             return record.id
 
     def finish(self, record_id: int, state: str, *, revision: str | None = None, error: str | None = None,
-               refusal: str | None = None, bytes_read: int | None = None, owner: str | None = None) -> bool:
+               refusal: str | None = None, bytes_read: int | None = None, costs: dict | None = None,
+               owner: str | None = None) -> bool:
         """Record how attempt `record_id` ended: succeeded, failed or refused (with the reason, and the
         refusal's kind: "other" when not given).
 
@@ -126,7 +141,8 @@ class Ledger:
 
         `revision` is the one the attempt resolved (a Hub sha, a folder's content hash) when it was
         started under the requested one ("main", or "" for a folder); an existing row for the
-        resolved revision absorbs the attempt.
+        resolved revision absorbs the attempt. `costs`: what a scan moved and where its time went
+        (`costs_of`).
         """
         if state not in ("succeeded", "failed", "refused"):
             raise ValueError(f"an attempt ends succeeded, failed or refused, not {state!r}")
@@ -146,6 +162,8 @@ class Ledger:
                     record = resolved
             record.state, record.error, record.bytes_read, record.finished_at = state, error, bytes_read, _now()
             record.refusal = (refusal or "other") if state == "refused" else None
+            for name in COSTS:
+                setattr(record, name, (costs or {}).get(name))
             record.lease_owner = record.lease_expires_at = None
         return True
 

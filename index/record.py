@@ -16,7 +16,7 @@ from superweight.scanner.result import ScanResult
 from superweight.scanner.scan import ScanOptions, scan
 
 from .catalog import Catalog
-from .ledger import SCAN_LEASE_SECONDS, Ledger
+from .ledger import SCAN_LEASE_SECONDS, Ledger, costs_of
 
 RENEW_EVERY = 60.0  # seconds between lease renewals of a running scan (its lease lasts SCAN_LEASE_SECONDS)
 
@@ -58,5 +58,6 @@ def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledg
         settled = outcome_of(e)
         ledger.finish(record_id, settled["state"], error=settled["error"], refusal=settled.get("refusal"))
         raise
-    ledger.finish(record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read)
+    ledger.finish(record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read,
+                  costs=costs_of(result))
     return result

@@ -219,3 +219,23 @@ def test_migration_0003_gives_old_refusals_their_kind_and_a_crawl_reconsiders_by
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM scans")).scalar() == len(old) + 1
     engine.dispose()
+
+
+def test_migration_0004_adds_the_cost_columns_and_a_finished_scan_fills_them(ledger_url):
+    insert = ("INSERT INTO scans (repo_id, revision, scanner_version, state, attempts) "
+              "VALUES ('org/old', 'b', '0.0.1', 'succeeded', 1)")
+    migrate(ledger_url, "0003", (insert, {}))
+    ledger = Ledger(ledger_url)
+    (old,) = ledger.records()
+    assert (old["bytes_fetched"], old["requests"], old["network_seconds"], old["compute_seconds"]) == (None,) * 4
+    record_id = ledger.start("org/new", "main", "0.0.1", worker="w")
+    costs = {"bytes_fetched": 5 << 30, "requests": 31, "network_seconds": 12.5, "compute_seconds": 1.25}
+    ledger.finish(record_id, "succeeded", revision="c", bytes_read=6 << 30, costs=costs)
+    new = next(r for r in ledger.records() if r["repo_id"] == "org/new")
+    assert {k: new[k] for k in costs} == costs  # 5 GiB: past 32 bits
+    ledger.close()
+
+    migrate(ledger_url, "0003", down=True)
+    engine = create_engine(ledger_url)
+    assert not {"bytes_fetched", "requests"} & {c["name"] for c in inspect(engine).get_columns("scans")}
+    engine.dispose()
