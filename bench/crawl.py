@@ -13,7 +13,7 @@ One run does everything:
    vetting to the last result written, and includes starting the worker actors (each imports torch
    and transformers once, about 5 s here).
 3. Prints models per minute for each, their ratio (2 workers / 1 worker), and the share of the
-   workers' time spent downloading vs scanning (from each scan's own download_seconds).
+   workers' time spent waiting on the network vs computing (each scan's own network and compute seconds).
    Exits 1 if a crawl misses a planted super weight.
 """
 
@@ -70,7 +70,7 @@ def run(front: HubFront, repos: list[str], workers: int, work: Path) -> dict:
         found = catalog.fetch("SELECT count(*) FROM catalog WHERE layer = ? AND out_channel = ? AND in_channel = ?",
                               [PLANT.layer, PLANT.row, PLANT.col])[0][0]
     return {"wall": wall, "found": found, "succeeded": report.counts["succeeded"], "vet": report.vet_seconds,
-            "download": report.download_seconds, "scan": report.scan_seconds}
+            "download": report.network_seconds, "scan": report.compute_seconds}
 
 
 def main() -> int:

@@ -142,7 +142,8 @@ def crawl_counts(report) -> str:
 def crawl_summary(report) -> dict:
     """The last JSON line of a crawl."""
     return {**report.counts, "models": len(report.outcomes), "seconds": round(report.seconds, 1),
-            "download_seconds": round(report.download_seconds, 1), "scan_seconds": round(report.scan_seconds, 1)}
+            "network_seconds": round(report.network_seconds, 1), "compute_seconds": round(report.compute_seconds, 1),
+            "bytes_fetched": report.bytes_fetched, "requests": report.requests}
 
 
 def crawl_line(outcome: dict) -> str:

@@ -165,11 +165,15 @@ def test_a_crawl_scans_records_and_refuses_and_a_rerun_does_only_new_work(ray_cl
     assert found(catalog, "crawl/clean") == [(None, None, None)]  # scanned, none found
     for repo in (GATED, REMOTE, WIDE, PICKLE, BROKEN):  # never in the catalog
         assert found(catalog, repo) == []
-    assert outcomes[BROKEN]["error"].startswith(f"{BROKEN}@{crawl_hub.sha(BROKEN)[:12]}/model.safetensors: not a readable")
+    assert outcomes[BROKEN]["error"].startswith(f"{BROKEN}@{crawl_hub.sha(BROKEN)[:12]}/model.safetensors: tensor ")
+    assert outcomes[BROKEN]["error"].endswith("the file is truncated or its header lies")
     assert (ledger_row(ledger, BROKEN)["state"], ledger_row(ledger, BROKEN)["refusal"]) == ("failed", None)
     assert {r: ledger_row(ledger, r)["refusal"] for r in (GATED, REMOTE, WIDE, PICKLE)} == {
         GATED: "gated", REMOTE: "remote_code", WIDE: "limit", PICKLE: "unsafe"}  # kinds, not words, decide
-    assert list((tmp_path / "scratch").rglob("*.safetensors")) == []  # downloads cleaned up
+    assert list((tmp_path / "scratch").rglob("*.safetensors")) == []  # read remotely: never on disk
+    costs = ledger_row(ledger, "crawl/llama")
+    assert costs["bytes_fetched"] > 0 and costs["requests"] >= 2  # a header read, then the layers
+    assert costs["network_seconds"] >= 0 and costs["compute_seconds"] > 0
 
     again = crawl(repos, catalog=catalog, ledger=ledger, options=options(front, tmp_path, max_params=limit))
     states = {r: o["state"] for r, o in by_repo(again).items()}
@@ -426,6 +430,15 @@ def test_a_refusal_for_this_runs_limits_is_reconsidered_and_a_missing_catalog_ro
         fourth = crawl(["crawl/llama"], catalog=fresh, ledger=ledger, options=options(front, tmp_path))
         assert fourth.outcomes[0] == {**fourth.outcomes[0], "state": "skipped", "reason": "already succeeded"}
     ledger.close()
+
+
+def test_a_downloading_crawl_scans_from_scratch_disk_and_cleans_up(ray_cluster, front, stores, tmp_path):
+    catalog, ledger = stores
+    report = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=options(front, tmp_path, download=True))
+    assert report.outcomes[0]["state"] == "succeeded" and found(catalog, "crawl/llama") == [(3, 10, 20)]
+    assert list((tmp_path / "scratch").rglob("*.safetensors")) == []  # deleted after the scan
+    row = ledger_row(ledger, "crawl/llama")
+    assert row["bytes_fetched"] > 0 and row["network_seconds"] > 0  # the download is network time
 
 
 def test_a_bad_repo_id_is_refused_without_ending_the_crawl(ray_cluster, front, stores, tmp_path):

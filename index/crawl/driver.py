@@ -2,8 +2,10 @@
 
 The driver vets each model against the Hub (pinned sha, safetensors, no remote code, size; vet.py),
 skips what the ledger says is settled for this scanner version, and hands the rest to Ray actors
-(worker.py, in a WorkerPool: pool.py) one model per actor at a time, within a disk budget for
-downloads. Each model is claimed in the ledger first, under a lease the driver keeps renewing, so
+(worker.py, in a WorkerPool: pool.py) one model per actor at a time. Workers read each model's
+weights straight from the Hub by range requests, keeping its layers in memory while they fit the
+worker's share of `max_cache_gb`; with `download`, they download to scratch disk instead, within a
+disk budget of `max_cache_gb` for downloads in flight. Each model is claimed in the ledger first, under a lease the driver keeps renewing, so
 two crawls never scan the same model. Results come back as dicts and the driver writes the catalog
 and the ledger.
 
@@ -21,7 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -34,7 +36,7 @@ from superweight.scanner.scan import ScanOptions
 
 from ..catalog import Catalog
 from ..errors import NoWorkers
-from ..ledger import Ledger
+from ..ledger import Ledger, costs_of
 from .pool import Finished, Job, WorkerPool
 from .vet import HubAccess, VettedModel, vet
 from .worker import WorkerConfig, actor_class
@@ -52,7 +54,9 @@ class CrawlOptions:
     gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
     timeout: float = 1800.0  # seconds per model, download included
     retries: int = 2  # more attempts for a model whose worker process died
-    max_cache_gb: float = 50.0  # downloads in flight at once, over all workers
+    max_cache_gb: float = 50.0  # memory for kept layers, all workers together (with `download`: disk in flight)
+    download: bool = False  # download each model to scratch disk rather than read it remotely
+    max_requests_per_5min: int | None = None  # the Hub request budget, shared out among the workers
     max_params: int | None = None
     lease_seconds: float = 300.0  # a killed crawl's models are claimable again after this
     start_timeout: float = 900.0  # seconds to wait for any worker to start (autoscalers add nodes in minutes)
@@ -68,8 +72,10 @@ class CrawlReport:
     outcomes: list[dict] = field(default_factory=list)
     queued: int = 0
     vet_seconds: float = 0.0  # the driver's Hub checks before any scan
-    download_seconds: float = 0.0
-    scan_seconds: float = 0.0
+    network_seconds: float = 0.0  # scans waiting on bytes: downloads and range reads
+    compute_seconds: float = 0.0  # the rest of the scans
+    bytes_fetched: int = 0
+    requests: int = 0
     seconds: float = 0.0
 
     @property
@@ -103,8 +109,8 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
         if is_local(repo_id):  # its revision, a content hash, is known only once scanned: always scanned
             return VettedModel(repo_id, revision="")
         try:
-            return vet(repo_id, hub=options.hub, max_params=options.max_params,
-                       max_bytes=int(options.max_cache_gb * 1e9), cache_dir=options.scratch / "vet")
+            return vet(repo_id, hub=options.hub, max_params=options.max_params, cache_dir=options.scratch / "vet",
+                       max_bytes=int(options.max_cache_gb * 1e9) if options.download else None)
         except Exception as e:  # one model's surprise must not end the crawl
             return VettedModel(repo_id, "", error=f"{repo_id}: vetting failed ({type(e).__name__}: {first_line(e)})")
 
@@ -209,11 +215,12 @@ def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: C
 
 def _submit_what_fits(queue: list[Job], pool: WorkerPool, report: CrawlReport, *, ledger: Ledger,
                       options: CrawlOptions, owner: str) -> None:
-    """Claim and submit queued models while a started actor is free and their downloads fit the disk budget.
+    """Claim and submit queued models while a started actor is free (and, downloading, their downloads fit
+    the disk budget).
 
     The first model always goes, however large: the budget bounds models in flight at once.
     """
-    budget = int(options.max_cache_gb * 1e9)
+    budget = int(options.max_cache_gb * 1e9) if options.download else float("inf")
     used = sum(j.model.size_bytes or 0 for j in pool.jobs)
     while queue and pool.has_free_worker() and (not pool.jobs or used + (queue[0].model.size_bytes or 0) <= budget):
         job = queue.pop(0)
@@ -235,8 +242,11 @@ def _gpus_per_worker(options: CrawlOptions) -> float:
 
 def _actor_factory(options: CrawlOptions):
     """A function that starts one scan worker actor, and the GPUs each gets."""
-    gpus = _gpus_per_worker(options)
-    config = WorkerConfig(scratch=options.scratch, options=options.scan, hub_attempts=options.hub.attempts,
+    gpus, workers = _gpus_per_worker(options), _worker_count(options)
+    share = options.max_requests_per_5min and max(1, options.max_requests_per_5min // workers)
+    scan = replace(options.scan, download=options.download, max_requests_per_5min=share or None,
+                   cache_gb=options.scan.cache_gb if options.download else options.max_cache_gb / workers)
+    config = WorkerConfig(scratch=options.scratch, options=scan, hub_attempts=options.hub.attempts,
                           hub_backoff=options.hub.backoff)
     worker = actor_class(num_gpus=gpus, num_cpus=1)
     return (lambda: worker.remote(config)), gpus
@@ -282,9 +292,13 @@ def _finish(finished: Finished, report: CrawlReport, *, catalog: Catalog, ledger
     except Exception as e:
         ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}", owner=owner)
         raise
-    ledger.finish(job.record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read, owner=owner)
-    report.download_seconds += result.download_seconds
-    report.scan_seconds += result.seconds - result.download_seconds
+    costs = costs_of(result)
+    ledger.finish(job.record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read, costs=costs,
+                  owner=owner)
+    report.network_seconds += costs["network_seconds"]
+    report.compute_seconds += costs["compute_seconds"]
+    report.bytes_fetched += result.bytes_fetched or 0
+    report.requests += result.requests or 0
     weights = [{**{k: getattr(w, k) for k in ("layer", "expert", "out_channel", "in_channel", "weight", "verdict")},
                 "ppl_ratio": (w.effect or {}).get("ppl_ratio")} for w in result.super_weights]
     report.add({**name, "revision": result.revision, "state": "succeeded", "super_weights": weights,

@@ -1,9 +1,11 @@
-"""The crawl's Ray actor: it downloads one model at a time, scans it, and cleans up.
+"""The crawl's Ray actor: it scans one model at a time, reading its weights from the Hub, and cleans up.
 
-An actor imports torch and transformers once and then scans whatever the driver hands it. Each
-model is downloaded into its own folder under the actor's scratch directory (only the files the scan
-reads), scanned, and deleted, so a worker's disk holds one model at a time. The result is a plain
-dict: the driver, not the worker, writes the ledger and the catalog.
+An actor imports torch and transformers once and then scans whatever the driver hands it. A model's
+weights are read remotely by range requests (scanner.fetch), its layers kept in memory while they fit
+the worker's cache; its config and tokenizer files go to a folder under the actor's scratch
+directory, deleted after the scan. With `download` set, the weights go there too, so a worker's
+disk holds one model at a time. The result is a plain dict: the driver, not the worker, writes the
+ledger and the catalog.
 """
 
 import os
@@ -27,7 +29,7 @@ from superweight.scanner.scan import scan as scan_checkpoint
 class WorkerConfig:
     """What every scan of a crawl shares."""
 
-    scratch: Path  # downloads go to scratch/<pid>/<model>, deleted after each scan
+    scratch: Path  # a model's files go to scratch/<host>-<pid>/<model>, deleted after each scan
     options: ScanOptions = ScanOptions()
     hub_attempts: int = 4
     hub_backoff: float = 2.0  # seconds
