@@ -207,11 +207,7 @@ class _Meter:
         first = self.base_hidden is None
         copies = len(variants) + first
         stream = _VariantStream(self.model, [()] * first + variants, self.coords, self.chosen, progress=self.progress)
-        self.progress.phase(f"verify: {copies} copies of the text", self.model.num_layers)
-        text_hidden = stream.run(self.text_ids)[:, :, :-1]  # (V, B, T-1, H): each position predicts the next
-        self.progress.phase(f"verify: {copies} copies of the prompts", self.model.num_layers)
-        prompt_hidden = stream.run(self.prompt_ids)  # (V, P, Tp, H)
-        self.passes += 2
+        text_hidden, prompt_hidden = self._stream(stream, copies)
         self.copies += len(variants) + first
         last = torch.tensor(self.inputs.prompt_last, device=prompt_hidden.device)
         prompt_hidden = prompt_hidden[:, torch.arange(len(last)), last]  # (V, P, H)
@@ -239,6 +235,30 @@ class _Meter:
         return [{"ppl_ratio": float(ppl[v] / ppl[0]), "kl": float(text["kl"][v].mean()),
                  "prompt_kl": float(prompt["kl"][v].mean()), **_prompt_figures(prompt, v, self.inputs)}
                 for v in range(1, V)]
+
+
+    def _stream(self, stream: "_VariantStream", copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states of the text (V, B, T-1, H: each position predicts the next) and the prompts
+        (V, P, Tp, H).
+
+        Two passes when the layers fit the cache (the second reads no bytes); else one, the prompts
+        right-padded to the text's length and run in the same batch (causal attention never sees the
+        padding), so a model that does not fit is fetched once per measurement, not twice.
+        """
+        B, T = self.text_ids.shape
+        P, Tp = self.prompt_ids.shape
+        if self.model.feed.fits or Tp > T:
+            self.progress.phase(f"verify: {copies} copies of the text", self.model.num_layers)
+            text_hidden = stream.run(self.text_ids)[:, :, :-1]
+            self.progress.phase(f"verify: {copies} copies of the prompts", self.model.num_layers)
+            prompt_hidden = stream.run(self.prompt_ids)
+            self.passes += 2
+            return text_hidden, prompt_hidden
+        self.progress.phase(f"verify: {copies} copies of the text and prompts", self.model.num_layers)
+        padded = torch.cat([self.prompt_ids, self.prompt_ids[:, -1:].expand(P, T - Tp)], dim=1)
+        hidden = stream.run(torch.cat([self.text_ids, padded]))  # (V, B + P, T, H)
+        self.passes += 1
+        return hidden[:, :B, :-1], hidden[:, B:, :Tp]
 
 
 def _prompt_figures(stats: dict, v: int, inputs: Inputs) -> dict:
