@@ -199,7 +199,7 @@ def test_ray_version_matches_the_image():
     assert one("raycluster.yaml", "RayCluster")["spec"]["rayVersion"] == pin
 
 
-def test_the_catalog_is_on_the_heads_volume_and_downloads_on_worker_scratch():
+def test_the_catalog_is_on_the_heads_volume_and_each_workers_layer_cache_fits_its_memory():
     home = dockerfile_env()["SUPERWEIGHT_HOME"]
     cluster = one("raycluster.yaml", "RayCluster")["spec"]
     head_pod = cluster["headGroupSpec"]["template"]["spec"]
@@ -214,9 +214,12 @@ def test_the_catalog_is_on_the_heads_volume_and_downloads_on_worker_scratch():
     volumes = {v["name"]: v for v in worker_pod["volumes"]}
     # The driver hands the workers $SUPERWEIGHT_HOME/crawl-cache (index.crawl.CrawlOptions.scratch).
     [mount] = [m for m in worker_pod["containers"][0]["volumeMounts"] if m["mountPath"] == f"{home}/crawl-cache"]
-    size = gib(volumes[mount["name"]]["emptyDir"]["sizeLimit"])
+    assert gib(volumes[mount["name"]]["emptyDir"]["sizeLimit"]) >= 1, "no room for a model's config and tokenizer"
     crawl = nightly_crawl()
-    assert size * 2**30 >= crawl["max_cache_gb"] * 1e9, "scratch is smaller than --max-cache-gb"
+    assert not crawl["download"], "the nightly crawl streams weights from the Hub"
+    memory = gib(worker_pod["containers"][0]["resources"]["limits"]["memory"]) * 2**30
+    share = crawl["max_cache_gb"] * 1e9 / crawl["workers"]  # each worker's layer cache (CrawlOptions)
+    assert memory >= share + 8 * 2**30, "a worker's share of --max-cache-gb leaves no room for the scan itself"
 
 
 def test_scheduled_rayjobs_are_the_same_and_select_the_long_lived_cluster():
