@@ -44,7 +44,6 @@ class Checkpoint:
     """
 
     known_revision: str | None = None  # a Hub commit sha or an example's GGUF hash, set by open_checkpoint
-    gguf_file: Path | None = None  # the GGUF file, whose metadata holds the tokenizer
     sources: list[FileBytes] = []  # the weight files' bytes, local or remote, closed by close()
 
     def span(self, key: str) -> tuple[FileBytes, int, int]:
@@ -87,8 +86,12 @@ class Checkpoint:
     def tokenizer(self):
         """The checkpoint's own tokenizer, or None without a usable one (loaded once)."""
         if not hasattr(self, "_tokenizer"):
-            self._tokenizer = load_tokenizer(self.folder, root=self.root, gguf_file=self.gguf_file)
+            self._tokenizer = self.load_tokenizer()
         return self._tokenizer
+
+    def load_tokenizer(self):
+        """The tokenizer of the checkpoint's own files, or None (a GGUF builds it from its metadata)."""
+        return load_tokenizer(self.folder, root=self.root)
 
     def revision(self, *, stop: threading.Event | None = None) -> str | None:
         """The known revision, or a local checkpoint's content hash (None once `stop` is set)."""

@@ -1,7 +1,9 @@
 """Files on disk: writing aside and renaming into place, cleaning up what a failure leaves, and
-reading only regular files that lie inside the folder they belong to."""
+reading only regular files that lie inside the folder they belong to; and which of a checkpoint's
+files hold weights a scan reads (safetensors, or one GGUF file; never pickles)."""
 
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
@@ -9,7 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import PICKLE_SUFFIXES
-from .errors import CorruptCheckpoint, Refused, ScanError, UnsafeCheckpoint
+from .errors import CorruptCheckpoint, Refused, ScanError, SourceNotFound, UnsafeCheckpoint
+
+GGUF_SUFFIX = ".gguf"
 
 
 @contextmanager
@@ -78,17 +82,9 @@ def alive(pid: int) -> bool:
     return True
 
 
-def no_weights(names: list[str], where, *, on_hub: bool = False) -> ScanError:
-    """Why a checkpoint whose files are `names` has nothing superweight reads: pickles are refused.
-
-    `on_hub`: the names are a Hub repo's, where only safetensors are fetched (a GGUF is scanned from a
-    local file).
-    """
+def no_weights(names: list[str], where) -> ScanError:
+    """Why a checkpoint whose files are `names` has nothing superweight reads: pickles are refused."""
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
-    ggufs = sorted(n for n in names if n.endswith(".gguf"))
-    if on_hub and ggufs:
-        return Refused(f"no .safetensors weights, only GGUF ({', '.join(ggufs[:3])}); superweight scans GGUF "
-                       "from local files: download one and give its path", where=where)
     if pickles:
         return UnsafeCheckpoint(f"only pickle weights ({', '.join(pickles[:3])}); superweight never unpickles: "
                                 "it reads safetensors and GGUF. Convert the checkpoint to safetensors first",
@@ -96,7 +92,40 @@ def no_weights(names: list[str], where, *, on_hub: bool = False) -> ScanError:
     return CorruptCheckpoint("no .safetensors or .gguf weights found", where=where)
 
 
-def require_safetensors(names: list[str], where) -> None:
-    """Raise `no_weights` unless a Hub repo whose files are `names` holds safetensors weights."""
-    if not any(n.endswith(".safetensors") for n in names):
-        raise no_weights(names, where, on_hub=True)
+def require_weights(names: list[str], where) -> None:
+    """Raise `no_weights` unless a Hub repo whose files are `names` holds safetensors or GGUF weights."""
+    if not any(n.endswith((".safetensors", GGUF_SUFFIX)) for n in names):
+        raise no_weights(names, where)
+
+
+_SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")  # llama.cpp's gguf-split parts: model-00001-of-00003.gguf
+
+
+def pick_gguf(names: list[str], wanted: str | None, where) -> str:
+    """The GGUF file a scan reads, of a repo or folder whose files are `names`.
+
+    Args:
+        wanted: a file name, or a quantization type (`Q4_K_M`, any case) that names exactly one file;
+            None: the one GGUF file there is.
+
+    Raises:
+        SourceNotFound: no such file, or several GGUF files and none chosen.
+        Refused: the file is one part of a split GGUF.
+    """
+    ggufs = sorted(n for n in names if n.endswith(GGUF_SUFFIX))
+    if wanted is not None and wanted not in ggufs:  # a quantization, between non-alphanumerics: not Q4_K in Q4_K_M
+        quant = re.compile(rf"(?<![A-Za-z0-9]){re.escape(wanted)}(?![A-Za-z0-9_])", re.IGNORECASE)
+        found = [n for n in ggufs if quant.search(n.removesuffix(GGUF_SUFFIX))]
+    else:
+        found = [wanted] if wanted is not None else ggufs
+    few = ", ".join(found[:3] or ggufs[:3]) + (", ..." if len(found or ggufs) > 3 else "")
+    if not found:
+        raise SourceNotFound(f"no GGUF file named {wanted!r} or quantized so" + (f"; it holds {few}" if ggufs else ""),
+                             where=where)
+    if len(found) > 1:
+        what = f"{wanted!r} matches {len(found)}" if wanted is not None else str(len(found))
+        raise SourceNotFound(f"{what} GGUF files ({few}); pass --file with one file name or quantization (Q8_0)",
+                             where=where)
+    if _SPLIT_GGUF.search(found[0]):
+        raise Refused(f"{found[0]} is one part of a split GGUF; superweight reads a GGUF held in one file", where=where)
+    return found[0]

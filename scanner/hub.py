@@ -3,8 +3,8 @@
 Hub access goes through huggingface_hub, so HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN and the normal
 cache all apply. A Hub checkpoint is pinned to its commit sha before anything is downloaded, and
 only the files a scan needs are fetched (never pickle weights). A local checkpoint's revision is a
-content hash of its config and weights. Hub repos are read as safetensors only; a GGUF file is
-scanned from a local path.
+content hash of its config and weights. A Hub repo is read as safetensors when it holds them, else
+as one of its GGUF files (`--file`), whose header holds its config and tokenizer.
 """
 
 import contextlib
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's HTTP client: its transport errors are not HfHubHTTPError
 from huggingface_hub import HfApi, constants, get_session, hf_hub_download, snapshot_download
+from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -33,7 +34,7 @@ from .config import CHECKPOINT_PATTERNS, DIGEST_CACHE, HUB_TIMEOUT, SUPERWEIGHT_
 from .errors import GatedRepo, HubError, HubUnavailable, SourceNotFound, first_line
 from .examples import example_checkpoint, find_example
 from .fetch import count_request
-from .files import require_safetensors, written_aside
+from .files import GGUF_SUFFIX, pick_gguf, require_weights, written_aside
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def source_name(source: str) -> str:
 
 
 def resolve(source: str, *, revision: str | None = None, endpoint: str | None = None,
-            token: str | None = None, cache_dir: Path | None = None, download: bool = False) -> Resolved:
+            token: str | None = None, cache_dir: Path | None = None, download: bool = False,
+            gguf_file: str | None = None) -> Resolved:
     """Find `source`: a local path, or a Hub repo pinned to a commit.
 
     A Hub repo's weights are read remotely (`Resolved.remote`), unless `download` is set or the Hub
@@ -79,24 +81,31 @@ def resolve(source: str, *, revision: str | None = None, endpoint: str | None = 
         token: a Hub token (default HF_TOKEN / the cached login).
         cache_dir: the Hub cache (default HF_HUB_CACHE).
         download: download the weights into the Hub cache and read them from there.
+        gguf_file: the GGUF file of a folder or repo to scan (files.pick_gguf), even beside safetensors.
 
     Returns:
         The Resolved source. Hub checkpoints carry their commit sha.
     """
+    path = Path(source).expanduser()
+    if gguf_file is not None and (source.startswith(EXAMPLE_PREFIX) or path.is_file()):
+        raise SourceNotFound(f"--file {gguf_file} picks a GGUF file of a folder or a Hub repo, and this is neither",
+                             where=source)
     if source.startswith(EXAMPLE_PREFIX):
         return _example(source)
-    path = Path(source).expanduser()
     if path.exists():
-        if not path.is_dir() and path.suffix != ".gguf":
+        if not path.is_dir() and path.suffix != GGUF_SUFFIX:
             raise SourceNotFound(
                 "not a folder or a .gguf file; give the checkpoint folder that holds config.json", where=source)
+        if gguf_file is not None:  # the folder's own files stay its root: a linked file must not lead out of it
+            chosen = pick_gguf([p.name for p in path.iterdir()], gguf_file, source)
+            return Resolved(source, path.resolve() / chosen, None, None, root=path.resolve())
         return Resolved(source, path.resolve(), None, None)
     try:
         validate_repo_id(source)
     except HFValidationError:
         raise SourceNotFound("no such folder, and not a Hub repo id (owner/name)", where=source) from None
     return _download(source, revision or "main", endpoint=endpoint, token=token, cache_dir=cache_dir,
-                     weights=download)
+                     weights=download, gguf_file=gguf_file)
 
 
 def _example(source: str) -> Resolved:
@@ -130,10 +139,13 @@ def _bound_timeouts(request: httpx2.Request) -> None:
     request.extensions["timeout"] = timeout
 
 
-def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir, weights: bool) -> Resolved:
-    """Pin `revision` to a sha, refuse repos without safetensors, and fetch only what a scan reads:
-    the small files, and the weights too when `weights` is set or the Hub is offline."""
+def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir, weights: bool,
+              gguf_file: str | None = None) -> Resolved:
+    """Pin `revision` to a sha, pick the weight files (refusing repos of pickles alone), and fetch only
+    what a scan reads: the small files (none for a GGUF), and the weights too when `weights` is set
+    or the Hub is offline."""
     where = f"{repo_id}@{revision}"
+    gguf = None  # the GGUF file read, when the repo is read as GGUF
     with hub_errors(where, endpoint=endpoint):
         try:
             info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
@@ -142,28 +154,39 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir, weight
         patterns, remote = CHECKPOINT_PATTERNS, []
         if info is not None:
             files = [s.rfilename for s in info.siblings or []]
-            small = [f for f in CHECKPOINT_PATTERNS if "*" not in f and f in files]
             remote = _weight_files(where, repo_id, files, revision=info.sha, endpoint=endpoint, token=token,
-                                   cache_dir=cache_dir)
+                                   cache_dir=cache_dir, gguf_file=gguf_file)
+            gguf = remote[0] if remote[0].endswith(GGUF_SUFFIX) else None
+            small = [] if gguf else [f for f in CHECKPOINT_PATTERNS if "*" not in f and f in files]
             patterns, remote = (small + remote, []) if weights else (small, remote)
-        try:
-            # Ask for the revision as given (not info.sha) so the cache records refs/<revision> and a
-            # later offline scan can find it; the snapshot folder's name is the commit actually fetched.
-            folder = snapshot_download(
-                repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint,
-                token=token, cache_dir=cache_dir, local_files_only=info is None,
-            )
-        except LocalEntryNotFoundError:
-            if info is not None:
-                raise  # online, but a download got no answer
-            raise HubError("not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)", where=where) from None
+        if gguf is not None and not weights:  # a GGUF read remotely holds its config too: nothing to download
+            folder = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+            folder = folder / "snapshots" / info.sha  # where it would lie, for errors to name
+        else:
+            folder = _snapshot(repo_id, revision, patterns, endpoint=endpoint, token=token, cache_dir=cache_dir,
+                               offline=info is None, where=where)
     folder = Path(folder)
     if info is not None and folder.name != info.sha:
         raise HubError(f"moved from {info.sha[:12]} to {folder.name[:12]} while downloading; scan again", where=where)
     logger.info("%s resolved to %s", where, folder)
     # Snapshot files link into the repo's blobs/: the repo's cache folder is what they may resolve into.
-    return Resolved(repo_id, folder, repo_id, folder.name, root=folder.parent.parent,  # named by commit sha
-                    remote=tuple(remote), endpoint=endpoint)
+    # A GGUF's path is where the file lies in the snapshot, or would if it were downloaded: errors name it.
+    return Resolved(repo_id, folder / gguf if gguf else folder, repo_id, folder.name,  # named by commit sha
+                    root=folder.parent.parent, remote=tuple(remote), endpoint=endpoint)
+
+
+def _snapshot(repo_id: str, revision: str, patterns: list[str], *, endpoint, token, cache_dir, offline: bool,
+              where: str) -> str:
+    """snapshot_download of `patterns`, from the cache alone when `offline`."""
+    try:
+        # Ask for the revision as given (not info.sha) so the cache records refs/<revision> and a
+        # later offline scan can find it; the snapshot folder's name is the commit actually fetched.
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint,
+                                 token=token, cache_dir=cache_dir, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        if not offline:
+            raise  # online, but a download got no answer
+        raise HubError("not in the local Hub cache, and the Hub is offline (HF_HUB_OFFLINE)", where=where) from None
 
 
 @contextlib.contextmanager
@@ -218,13 +241,16 @@ def with_retries(call, *, attempts: int = 4, backoff: float = 2.0):
 
 
 def _weight_files(where: str, repo_id: str, files: list[str], *, revision: str, endpoint, token,
-                  cache_dir) -> list[str]:
+                  cache_dir, gguf_file: str | None = None) -> list[str]:
     """Exactly the weight files a scan reads: the ones the loader will use.
 
-    Refuses repos without safetensors weights. With a shard index only the shards it names are
-    read (Mistral repos also ship a consolidated.safetensors of the same weights).
+    Safetensors when the repo holds them and no GGUF file is asked for, else one GGUF file
+    (files.pick_gguf); a repo of pickles alone is refused. With a shard index only the shards it
+    names are read (Mistral repos also ship a consolidated.safetensors of the same weights).
     """
-    require_safetensors(files, where)
+    require_weights(files, where)
+    if gguf_file is not None or not any(f.endswith(".safetensors") for f in files):
+        return [pick_gguf(files, gguf_file, where)]
     wanted = []
     if "model.safetensors.index.json" in files:
         index = hf_hub_download(repo_id, "model.safetensors.index.json", revision=revision, endpoint=endpoint,

@@ -18,7 +18,7 @@ from .config import DEFAULT_CACHE_SHARE, DetectConfig
 from .detect import Detector
 from .errors import CannotVerify, DeviceUnavailable, InvalidPrompt, ScanError, relocated
 from .files import inside
-from .gguf import GGUFCheckpoint, find_gguf
+from .gguf import GGUF_SUFFIX, GGUFCheckpoint, find_gguf
 from .fetch import FileBytes, HubFile, Pacer, Transfer
 from .hub import hub_errors, resolve
 from .loader import StreamingModel
@@ -42,6 +42,7 @@ class ScanOptions:
     endpoint: str | None = None
     cache_dir: Path | None = None  # where Hub downloads go (default: the Hub cache, HF_HUB_CACHE)
     download: bool = False  # download a Hub repo's weights to the cache instead of reading them remotely
+    gguf_file: str | None = None  # which GGUF file of a repo or folder: a file name, or a quantization (Q4_K_M)
     cache_gb: float | None = None  # memory for layers kept between passes (None: DEFAULT_CACHE_SHARE of RAM)
     max_requests_per_5min: int | None = None  # pace Hub range requests under this budget (None: unpaced)
     detect: DetectConfig = field(default_factory=DetectConfig)
@@ -71,7 +72,7 @@ def open_checkpoint(path: Path, *, trust_remote_code: bool = False, root: Path |
     """The checkpoint at `path`: a GGUF file, a folder holding one GGUF file, or a safetensors folder.
 
     Args:
-        path: the folder or file (a resolved source's path).
+        path: the folder or file (a resolved source's path; for a Hub GGUF read remotely, where it would lie).
         trust_remote_code: allow repo code named by config.json's auto_map.
         root: every file read must be a regular file inside it (default: the folder, or the GGUF file's).
         revision: the revision when it is known (a Hub commit sha); else it is the content hash.
@@ -80,8 +81,9 @@ def open_checkpoint(path: Path, *, trust_remote_code: bool = False, root: Path |
     """
     path = Path(path)
     transfer = transfer or Transfer()
-    gguf_file = find_gguf(path) if sources is None else None
-    if gguf_file is not None:
+    if sources is not None and path.suffix == GGUF_SUFFIX:  # a Hub GGUF, read by range requests
+        checkpoint = GGUFCheckpoint(path, source=sources[0], root=root, transfer=transfer)
+    elif sources is None and (gguf_file := find_gguf(path)) is not None:
         inside(gguf_file, root or gguf_file.parent, what="GGUF file")
         checkpoint = GGUFCheckpoint(gguf_file, root=root or gguf_file.parent, transfer=transfer)  # no code to trust
     else:
@@ -158,7 +160,7 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
     scanned_at = datetime.now(UTC).replace(microsecond=0, tzinfo=None).isoformat()
     device = pick_device(options.device)
     resolved = resolve(source, revision=options.revision, endpoint=options.endpoint, cache_dir=options.cache_dir,
-                       download=options.download)
+                       download=options.download, gguf_file=options.gguf_file)
     resolved_at = time.perf_counter()
     pool, stop = ThreadPoolExecutor(max_workers=1), threading.Event()
     transfer = Transfer()

@@ -74,8 +74,9 @@ def cli(verbose: int) -> None:
 @opt.verify(default=False)
 @opt.apply(opt.transfer(download_help="Download a Hub repo's weights to the Hub cache and read them there, "
                                       "instead of reading them remotely by range requests."))
+@opt.gguf_file
 def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, spike_ratio, progress, record,
-         catalog_path, verify, download, cache_gb, max_requests_per_5min) -> None:
+         catalog_path, verify, download, cache_gb, max_requests_per_5min, gguf_file) -> None:
     """Scan checkpoints for super weights.
 
     SOURCE is a local checkpoint folder, a GGUF file, a Hugging Face Hub repo id (owner/name), or
@@ -87,7 +88,7 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
     detect = DetectConfig(prompt=prompt, spike_ratio=spike_ratio)
     options = ScanOptions(device=device, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                           detect=detect, verify=VerifyConfig() if verify else None, download=download,
-                          cache_gb=cache_gb, max_requests_per_5min=max_requests_per_5min)
+                          cache_gb=cache_gb, max_requests_per_5min=max_requests_per_5min, gguf_file=gguf_file)
     progress = progress_mode(progress)
     with ExitStack() as stores:
         run = scan_checkpoint
@@ -245,7 +246,10 @@ def publish(target, parquet, catalog_path, private) -> None:
 @click.option("--timeout", type=opt.Finite(min=1), default=1800, show_default=True, help="Seconds per model, download included.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help="More attempts for a model whose worker died.")
 @click.option("--max-cache-gb", type=opt.Finite(min=0.001), default=50, show_default=True,
-              help="Disk for downloads in flight, all workers together; bigger models are refused.")
+              help="Memory for decoder layers kept between a scan's passes, all workers together (each worker "
+                   "gets its share); with --download, disk for downloads in flight, and bigger models are refused.")
+@opt.download("Download each model to the workers' scratch disk instead of reading it from the Hub by range requests.")
+@opt.max_requests("Pace the workers' Hub range requests to this many in any 5 minutes, shared out among them.")
 @click.option("--lease-seconds", type=opt.Finite(min=1), default=300, show_default=True,
               help="A killed crawl's models can be claimed by another after this long.")
 @opt.device("auto, cpu, cuda or cuda:N, on each worker.")
@@ -255,14 +259,14 @@ def publish(target, parquet, catalog_path, private) -> None:
 @opt.as_json("One JSON object per line per model, then a summary line.")
 @opt.verify(default=True)
 def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus_per_worker, timeout, retries,
-          max_cache_gb, lease_seconds, device, catalog_path, publish_target, progress, as_json, verify) -> None:
+          max_cache_gb, download, max_requests_per_5min, lease_seconds, device, catalog_path, publish_target, progress,
+          as_json, verify) -> None:
     """Scan new Hub models, or the given ones, on a Ray cluster.
 
     REPO_ID is a Hub id, a checkpoint folder or example:smollm2. Without REPO_IDS or --repos,
     discovers text-generation models with safetensors weights on the Hub, most recently modified
     first. Exit code 3 when any model failed (see `superweight ledger`).
     """
-    import ray
     from huggingface_hub import constants as hf_constants
 
     from superweight.index.crawl import CrawlOptions, HubAccess, discover
@@ -278,6 +282,7 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
     endpoint = hf_constants.ENDPOINT
     options = CrawlOptions(workers=workers, gpus_per_worker=gpus_per_worker, timeout=timeout, retries=retries,
                            max_cache_gb=max_cache_gb, max_params=max_params, lease_seconds=lease_seconds,
+                           download=download, max_requests_per_5min=max_requests_per_5min,
                            hub=HubAccess(endpoint=endpoint),
                            scan=ScanOptions(device=device, endpoint=endpoint, verify=VerifyConfig() if verify else None))
     if not ids:
@@ -286,13 +291,7 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
         progress = sys.stderr.isatty()
     with ExitStack() as stores:
         catalog, ledger = _open_stores(stores, catalog_path)
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise click.ClickException(f"--address {address}: cannot join the Ray cluster ({first_line(e)})") from None
-            stores.callback(ray.shutdown)
+        _join_ray(stores, address)
         bar = stores.enter_context(click.progressbar(length=len(ids), label="crawl", file=sys.stderr,
                                                      hidden=not progress, item_show_func=lambda r: r))
         shown = [0]
@@ -313,6 +312,20 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
             _published(publish_catalog(catalog, publish_target))
     if report.counts["failed"]:
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _join_ray(stores: ExitStack, address: str | None) -> None:
+    """Join the Ray cluster at `address` (else start a local one, stopped when `stores` closes), unless joined."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise click.ClickException(f"--address {address}: cannot join the Ray cluster ({first_line(e)})") from None
+    stores.callback(ray.shutdown)
 
 
 def _published(published) -> None:

@@ -78,17 +78,29 @@ def verify(*, default: bool) -> click.option:
              "group or inert (two to four more passes over the layers).")
 
 
+def download(help: str) -> click.option:
+    return click.option("--download", is_flag=True, help=help)
+
+
+def max_requests(help: str) -> click.option:
+    return click.option("--max-requests-per-5min", type=click.IntRange(min=1), default=None, help=help)
+
+
 def transfer(*, download_help: str) -> list:
     """--download, --cache-gb and --max-requests-per-5min: how a scan reads a Hub repo's weights."""
     return [
-        click.option("--download", is_flag=True, help=download_help),
+        download(download_help),
         click.option("--cache-gb", type=Finite(min=0), default=None,
                      help="Memory for decoder layers kept between a scan's passes, so a model that fits is "
                           "fetched once (default: a quarter of the machine's memory; 0: keep none)."),
-        click.option("--max-requests-per-5min", type=click.IntRange(min=1), default=None,
-                     help="Pace Hub range requests to at most this many in any 5 minutes (the Hub's rate "
-                          "limit is per token per 5 minutes)."),
+        max_requests("Pace Hub range requests to at most this many in any 5 minutes (the Hub's rate "
+                     "limit is per token per 5 minutes)."),
     ]
+
+
+gguf_file = click.option("--file", "gguf_file", metavar="NAME",
+                         help="The GGUF file of a Hub repo or folder to scan: its name, or a quantization such as "
+                              "Q4_K_M that names one. Needed where there are several.")
 
 
 def apply(options: list):

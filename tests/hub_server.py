@@ -10,6 +10,10 @@ Repos:
     testorg/tiny-llama-sharded  one commit: Plant(3, 10, 20), saved in shards with an index, plus a
                                 consolidated.safetensors a scan must not fetch
     testorg/pickle-only         config.json and pytorch_model.bin, no safetensors
+    testorg/tiny-gguf           GGUF files alone: Plant(3, 10, 20) as tiny-Q8_0.gguf and tiny-F16.gguf, each
+                                with a byte-level tokenizer and a 300 kB model card (a header longer
+                                than a scan's first read), and a README.md
+    testorg/one-gguf            one GGUF file alone: tiny-Q8_0.gguf as above
 """
 
 import os
@@ -25,11 +29,14 @@ from pathlib import Path
 from time import monotonic
 
 import pytest
+from gguf import GGMLQuantizationType
 
-from tests.checkpoints import Plant, build_model, make_checkpoint, plant
+from tests.checkpoints import Plant, build_model, make_checkpoint, make_gguf, plant
 
 FIRST_PLANT = Plant(3, 10, 20)  # testorg/tiny-llama's first commit, and the sharded repo
 LATEST_PLANT = Plant(5, 7, 99)  # testorg/tiny-llama's main
+GGUF_REPO, ONE_GGUF_REPO = "testorg/tiny-gguf", "testorg/one-gguf"
+GGUF_FILES = {"Q8_0": "tiny-Q8_0.gguf", "F16": "tiny-F16.gguf"}
 READY_PROBE = "testorg/tiny-llama"
 START_TIMEOUT = 30.0  # seconds; olah is ready in about 1.5 s
 
@@ -116,6 +123,38 @@ def build_mirrors(mirrors: Path) -> None:
     # ASCII on purpose: olah answers 500 for some small non-UTF-8 files (NOTES.md).
     (pickle_only / "pytorch_model.bin").write_bytes(b"not a pickle: a scan never downloads this file\n")
     commit_folder(pickle_only, "pickle weights only")
+
+    for repo_id, quants in ((GGUF_REPO, GGUF_FILES), (ONE_GGUF_REPO, {"Q8_0": GGUF_FILES["Q8_0"]})):
+        repo = models / repo_id
+        repo.mkdir(parents=True)
+        for quant, name in quants.items():
+            plain = make_gguf(repo / f"plain-{name}", "llama", [FIRST_PLANT], qtype=GGMLQuantizationType[quant])
+            tokenized_gguf(plain, repo / name)
+            plain.unlink()
+        (repo / "README.md").write_text(f"# {repo.name}\n\nGGUF files of a test checkpoint.\n")
+        commit_folder(repo, "GGUF files alone")
+
+
+def tokenized_gguf(source: Path, dest: Path) -> Path:
+    """`source` (a GGUF of tests.checkpoints, without a tokenizer) copied to `dest` with a byte-level
+    tokenizer of the tiny models' 256 ids and a 300 kB model card, by the gguf package's own
+    metadata editor: a header longer than the 256 KiB a scan reads first."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    reader = GGUFReader(source)
+    tokens = [bytes_to_unicode()[byte] for byte in range(256)]  # GPT-2's spelling of each byte
+    new = {
+        "tokenizer.ggml.model": MetadataDetails(GGUFValueType.STRING, "gpt2"),
+        "tokenizer.ggml.tokens": MetadataDetails(GGUFValueType.ARRAY, tokens),
+        "tokenizer.ggml.token_type": MetadataDetails(GGUFValueType.ARRAY, [1] * len(tokens)),  # 1: normal
+        "tokenizer.ggml.scores": MetadataDetails(GGUFValueType.ARRAY, [0.0] * len(tokens)),  # no merges: bytes
+        "general.description": MetadataDetails(GGUFValueType.STRING, "A tiny test model. " * 16_000),
+    }
+    writer = GGUFWriter(dest, reader.fields["general.architecture"].contents())
+    copy_with_new_metadata(reader, writer, new, remove_metadata=[])
+    return dest
 
 
 def free_port() -> int:

@@ -2,8 +2,9 @@
 
 Discovery asks the Hub for text-generation models with safetensors weights, most recently modified
 first (`list_models`), down to `since`. Each model is then pinned to the commit sha of its main
-branch and vetted before anything large is downloaded: its file list (safetensors, not gated), its
-config (no remote code) and its size from the safetensors headers (`get_safetensors_metadata`).
+branch and vetted before anything large is downloaded: its file list (safetensors, or one GGUF file;
+not gated), its config (no remote code) and its size from the safetensors headers
+(`get_safetensors_metadata`), or from the GGUF header, read by range requests.
 Hub calls that fail transiently are retried with backoff (scanner.hub.with_retries).
 """
 
@@ -20,7 +21,9 @@ from superweight.scanner.checkpoint import load_config
 from superweight.scanner.errors import (
     GatedRepo, MissingConfig, OverLimit, Refused, ScanError, SourceNotFound, first_line, relocated,
 )
-from superweight.scanner.files import require_safetensors
+from superweight.scanner.fetch import HubFile, Transfer
+from superweight.scanner.files import GGUF_SUFFIX, pick_gguf, require_weights
+from superweight.scanner.gguf_header import gguf_config, read_header
 from superweight.scanner.hub import hub_errors, with_retries
 
 logger = logging.getLogger(__name__)
@@ -34,8 +37,8 @@ class VettedModel:
 
     repo_id: str
     revision: str  # the commit sha of main; "" when the Hub could not tell us
-    parameters: int | None = None  # from the safetensors headers
-    size_bytes: int | None = None  # bytes of safetensors tensor data: what a scan downloads
+    parameters: int | None = None  # from the safetensors or GGUF headers
+    size_bytes: int | None = None  # bytes of tensor data: what a scan downloads
     refusal: Refused | None = None  # why it will not be scanned (recorded as refused, with its kind)
     error: str | None = None  # why it could not be vetted (recorded as failed)
 
@@ -95,16 +98,13 @@ def vet(repo_id: str, *, hub: HubAccess = HubAccess(), max_params: int | None = 
     except ScanError as e:  # the Hub did not answer
         return VettedModel(repo_id, "", error=str(e))
     try:
-        meta = _checked(repo_id, info, hub, api, cache_dir)
+        parameters, size = _checked(repo_id, info, hub, api, cache_dir)
     except Refused as e:
         return VettedModel(repo_id, info.sha, refusal=e)
     except (NotASafetensorsRepoError, SafetensorsParsingError) as e:
         return VettedModel(repo_id, info.sha, refusal=Refused(first_line(e), where=repo_id))
     except ScanError as e:  # the Hub did not answer, or a broken config
         return VettedModel(repo_id, info.sha if isinstance(e, MissingConfig) else "", error=str(e))
-    parameters = sum(meta.parameter_count.values())
-    size = sum(t.data_offsets[1] - t.data_offsets[0] for file in meta.files_metadata.values()
-               for t in file.tensors.values())
     vetted = VettedModel(repo_id, info.sha, parameters, size)
     if max_params is not None and parameters > max_params:
         return replace(vetted, refusal=OverLimit(f"{parameters:,} parameters, over the limit of {max_params:,}",
@@ -116,16 +116,18 @@ def vet(repo_id: str, *, hub: HubAccess = HubAccess(), max_params: int | None = 
     return vetted
 
 
-def _checked(repo_id: str, info, hub: HubAccess, api: HfApi, cache_dir):
-    """The safetensors metadata of `repo_id` at `info.sha`, after the checks that refuse a model.
+def _checked(repo_id: str, info, hub: HubAccess, api: HfApi, cache_dir) -> tuple[int, int]:
+    """(parameters, bytes of tensor data) of `repo_id` at `info.sha`, after the checks that refuse a model.
 
     Raises:
-        Refused: gated, no safetensors weights, not a full checkpoint, remote code, unknown architecture.
+        Refused: gated, no safetensors or GGUF weights, not a full checkpoint, remote code, unknown architecture.
     """
     files, where = [s.rfilename for s in info.siblings or []], f"{repo_id}@{info.sha[:12]}"
     if info.gated:
         raise GatedRepo(f"gated ({info.gated}); the crawl scans open models only")
-    require_safetensors(files, None)
+    require_weights(files, None)
+    if not any(f.endswith(".safetensors") for f in files):
+        return _gguf_checked(repo_id, info.sha, files, hub)
     if "config.json" not in files:  # e.g. an adapter (PEFT) repo tagged text-generation
         raise Refused("no config.json: not a full model checkpoint (an adapter?)")
     config = hub.call(where, lambda: hf_hub_download(repo_id, "config.json", revision=info.sha,
@@ -135,4 +137,31 @@ def _checked(repo_id: str, info, hub: HubAccess, api: HfApi, cache_dir):
         load_config(snapshot, root=snapshot.parent.parent)  # the scan's own rule: no remote code, a known architecture
     except ScanError as e:
         raise relocated(e, snapshot, where) from None
-    return hub.call(where, lambda: api.get_safetensors_metadata(repo_id, revision=info.sha))
+    meta = hub.call(where, lambda: api.get_safetensors_metadata(repo_id, revision=info.sha))
+    size = sum(t.data_offsets[1] - t.data_offsets[0] for file in meta.files_metadata.values()
+               for t in file.tensors.values())
+    return sum(meta.parameter_count.values()), size
+
+
+def _gguf_checked(repo_id: str, sha: str, files: list[str], hub: HubAccess) -> tuple[int, int]:
+    """(parameters, bytes of tensor data) of a repo of GGUF files, from the header of its one GGUF file.
+
+    Raises:
+        Refused: several GGUF files (a crawl has no --file to choose one), a split GGUF, an
+            architecture transformers does not map.
+    """
+    where = f"{repo_id}@{sha[:12]}"
+    ggufs = [f for f in files if f.endswith(GGUF_SUFFIX)]
+    if len(ggufs) > 1:
+        raise Refused(f"{len(ggufs)} GGUF files and no safetensors; a crawl scans a repo with one "
+                      f"(scan one with: superweight scan {repo_id} --file NAME)")
+    name = pick_gguf(files, None, where)
+
+    def header():
+        source = HubFile(repo_id, sha, name, name=f"{where}/{name}", transfer=Transfer(), endpoint=hub.endpoint)
+        parsed = read_header(source)
+        gguf_config(parsed)  # the scan's own rule: an architecture transformers maps, a sound config
+        return parsed
+
+    parsed = hub.call(where, header)
+    return parsed.parameters, parsed.data_bytes
