@@ -4,12 +4,16 @@ olah has no `/api/models` route (NOTES.md), and a crawl needs one endpoint for b
 downloads. `HubFront` answers `GET /api/models` from the git repos olah serves (newest first, with
 the filters huggingface_hub's `list_models` sends) and passes every other request through to olah
 unchanged. Tests steer faults through it: hold a request until released (to kill a worker mid-scan),
-answer 503 (to exercise retries), or stop serving altogether (the Hub goes away mid-crawl).
+answer 503 (to exercise retries), break range reads the ways networks and servers do (`Fault`), or
+stop serving altogether (the Hub goes away mid-crawl). Every answer is logged (`answers`).
 """
 
 import json
 import re
+import socket
+import struct
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,13 +39,61 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 class Hold:
     """Downloads whose path matches the regex `pattern` wait until `release` is set; `arrived` is set when one does.
 
-    Only whole-file GETs are held: header reads (Range requests, as get_safetensors_metadata makes
-    while a crawl vets a model) and HEADs pass.
+    Whole-file GETs and a scan's range reads are held: other range reads (as get_safetensors_metadata
+    makes while a crawl vets a model) and HEADs pass.
     """
 
     pattern: str
     arrived: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+
+
+_PINNED = re.compile(r"/resolve/[0-9a-f]{40}/")  # a file at a commit sha
+FAULT_KINDS = ("reset", "whole", "short", "429", "503")
+
+
+@dataclass
+class Fault:
+    """The next `count` GETs whose path matches the regex `path` (and, with `covers`, whose Range holds
+    that byte) are answered wrongly; count None: every one of them (a storm).
+
+    Kinds: "reset": the 206 headers and half the body, then a TCP reset; "whole": 200 and the whole
+    file (Range ignored); "short": a 206 whose Content-Length and body are half the range asked for;
+    "429": Too Many Requests with `Retry-After: retry_after`; "503": Service Unavailable.
+    """
+
+    kind: str
+    path: str = ""
+    count: int | None = 1
+    covers: int | None = None
+    retry_after: int = 1
+    hits: int = 0  # requests answered with this fault so far
+
+    def matches(self, method: str, path: str, range_header: str) -> bool:
+        if method != "GET" or not re.search(self.path, path) or (self.count is not None and self.hits >= self.count):
+            return False
+        if self.covers is None:
+            return True
+        asked = _range(range_header)
+        return asked is not None and asked[0] <= self.covers <= (asked[1] if asked[1] is not None else self.covers)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answered request: when it arrived (time.monotonic()), what it asked, the status, and the fault if any."""
+
+    at: float
+    method: str
+    path: str
+    range: str
+    status: int
+    fault: str | None = None
+
+
+def _range(header: str) -> tuple[int, int | None] | None:
+    """(first, last) of a `bytes=FIRST-LAST` Range header (last None when open-ended), else None."""
+    match = re.fullmatch(r"bytes=(\d+)-(\d*)", header)
+    return (int(match[1]), int(match[2]) if match[2] else None) if match else None
 
 
 @dataclass
@@ -53,6 +105,10 @@ class HubFront:
     fail_next: int = 0  # answer 503 to this many proxied requests matching fail_pattern
     fail_pattern: str = ""  # a regex; "" matches every request
     requests: list[str] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    files: dict[str, tuple] = field(default_factory=dict)  # whole files at pinned commits, by path
     stopped: threading.Event = field(default_factory=threading.Event)
     server: ThreadingHTTPServer | None = None
     url: str = ""
@@ -61,6 +117,40 @@ class HubFront:
         held = Hold(pattern)
         self.holds.append(held)
         return held
+
+    def fault(self, kind: str, path: str = "", *, count: int | None = 1, covers: int | None = None,
+              retry_after: int = 1) -> Fault:
+        """Answer matching GETs wrongly from now on (see Fault); returns it, to read its `hits` after."""
+        assert kind in FAULT_KINDS, kind
+        fault = Fault(kind, path, count, covers, retry_after)
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def take_fault(self, method: str, path: str, range_header: str) -> Fault | None:
+        """The first fault that matches this request, counted as hit (threads answer at once: locked)."""
+        with self.lock:
+            for fault in self.faults:
+                if fault.matches(method, path, range_header):
+                    fault.hits += 1
+                    return fault
+        return None
+
+    def pinned_file(self, path: str, fetch) -> tuple[int, object, bytes]:
+        """The whole file at `path` (a /resolve/ of a commit sha: it never changes), from `fetch` once.
+
+        olah reads a whole file for every request (about 90 ms for a 1 MB file here); a scan makes
+        dozens of range reads of one file.
+        """
+        with self.lock:
+            known = self.files.get(path)
+        if known is not None:
+            return known
+        answer = fetch()
+        if answer[0] == 200:
+            with self.lock:
+                self.files[path] = answer
+        return answer
 
     def stop(self) -> None:
         """Stop answering: close the listening socket; held requests are then dropped unanswered."""
@@ -110,6 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=False)
 
     def _serve(self, *, body: bool) -> None:
+        self.arrived = time.monotonic()
         front = self.front
         front.requests.append(self.path)
         url = urllib.parse.urlsplit(self.path)
@@ -117,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, {"Content-Type": "application/json"},
                               json.dumps(front.listing(urllib.parse.parse_qs(url.query))).encode(), body)
         for held in front.holds:
-            if re.search(held.pattern, self.path) and self.command == "GET" and "Range" not in self.headers:
+            if re.search(held.pattern, self.path) and self.command == "GET" and not self._reads_a_header():
                 held.arrived.set()
                 held.release.wait(timeout=300)
         if front.stopped.is_set():
@@ -126,25 +217,69 @@ class _Handler(BaseHTTPRequestHandler):
         if front.fail_next > 0 and re.search(front.fail_pattern, self.path):
             front.fail_next -= 1
             return self._send(503, {"Content-Type": "text/plain"}, b"Service Unavailable (test)", body)
-        request = urllib.request.Request(front.upstream + self.path, method=self.command, headers={
-            k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS})
-        try:
-            with _OPENER.open(request, timeout=60) as response:
-                status, headers, data = response.status, response.headers, response.read()
-        except urllib.error.HTTPError as e:
-            status, headers, data = e.code, e.headers, e.read()
-        if status == 200 and (match := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))):
-            # olah ignores Range (NOTES.md); the Hub honours it, and get_safetensors_metadata relies on it.
-            first, last = int(match[1]), int(match[2] or len(data) - 1)
-            total, data = len(data), data[first:last + 1]
-            status, headers = 206, {**dict(headers.items()), "Content-Range": f"bytes {first}-{first + len(data) - 1}/{total}",
-                                    "Content-Length": str(len(data))}
+        fault = front.take_fault(self.command, self.path, self.headers.get("Range", ""))
+        if fault is not None and fault.kind in ("429", "503"):
+            extra = {"Retry-After": str(fault.retry_after)} if fault.kind == "429" else {}
+            return self._send(int(fault.kind), {"Content-Type": "text/plain", **extra}, b"(test)", body, fault)
+        status, headers, data = self._proxy(forward_range=fault is None or fault.kind != "whole")
         if status == 200 and (gated := self._gated_info(url.path)):  # olah knows nothing of gating
             data = json.dumps({**json.loads(data), "gated": gated}).encode()
         kept = {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
         if not body and headers.get("Content-Length"):  # HEAD: the size of the file, not of our empty body
             kept["Content-Length"] = headers["Content-Length"]
-        self._send(status, kept, data, body)
+        if fault is not None and status == 206 and fault.kind == "short":
+            data = data[: len(data) // 2]  # a complete answer, with fewer bytes than its Content-Range says
+            kept["Content-Length"] = str(len(data))
+        if fault is not None and status == 206 and fault.kind == "reset":
+            return self._reset(status, kept, data, fault)
+        self._send(status, kept, data, body, fault)
+
+    def _proxy(self, *, forward_range: bool) -> tuple[int, object, bytes]:
+        """olah's answer to this request, as the Hub gives it: a Range honoured with a 206 (unless not
+        `forward_range`: then the Range is dropped and the whole file comes back with a 200)."""
+        asked = _range(self.headers.get("Range", ""))
+        if self.command == "GET" and asked is not None and _PINNED.search(self.path):
+            status, headers, data = self.front.pinned_file(self.path, self._upstream)
+        else:
+            status, headers, data = self._upstream(keep_range=forward_range)
+        if status == 200 and asked is not None and forward_range:
+            # olah ignores Range (NOTES.md); the Hub honours it, and get_safetensors_metadata relies on it.
+            first, last = asked[0], asked[1] if asked[1] is not None else len(data) - 1
+            total, data = len(data), data[first:last + 1]
+            status, headers = 206, {**dict(headers.items()), "Content-Range": f"bytes {first}-{first + len(data) - 1}/{total}",
+                                    "Content-Length": str(len(data))}
+        return status, headers, data
+
+    def _upstream(self, *, keep_range: bool = False) -> tuple[int, object, bytes]:
+        """Pass this request on to olah (without its Range unless `keep_range`); its status, headers and body."""
+        skip = _HOP_HEADERS if keep_range else _HOP_HEADERS | {"range"}
+        request = urllib.request.Request(self.front.upstream + self.path, method=self.command,
+                                         headers={k: v for k, v in self.headers.items() if k.lower() not in skip})
+        try:
+            with _OPENER.open(request, timeout=60) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    def _reset(self, status: int, headers: dict, data: bytes, fault: Fault) -> None:
+        """Send the headers and half the body, then reset the connection (SO_LINGER 0: an RST, not a FIN)."""
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+        self._log(status, fault)
+
+    def _reads_a_header(self) -> bool:
+        """A ranged GET that is not a scan's (vetting's get_safetensors_metadata reading a header).
+
+        A scan's range reads say so in their User-Agent (scanner.fetch.HubFile: `superweight/VERSION`).
+        """
+        return "Range" in self.headers and "superweight/" not in self.headers.get("User-Agent", "")
 
     def _gated_info(self, path: str) -> str | None:
         """ "manual" for model_info of a gated repo (/api/models/ORG/NAME/revision/REV)."""
@@ -153,7 +288,14 @@ class _Handler(BaseHTTPRequestHandler):
             return "manual" if f"{parts[3]}/{parts[4]}" in self.front.gated else None
         return None
 
-    def _send(self, status: int, headers: dict, data: bytes, body: bool) -> None:
+    def _log(self, status: int, fault: Fault | None) -> None:
+        answer = Answer(self.arrived, self.command, self.path, self.headers.get("Range", ""), status,
+                        fault.kind if fault else None)
+        with self.front.lock:
+            self.front.answers.append(answer)
+
+    def _send(self, status: int, headers: dict, data: bytes, body: bool, fault: Fault | None = None) -> None:
+        self._log(status, fault)
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
