@@ -39,7 +39,7 @@ PLANT_FILE = "bench-plant.json"  # sidecar naming the planted coordinate; the sc
 MODES = ("scan", "record", "full", "floor")
 RSS_TARGET = 0.3  # peak RSS scan / full
 WALL_TARGET = 1.5  # wall scan / floor
-RECORD_TARGET = 1.3  # wall record / floor: the scan as users run it, recorded, its content hash computed cold
+RECORD_TARGET = 1.3  # wall record / floor
 
 # Llama-3.2-1B's shape, with the LM head untied so that it exists (0.26 B parameters) and the scan
 # has a large tensor it must not read.
@@ -72,7 +72,6 @@ class Sample:
 
 
 # -- generation ---------------------------------------------------------------------------------
-
 
 def generate(path: Path) -> Coordinate:
     """Write the seeded 1.5 B-parameter checkpoint with a planted super weight to `path`."""
@@ -130,7 +129,6 @@ def warm_page_cache(path: Path) -> None:
 
 
 # -- measured children --------------------------------------------------------------------------
-
 
 def run_full(checkpoint: Path) -> list[Coordinate]:
     """The naive detector: load the whole model, hook every down_proj, one forward pass."""
@@ -250,9 +248,7 @@ def command(mode: str, checkpoint: Path) -> list[str]:
     if mode in ("scan", "record"):
         cli = Path(sys.executable).parent / "superweight"
         base = [str(cli)] if cli.is_file() else [sys.executable, "-m", "superweight.cli"]
-        # scan: --no-record, the scan itself. record: as users run it, into the run's fresh
-        # SUPERWEIGHT_HOME: DuckDB, SQLAlchemy and Alembic imported, the ledger and catalog written,
-        # and the checkpoint's content hash computed from scratch (no digest cache).
+        # record: as users run it, into the run's fresh SUPERWEIGHT_HOME (content hash computed cold).
         return [*base, "scan", str(checkpoint), "--json", *(["--no-record"] if mode == "scan" else [])]
     return [sys.executable, str(Path(__file__).resolve()), "--measure", mode, "--checkpoint", str(checkpoint)]
 
