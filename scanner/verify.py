@@ -219,14 +219,15 @@ class _Meter:
         targets = self.inputs.text[:, 1:].reshape(-1).to(self.model.device)
         V = len(variants) + 1
         slices = math.ceil(self.head.vocab_size / self.config.head_slice_rows)
-        with self.head:
-            self.progress.phase("verify: LM head on the text", slices)
-            text = head_stats(self.head, text_hidden.reshape(V, -1, text_hidden.shape[-1]), targets,
-                              [], slice_rows=self.config.head_slice_rows, progress=self.progress)
-            expected = torch.tensor(self.inputs.expected or [0] * len(last), device=self.model.device)
-            self.progress.phase("verify: LM head on the prompts", slices)
-            prompt = head_stats(self.head, prompt_hidden, expected, self.inputs.stopwords or [],
-                                slice_rows=self.config.head_slice_rows, progress=self.progress)
+        text_hidden = text_hidden.reshape(V, -1, text_hidden.shape[-1])
+        expected = torch.tensor(self.inputs.expected or [0] * len(last), device=self.model.device)
+        with self.head:  # one read of the head for the text's positions and the prompts' last ones
+            self.progress.phase("verify: LM head on the text and prompts", slices)
+            both = head_stats(self.head, torch.cat([text_hidden, prompt_hidden], dim=1),
+                              torch.cat([targets, expected]), self.inputs.stopwords or [],
+                              slice_rows=self.config.head_slice_rows, progress=self.progress)
+        n = text_hidden.shape[1]
+        text, prompt = ({k: v[:, :n] for k, v in both.items()}, {k: v[:, n:] for k, v in both.items()})
         ppl = torch.exp(text["nll"].mean(dim=1))  # (V,)
         if not bool(torch.isfinite(ppl).all()):
             raise CannotVerify("the evaluation text's perplexity is not finite for some variant (NaN or overflow)")

@@ -122,8 +122,7 @@ def test_off_a_terminal_each_finished_phase_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     phases = [line.split(": ", 1)[1].rsplit(" in ", 1)[0] for line in result.stderr.splitlines()]
     assert phases == ["detect: pass 1: 8/8", "detect: pass 2: 3/3", "verify: 3 copies of the text: 8/8",
-                      "verify: 3 copies of the prompts: 8/8", "verify: LM head on the text: 3/3",
-                      "verify: LM head on the prompts: 3/3"]
+                      "verify: 3 copies of the prompts: 8/8", "verify: LM head on the text and prompts: 3/3"]
 
 
 def test_example_conversion_does_not_depend_on_where_it_was_installed(smollm2):
