@@ -1,24 +1,20 @@
 """Benchmark a scan that reads its checkpoint straight from a throttled Hub: bytes, time, memory, disk.
 
-Usage: python bench/stream.py [--bandwidth MB/s] [--link MB/s] [--out-dir DIR] [--keep] [--crawl]
+Usage: python bench/stream.py [--bandwidth MB/s] [--link MB/s] [--out-dir DIR] [--keep] [--crawl [--crawl-bandwidth MB/s]]
 
 One run does everything (bench/README.md "stream.py" has the figures):
 
-1. Generates, in a child process, a Llama-shaped bfloat16 checkpoint of 618 MB (hidden 1024, 16
-   layers, 32,000-token vocabulary, untied LM head, 3 shards) with a super weight planted at layer 2,
-   W[100, 200] (tests/checkpoints.py), unless --out-dir already holds it.
-2. Serves it on loopback under Hub-shaped URLs (`/api/models/{repo}/revision/{rev}` and `/tree/{rev}`,
-   `/{repo}/resolve/{rev}/{file}` with HEAD, ETag, X-Repo-Commit and Range), each connection held to
-   --bandwidth MB/s (default 50); --link caps all connections together. It counts the body bytes and
-   GETs it answers, and the most connections sending at once.
+1. Generates, in a child process, a Llama-shaped bfloat16 checkpoint of 618 MB (16 layers, 3
+   shards) with a super weight planted at layer 2, W[100, 200], unless --out-dir already holds it.
+2. Serves it on loopback under Hub-shaped URLs (model info, tree, resolve with HEAD, ETag,
+   X-Repo-Commit and Range), each connection held to --bandwidth MB/s (default 50); --link caps all
+   connections together. It counts the body bytes and GETs it answers.
 3. Runs `superweight scan REPO --revision SHA --json --no-record` in a fresh process with its own
-   HF_HOME, TMPDIR and SUPERWEIGHT_HOME, then again with --verify, and prints for each, measured in
-   that run: bytes fetched / bytes the scan needs (target <= 1.05); the scan's own seconds / (bytes
-   fetched / bandwidth) (target <= 1.15, with --verify <= 1.3); peak RSS (os.wait4 on the child; the
-   parent never imports torch); and the bytes of weight-sized files left in those folders (target 0).
-4. With --crawl: 8 small models (27 MB each) through the same server, crawled on a local Ray with
-   1 and then 2 workers: models per minute and their ratio.
-
+   HF_HOME, TMPDIR and SUPERWEIGHT_HOME, then with --verify, and prints for each: bytes fetched /
+   bytes needed (target <= 1.05); the scan's seconds / (bytes fetched / bandwidth) (target <= 1.15,
+   with --verify <= 1.3); peak RSS (os.wait4); weight-sized files left in those folders (target 0).
+4. With --crawl: 8 small models (27 MB each), at --crawl-bandwidth per connection if given (their
+   own server), crawled on a local Ray with 1 and then 2 workers: models per minute and the ratio.
 Exits 1 if a scan fails or misses the planted weight; the ratios are reported, not enforced.
 """
 
@@ -52,7 +48,6 @@ EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 # -- the checkpoint ----------------------------------------------------------------------------
-
 
 def generate(path: Path, *, small: bool, seed: int) -> None:
     """Write the planted checkpoint (run in a child: it imports torch)."""
@@ -90,7 +85,6 @@ def needed_bytes(folder: Path, token_ids: list[int]) -> int:
 
 
 # -- the throttled Hub -------------------------------------------------------------------------
-
 
 @dataclass
 class Repo:
@@ -251,7 +245,6 @@ def pinned(folder: Path) -> Repo:
 
 # -- measuring ---------------------------------------------------------------------------------
 
-
 @dataclass
 class Run:
     """One scan in a fresh process."""
@@ -359,6 +352,7 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, help="generate the checkpoint here (or reuse it); kept")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--crawl", action="store_true", help="also crawl 8 small models with 1 and 2 workers")
+    parser.add_argument("--crawl-bandwidth", type=float, help="MB/s per connection for the crawl (default --bandwidth)")
     parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -387,8 +381,14 @@ def main() -> int:
             needed = None if verify else needed_bytes(checkpoint, run.result["tokens"])
             ok &= report("scan + verify" if verify else "scan", run, needed=needed, bandwidth=bandwidth,
                          target=1.3 if verify else 1.15)
-        if args.crawl:
-            crawl_part(url, {k: v for k, v in repos.items() if k != REPO}, work)
+        if args.crawl:  # its own server when its bandwidth differs: small models, network-bound at a lower rate
+            small = {k: v for k, v in repos.items() if k != REPO}
+            rate = (args.crawl_bandwidth or args.bandwidth) * MB
+            crawl_server = serve(small, bandwidth=rate, link=None)[0] if args.crawl_bandwidth else server
+            print(f"crawl: 8 models served at {rate / MB:.0f} MB/s per connection")
+            crawl_part(f"http://127.0.0.1:{crawl_server.server_address[1]}", small, work)
+            if crawl_server is not server:
+                crawl_server.shutdown()
         server.shutdown()
     finally:
         if not args.keep:
