@@ -95,10 +95,19 @@ def quick_retries(monkeypatch):
     monkeypatch.setattr(fetch, "HUB_BACKOFF", 0.01)
 
 
+# Families whose remote scans are also verified: dense, GPT-2's Conv1D with a tied head, fused experts.
+# Verification reads the same layers and head slices in every family; these keep the suite short.
+VERIFIED = ("llama", "gpt2", "mixtral")
+
+
+def verify_for(arch: str) -> VerifyConfig | None:
+    return VERIFY if arch in VERIFIED else None
+
+
 @pytest.fixture(scope="module")
 def local_results(repos) -> dict[str, dict]:
-    """Each family's local scan (verified): what every remote scan must match."""
-    return {arch: scan_source(str(repo.folder), ScanOptions(verify=VERIFY)) for arch, repo in repos.items()}
+    """Each family's local scan (verified for VERIFIED): what every remote scan must match."""
+    return {arch: scan_source(str(repo.folder), ScanOptions(verify=verify_for(arch))) for arch, repo in repos.items()}
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +139,11 @@ def test_a_remote_scan_finds_and_measures_what_a_local_scan_does(repos, local_re
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    remote = scan_source(repo.repo_id, repo.options(front, tmp_path / "hf", verify=VERIFY))
+    remote = scan_source(repo.repo_id, repo.options(front, tmp_path / "hf", verify=verify_for(arch)))
     p = planted(arch)
     assert coordinates(remote) == {(p.layer, p.expert, p.row, p.col)}
     assert figures(remote) == figures(local)  # spike ratios, weights, every layer's peaks, the effects
-    assert remote["super_weights"][0]["effect"] is not None
+    assert (remote["super_weights"][0]["effect"] is not None) is (arch in VERIFIED)
     assert remote["remote"] and remote["passes"] == 1 and not local["remote"]
     # The same reads as from disk, give or take the first request's bytes: the header and what follows it,
     # which serve the reads that fall inside them.
@@ -154,7 +163,7 @@ def needed_bytes(folder: Path, token_ids: list[int]) -> tuple[int, int]:
     return header + sum(i.n_bytes for i in tensors.values()) - sum(i.n_bytes for i in table) + rows, layers
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral", "phi3", "gemma"])  # dense, Conv1D, experts, fused, tied
 def test_a_remote_scan_fetches_the_bytes_it_needs_once(repos, front, tmp_path, monkeypatch, arch):
     # Read-size constants made for multi-GB files, scaled to these 1-4 MB ones: no header guess past
     # the length prefix, and no gaps read through (1 MB would be most of a tiny model).
