@@ -317,12 +317,14 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
 def _join_ray(stores: ExitStack, address: str | None) -> None:
     """Join the Ray cluster at `address` (else start a local one, stopped when `stores` closes), unless joined."""
     import ray
+    from superweight.index.crawl import PRELOADED
 
     if ray.is_initialized():
         return
+    preload = {} if address else {"_system_config": {"preload_python_modules": list(PRELOADED)}}
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, **preload)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise click.ClickException(f"--address {address}: cannot join the Ray cluster ({first_line(e)})") from None
     stores.callback(ray.shutdown)

@@ -1,6 +1,7 @@
 """Shared test setup: isolated homes and caches, no network, and the real SmolLM2 checkpoint."""
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a dead loopback port: no tes
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["SUPERWEIGHT_HUB_BACKOFF"] = "0.05"  # seconds before a range read is retried (1 s by default)
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("HF_TOKEN", None)
 # Ray on loopback only, no telemetry, no auth (NOTES.md "Ray 2.60 on one machine"); read at import.
@@ -47,7 +49,10 @@ def smollm2(request) -> Path:
     example = EXAMPLES["smollm2"]
     gguf = example.gguf()
     revision = content_hash([gguf], gguf.parent)
-    dest = example_checkpoint(example, revision, home=Path(request.config.cache.mkdir("smollm2-example")))
+    cache = Path(request.config.cache.mkdir("smollm2-example"))
+    with open(cache / ".lock", "w") as lock:  # test processes running side by side (pytest -n) convert once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        dest = example_checkpoint(example, revision, home=cache)
     linked = SUPERWEIGHT_HOME / "examples" / example.name
     if not linked.exists():
         linked.mkdir(parents=True)
@@ -70,15 +75,21 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    from superweight.index.crawl import PRELOADED
+
     """One local Ray for the session (2 CPUs, no dashboard, every port on loopback); yields its address.
 
     It also declares one GPU, which this machine does not have: Ray schedules on the count alone, so
-    tests can check that GPU workers each take one (the scan itself then runs on the CPU).
+    tests can check that GPU workers each take one (the scan itself then runs on the CPU). Its worker
+    processes import the scan worker (torch, transformers) before they are handed an actor, as
+    `superweight crawl` has its local Ray do (superweight/cli.py), so a crawl's actors start in a
+    fraction of a second.
     """
     import ray
 
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    context = ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    context = ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+                       _temp_dir=temp, _system_config={"preload_python_modules": list(PRELOADED)})
     yield context.address_info["gcs_address"]
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

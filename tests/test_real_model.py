@@ -15,12 +15,12 @@ from superweight.scanner.verify import VerifyConfig
 pytestmark = pytest.mark.slow  # the real SmolLM2, verified (about a minute)
 
 TEXT = Path(__file__).parent / "data" / "GPL-3.txt"
-TOKENS, CONTEXT = 2048, 512
+TOKENS, CONTEXT = 1024, 512  # half the scanner's default evaluation: the same verdicts, half the CPU time
 
 
 @pytest.fixture(scope="module")
 def scanned(smollm2):
-    return scan_source(str(smollm2), ScanOptions(verify=VerifyConfig()))
+    return scan_source(str(smollm2), ScanOptions(verify=VerifyConfig(tokens=TOKENS, context=CONTEXT)))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_the_recorded_effect_of_its_super_weight_is_large_and_its_control_none(r
     assert first["kl"] > 1000 * first["control_kl"]
     assert first["expected_prob"] < first["base_expected_prob"] / 10  # " cold" after "Winter is", ...
     assert first["stopword_share"] > first["base_stopword_share"]  # the paper's shift towards stopwords
-    assert first["joint_ppl_ratio"] > first["ppl_ratio"] and first["eval_tokens"] == 2048
+    assert first["joint_ppl_ratio"] > first["ppl_ratio"] and first["eval_tokens"] == TOKENS
 
 
 def test_its_verdicts_super_alone_and_group_with_the_second_weight(scanned, recorded):

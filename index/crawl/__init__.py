@@ -8,7 +8,7 @@ writer of their results (driver.py).
 from .driver import CrawlOptions, CrawlReport, crawl, is_local
 from .pool import Job, WorkerPool
 from .vet import HubAccess, VettedModel, discover, vet
-from .worker import ScanWorker, WorkerConfig, actor_class
+from .worker import PRELOADED, ScanWorker, WorkerConfig, actor_class
 
-__all__ = ["CrawlOptions", "CrawlReport", "HubAccess", "Job", "ScanWorker", "VettedModel", "WorkerConfig", "WorkerPool",
-           "actor_class", "crawl", "discover", "is_local", "vet"]
+__all__ = ["PRELOADED", "CrawlOptions", "CrawlReport", "HubAccess", "Job", "ScanWorker", "VettedModel", "WorkerConfig",
+           "WorkerPool", "actor_class", "crawl", "discover", "is_local", "vet"]

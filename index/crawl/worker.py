@@ -25,6 +25,11 @@ from superweight.scanner.scan import ScanOptions
 from superweight.scanner.scan import scan as scan_checkpoint
 
 
+# What a local Ray's idle worker processes import before an actor arrives (torch, transformers: seconds),
+# so that an actor starts at once: ray.init(_system_config={"preload_python_modules": [...]}).
+PRELOADED = (__name__,)
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """What every scan of a crawl shares."""
