@@ -62,6 +62,7 @@ class Transfer:
 class FileBytes:
     """One checkpoint file, read by byte spans. Subclasses set `name` (for errors) and `size`."""
 
+    remote = False  # read over the network: reading it again costs what reading it first did
     name: str
     size: int
 
@@ -142,6 +143,8 @@ class HubFile(FileBytes):
         endpoint, token: the Hub (default HF_ENDPOINT and the cached login).
         pacer: paces requests under a per-5-minute budget (None: unpaced).
     """
+
+    remote = True
 
     def __init__(self, repo_id: str, revision: str, filename: str, *, name: str, transfer: Transfer,
                  endpoint: str | None = None, token: str | None = None, pacer: "Pacer | None" = None):

@@ -103,10 +103,14 @@ def remote_sources(resolved, transfer: Transfer, *, pacer: Pacer | None = None) 
                         endpoint=resolved.endpoint, pacer=pacer) for name in resolved.remote]
 
 
-def cache_bytes(cache_gb: float | None) -> int:
-    """The layer cache's size: `cache_gb`, or DEFAULT_CACHE_SHARE of the machine's memory."""
+def cache_bytes(cache_gb: float | None, *, remote: bool) -> int:
+    """The layer cache's size: `cache_gb`; else, reading from the Hub, DEFAULT_CACHE_SHARE of the
+    machine's memory; else 0: a local file's re-reads come from the OS page cache, and keeping its
+    layers as well would hold them in memory twice."""
     if cache_gb is not None:
         return int(cache_gb * 1e9)
+    if not remote:
+        return 0
     return int(DEFAULT_CACHE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
@@ -171,7 +175,7 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
                                      revision=resolved.revision, transfer=transfer,
                                      sources=remote_sources(resolved, transfer, pacer=pacer))
         model = StreamingModel(checkpoint, device=str(device), dtype=DTYPE_NAMES.get(options.dtype),
-                               trust_remote_code=options.trust_remote_code, cache_bytes=cache_bytes(options.cache_gb))
+                               trust_remote_code=options.trust_remote_code, cache_bytes=cache_bytes(options.cache_gb, remote=bool(resolved.remote)))
         hashing = pool.submit(checkpoint.revision, stop=stop)  # a local checkpoint's hash, while the layers stream
         tokenizer = checkpoint.tokenizer()
         ids, tokens = prompt_ids(options.detect.prompt, model.config, tokenizer)

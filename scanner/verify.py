@@ -242,13 +242,14 @@ class _Meter:
         """Final hidden states of the text (V, B, T-1, H: each position predicts the next) and the prompts
         (V, P, Tp, H).
 
-        Two passes when the layers fit the cache (the second reads no bytes); else one, the prompts
-        right-padded to the text's length and run in the same batch (causal attention never sees the
-        padding), so a model that does not fit is fetched once per measurement, not twice.
+        Two passes when the layers fit the cache (the second reads no bytes) or are read locally (the
+        page cache serves the second); else one, the prompts right-padded to the text's length and
+        run in the same batch (causal attention never sees the padding), so a remote model that does
+        not fit is fetched once per measurement, not twice.
         """
         B, T = self.text_ids.shape
         P, Tp = self.prompt_ids.shape
-        if self.model.feed.fits or Tp > T:
+        if self.model.feed.fits or not self.model.remote or Tp > T:
             self.progress.phase(f"verify: {copies} copies of the text", self.model.num_layers)
             text_hidden = stream.run(self.text_ids)[:, :, :-1]
             self.progress.phase(f"verify: {copies} copies of the prompts", self.model.num_layers)

@@ -92,7 +92,8 @@ def transfer(*, download_help: str) -> list:
         download(download_help),
         click.option("--cache-gb", type=Finite(min=0), default=None,
                      help="Memory for decoder layers kept between a scan's passes, so a model that fits is "
-                          "fetched once (default: a quarter of the machine's memory; 0: keep none)."),
+                          "fetched once (default: a quarter of the machine's memory when reading from the Hub; "
+                          "0 for local files, re-read from the page cache)."),
         max_requests("Pace Hub range requests to at most this many in any 5 minutes (the Hub's rate "
                      "limit is per token per 5 minutes)."),
     ]
