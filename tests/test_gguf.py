@@ -328,7 +328,7 @@ def hub_options(local_hub, tmp_path, **options) -> ScanOptions:
 @pytest.mark.parametrize("quant", ["Q8_0", "F16"])
 def test_a_gguf_repo_is_read_remotely_as_its_file_is_locally(local_hub, tmp_path, quant):
     remote = scan_source(GGUF_REPO, hub_options(local_hub, tmp_path, gguf_file=GGUF_FILES[quant]))
-    local = scan_source(str(local_hub.repo(GGUF_REPO) / GGUF_FILES[quant]))
+    local = scan_source(str(local_hub.repo(GGUF_REPO) / GGUF_FILES[quant]), ScanOptions(cache_gb=1))  # kept as remote
 
     assert coordinates(remote) == {(FIRST_PLANT.layer, None, FIRST_PLANT.row, FIRST_PLANT.col)}
     for field in ("super_weights", "layers", "tokens", "dtype", "num_layers", "bytes_read", "passes"):
