@@ -67,21 +67,24 @@ class Checkpoint:
             raw.update(zip(names, views, strict=True))
         return raw
 
+    @property
+    def remote(self) -> bool:
+        """Whether its weights are read over the network (reading them again costs what reading them did)."""
+        return any(source.remote for source in self.sources)
+
     def read_row_bytes(self, key: str, rows: list[int] | range) -> tuple[memoryview, int]:
-        """The stored bytes of rows of a 2D tensor (rows outermost), and one row's size."""
+        """The stored bytes of rows of a 2D tensor (rows outermost), writable, and one row's size."""
         file, offset, length = self.span(key)
         row_bytes = length // self.tensors[key].shape[0]
         if isinstance(rows, range) and rows.step == 1:
             return file.read_spans([(offset + rows.start * row_bytes, len(rows) * row_bytes)])[0], row_bytes
         views = file.read_spans([(offset + r * row_bytes, row_bytes) for r in rows])
-        return memoryview(b"".join(views)), row_bytes
+        return memoryview(bytearray().join(views)), row_bytes
 
     def close(self) -> None:
         """Let go of the weight files (open descriptors)."""
         for source in self.sources:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
+            source.close()
 
     def tokenizer(self):
         """The checkpoint's own tokenizer, or None without a usable one (loaded once)."""

@@ -70,6 +70,9 @@ class FileBytes:
         """Bytes offset:offset+length, exactly, or a ScanError naming the file."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Let go of what reading holds open (nothing, unless a subclass says otherwise)."""
+
     def max_gap(self) -> int:
         """Bytes between two wanted spans that are read rather than split into two reads (read at call
         time: tests and benchmarks scale it)."""

@@ -97,7 +97,6 @@ class StreamingModel:
         self.feed = LayerFeed(checkpoint.fetch, self.layer_keys, [checkpoint.nbytes(k) for k in self.layer_keys],
                               cache_bytes=cache_bytes, transfer=checkpoint.transfer)
         self.forwards = 0  # streamed passes over the layers
-        self.remote = any(source.remote for source in checkpoint.sources)  # re-reading costs the network
 
     def close(self) -> None:
         """Stop fetching ahead, drop kept layers and let go of the checkpoint's files."""

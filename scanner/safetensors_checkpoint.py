@@ -231,7 +231,7 @@ class SafetensorsCheckpoint(Checkpoint):
         """
         info = self.tensors[key]
         data, _ = self.read_row_bytes(key, rows)
-        weight = torch.frombuffer(bytearray(data), dtype=FLOAT_DTYPES[info.dtype]).view(len(rows), *info.shape[1:])
+        weight = torch.frombuffer(data, dtype=FLOAT_DTYPES[info.dtype]).view(len(rows), *info.shape[1:])
         return weight, data.nbytes
 
     def stored_index(self, keys: list[str], layout: Layout, row: int, col: int,

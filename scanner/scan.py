@@ -43,7 +43,7 @@ class ScanOptions:
     cache_dir: Path | None = None  # where Hub downloads go (default: the Hub cache, HF_HUB_CACHE)
     download: bool = False  # download a Hub repo's weights to the cache instead of reading them remotely
     gguf_file: str | None = None  # which GGUF file of a repo or folder: a file name, or a quantization (Q4_K_M)
-    cache_gb: float | None = None  # memory for layers kept between passes (None: DEFAULT_CACHE_SHARE of RAM)
+    cache_gb: float | None = None  # memory for layers kept between passes (None: see cache_bytes)
     max_requests_per_5min: int | None = None  # pace Hub range requests under this budget (None: unpaced)
     detect: DetectConfig = field(default_factory=DetectConfig)
     verify: VerifyConfig | None = None  # measure each super weight's effect (scanner.verify); None: don't
@@ -175,7 +175,8 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
                                      revision=resolved.revision, transfer=transfer,
                                      sources=remote_sources(resolved, transfer, pacer=pacer))
         model = StreamingModel(checkpoint, device=str(device), dtype=DTYPE_NAMES.get(options.dtype),
-                               trust_remote_code=options.trust_remote_code, cache_bytes=cache_bytes(options.cache_gb, remote=bool(resolved.remote)))
+                               trust_remote_code=options.trust_remote_code,
+                               cache_bytes=cache_bytes(options.cache_gb, remote=checkpoint.remote))
         hashing = pool.submit(checkpoint.revision, stop=stop)  # a local checkpoint's hash, while the layers stream
         tokenizer = checkpoint.tokenizer()
         ids, tokens = prompt_ids(options.detect.prompt, model.config, tokenizer)

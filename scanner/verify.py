@@ -249,7 +249,7 @@ class _Meter:
         """
         B, T = self.text_ids.shape
         P, Tp = self.prompt_ids.shape
-        if self.model.feed.fits or not self.model.remote or Tp > T:
+        if self.model.feed.fits or not self.model.checkpoint.remote or Tp > T:
             self.progress.phase(f"verify: {copies} copies of the text", self.model.num_layers)
             text_hidden = stream.run(self.text_ids)[:, :, :-1]
             self.progress.phase(f"verify: {copies} copies of the prompts", self.model.num_layers)
