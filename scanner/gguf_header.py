@@ -79,7 +79,7 @@ def read_header(source: FileBytes) -> GGUFHeader:
         CorruptCheckpoint: not a GGUF file, a header cut short or larger than MAX_HEADER, or a tensor
             whose data would run past the end of the file.
     """
-    data = source.read(0, min(source.size, HEAD_GUESS))  # a Hub file has read these with its first request
+    data = bytearray(source.read(0, min(source.size, HEAD_GUESS)))  # a Hub file has read these with its first request
     while (parsed := _parse(data, source.name)) is None:
         if len(data) >= min(source.size, MAX_HEADER):
             why = "ends" if len(data) >= source.size else f"is larger than {MAX_HEADER >> 20} MiB"

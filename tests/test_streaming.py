@@ -1,10 +1,14 @@
 """The scan streams: one decoder layer in memory at a time, no LM head, replays from the changed layer."""
 
+import gc
+import os
 from pathlib import Path
 
 import pytest
 
 from superweight.scanner.config import DetectConfig
+from superweight.scanner.errors import CorruptCheckpoint
+from superweight.scanner.fetch import LocalFile, Transfer
 from superweight.scanner.detect import Detector
 from superweight.scanner.scan import prompt_ids, scan_source
 from tests.checkpoints import Plant, make_checkpoint, streaming
@@ -73,3 +77,33 @@ def test_bytes_read_counts_the_layers_read_and_replayed(streamed):
     layer_bytes = sum(p.numel() * p.element_size() for p in model.layers[0].parameters())
     static = model.bytes_read - len(loads) * layer_bytes  # the final norm and the prompt's embedding rows
     assert 0 < static < layer_bytes // 10
+
+
+def test_a_local_span_is_mapped_copy_on_write_and_unmapped_when_dropped(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 64)  # 16 KiB
+    file = LocalFile(path, Transfer())
+    try:
+        view = file.read(5000, 100)
+        assert bytes(view) == path.read_bytes()[5000:5100]
+        view[0] = 255 - view[0]  # the loader may change a weight in place: never in the file
+        assert path.read_bytes()[5000] == 5000 % 256
+        assert str(path) in Path("/proc/self/maps").read_text()
+        del view
+        gc.collect()
+        assert str(path) not in Path("/proc/self/maps").read_text()
+    finally:
+        file.close()
+
+
+def test_a_file_cut_short_after_opening_is_an_error_not_a_crash(tmp_path):
+    """A mapped page past the end of a file is SIGBUS when touched; the read faults pages in first."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\1" * (1 << 20))
+    file = LocalFile(path, Transfer())
+    try:
+        os.truncate(path, 1 << 16)
+        with pytest.raises(CorruptCheckpoint, match="the file is truncated"):
+            file.read(1 << 19, 1 << 18)
+    finally:
+        file.close()
