@@ -26,7 +26,7 @@ import duckdb
 from superweight.scanner.errors import first_line
 from superweight.scanner.files import written_aside
 from superweight.scanner.result import ScanResult
-from superweight.scanner.hub import file_sha256
+from superweight.scanner.digest import file_sha256
 
 from .errors import CatalogLocked, CatalogTooNew, CatalogUnavailable, NonFiniteFigures
 from .schema import (  # noqa: F401  (COLUMNS: re-exported)

@@ -25,7 +25,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from superweight.scanner.errors import first_line
 from superweight.scanner.files import written_aside
-from superweight.scanner.hub import file_sha256, use_timeouts
+from superweight.scanner.digest import file_sha256
+from superweight.scanner.hub import use_timeouts
 
 from .errors import ChecksumMismatch, DownloadFailed, NotACatalog, PublishFailed
 

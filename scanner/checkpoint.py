@@ -26,7 +26,7 @@ from .config import DIGEST_CACHE, NULLABLE_SIZES, SIZE_LIMITS, SUPERWEIGHT_HOME
 from .errors import CorruptCheckpoint, MissingConfig, RemoteCodeRefused, UnsupportedArchitecture, first_line
 from .fetch import FileBytes
 from .files import inside
-from .hub import content_hash
+from .digest import content_hash
 from .tokens import load_tokenizer
 
 logger = logging.getLogger(__name__)

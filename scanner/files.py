@@ -2,6 +2,7 @@
 reading only regular files that lie inside the folder they belong to; and which of a checkpoint's
 files hold weights a scan reads (safetensors, or one GGUF file; never pickles)."""
 
+import json
 import os
 import re
 import shutil
@@ -129,3 +130,29 @@ def pick_gguf(names: list[str], wanted: str | None, where) -> str:
     if _SPLIT_GGUF.search(found[0]):
         raise Refused(f"{found[0]} is one part of a split GGUF; superweight reads a GGUF held in one file", where=where)
     return found[0]
+
+
+def find_weight_files(path: Path, *, root: Path | None = None) -> list[Path]:
+    """The safetensors files that hold the model, refusing pickle-only checkpoints.
+
+    Every file must be a regular file inside `root` (default `path`): a shard index or a link
+    pointing elsewhere on the machine, or a FIFO, is refused.
+    """
+    root = root or path
+    index = path / "model.safetensors.index.json"
+    if index.exists() or index.is_symlink():
+        inside(index, root, what="shard index")
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError) as e:
+            raise CorruptCheckpoint(f"not a valid shard index ({e})", where=index) from e
+        missing = [n for n in names if not isinstance(n, str) or not (path / n).exists()]
+        if missing:
+            raise CorruptCheckpoint(f"names shard(s) that are missing: {', '.join(map(str, missing))}", where=index)
+        return [inside(path / n, root, what="weight file") for n in names]
+    if (path / "model.safetensors").exists() or (path / "model.safetensors").is_symlink():
+        return [inside(path / "model.safetensors", root, what="weight file")]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return [inside(f, root, what="weight file") for f in files]
+    raise no_weights([p.name for p in path.iterdir()], path)

@@ -25,36 +25,10 @@ from transformers.modeling_utils import LoadStateDictConfig
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, load_config
 from .errors import CorruptCheckpoint, first_line
 from .fetch import FileBytes, LocalFile, Transfer
-from .files import inside, no_weights
+from .files import find_weight_files
 from .layout import Layout
 
 logger = logging.getLogger(__name__)
-
-
-def find_weight_files(path: Path, *, root: Path | None = None) -> list[Path]:
-    """The safetensors files that hold the model, refusing pickle-only checkpoints.
-
-    Every file must be a regular file inside `root` (default `path`): a shard index or a link
-    pointing elsewhere on the machine, or a FIFO, is refused.
-    """
-    root = root or path
-    index = path / "model.safetensors.index.json"
-    if index.exists() or index.is_symlink():
-        inside(index, root, what="shard index")
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError) as e:
-            raise CorruptCheckpoint(f"not a valid shard index ({e})", where=index) from e
-        missing = [n for n in names if not isinstance(n, str) or not (path / n).exists()]
-        if missing:
-            raise CorruptCheckpoint(f"names shard(s) that are missing: {', '.join(map(str, missing))}", where=index)
-        return [inside(path / n, root, what="weight file") for n in names]
-    if (path / "model.safetensors").exists() or (path / "model.safetensors").is_symlink():
-        return [inside(path / "model.safetensors", root, what="weight file")]
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        return [inside(f, root, what="weight file") for f in files]
-    raise no_weights([p.name for p in path.iterdir()], path)
 
 
 # Bytes per element of every safetensors dtype (F4 packs two to a byte, and is checked as such).

@@ -31,7 +31,7 @@ import transformers  # noqa: E402
 
 from superweight.scanner.config import SUPERWEIGHT_HOME  # noqa: E402
 from superweight.scanner.examples import EXAMPLES, example_checkpoint  # noqa: E402
-from superweight.scanner.hub import content_hash  # noqa: E402
+from superweight.scanner.digest import content_hash  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 

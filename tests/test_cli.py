@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from superweight.scanner import __version__
 from superweight.scanner.examples import smollm2_gguf
-from superweight.scanner.hub import content_hash
+from superweight.scanner.digest import content_hash
 from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
 

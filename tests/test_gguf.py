@@ -32,7 +32,8 @@ from superweight.scanner.fetch import LocalFile, Transfer
 from superweight.scanner.files import pick_gguf
 from superweight.scanner.gguf import dequantize_bytes
 from superweight.scanner.gguf_header import gguf_config, read_header
-from superweight.scanner.hub import content_hash, resolve
+from superweight.scanner.digest import content_hash
+from superweight.scanner.hub import resolve
 from superweight.scanner.loader import StreamingModel
 from superweight.scanner.scan import ScanOptions, prompt_ids, scan_source
 from superweight.scanner.tokens import gguf_tokenizer

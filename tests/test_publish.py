@@ -18,7 +18,7 @@ from superweight.index.catalog import COLUMNS, Catalog
 from superweight.index.errors import PublishFailed
 from superweight.index.literature import read_literature
 from superweight.index.publish import publish
-from superweight.scanner.hub import file_sha256
+from superweight.scanner.digest import file_sha256
 from superweight.cli import cli
 from tests.hub_commits import CommitEndpoint, serve
 from tests.hub_server import git

@@ -21,7 +21,8 @@ import pytest
 from superweight.scanner import fetch
 from superweight.scanner.errors import CorruptCheckpoint, HubError, HubUnavailable
 from superweight.scanner.fetch import Pacer
-from superweight.scanner.safetensors_checkpoint import find_weight_files, read_header
+from superweight.scanner.files import find_weight_files
+from superweight.scanner.safetensors_checkpoint import read_header
 from superweight.scanner.scan import ScanOptions, scan_source
 from superweight.scanner.verify import VerifyConfig
 from tests.checkpoints import ARCHS, MOE_ARCHS, Plant, coordinates, make_checkpoint
