@@ -19,6 +19,8 @@ from superweight.scanner import __version__
 from superweight.scanner.config import CATALOG_FILE, DIGEST_CACHE, SUPERWEIGHT_HOME, DetectConfig
 from superweight.scanner.errors import ScanError
 
+from superweight.index.keep import DEFAULT_VERDICTS, FORMATS, VERDICTS
+
 from .cli_crawl import crawl
 from .display import progress_display, progress_mode
 from .report import explain, figure_line, ledger_line, scan_report, table, to_json, written
@@ -146,15 +148,61 @@ def _scan_one(run, source: str, options, *, as_json: bool, progress: str) -> boo
 
 
 @cli.command()
-@opt.export_out()
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Where to write (default: catalog.parquet, with catalog.json beside it). With --keep: the file "
+                   "(default: stdout) for --repo, else a folder that gets one file per model.")
 @opt.catalog()
-def export(out, catalog_path) -> None:
-    """Write catalog.parquet and its catalog.json manifest."""
+@click.option("--keep", "keep_format", type=click.Choice(FORMATS),
+              help="Write keep-lists instead: the super weights' modules (or tensors, or elements) in this tool's form.")
+@click.option("--repo", "repo_id", help="With --keep: this model only (its latest scan).")
+@click.option("--revision", help="With --keep and --repo: this revision (a prefix of its sha or content hash).")
+@click.option("--verdict", "verdicts", default=",".join(DEFAULT_VERDICTS), show_default=True,
+              help=f"With --keep: the verdicts to keep, comma-separated ({', '.join(VERDICTS)}).")
+@click.option("--from", "parquet", metavar="PATH_OR_URL", help="With --keep: read this catalog.parquet (as query --from).")
+@click.option("--type", "gguf_type", default="q8_0", show_default=True, help="With --keep llama.cpp: the type kept tensors get.")
+@click.option("--scheme", default="W4A16", show_default=True, help="With --keep llm-compressor: the recipe's scheme.")
+def export(out, catalog_path, keep_format, repo_id, revision, verdicts, parquet, gguf_type, scheme) -> None:
+    """Write catalog.parquet and its catalog.json manifest, or keep-lists for quantization tools (--keep)."""
+    if keep_format is not None:
+        wanted = tuple(v.strip() for v in verdicts.split(",") if v.strip())
+        if not wanted or set(wanted) - set(VERDICTS):
+            raise click.BadParameter(f"{verdicts!r}: a comma-separated list of {', '.join(VERDICTS)}", param_hint="--verdict")
+        _export_keep(out, catalog_path, parquet, keep_format, repo_id=repo_id, revision=revision, verdicts=wanted,
+                     gguf_type=gguf_type, scheme=scheme)
+        return
     from superweight.index.catalog import Catalog
 
+    out = out or Path("catalog.parquet")
     with Catalog(_existing_catalog(catalog_path), read_only=True) as catalog:
         manifest = catalog.export(out)
     click.echo(written(out, manifest.rows, manifest.sha256))
+
+
+def _export_keep(out, catalog_path, parquet, fmt, *, repo_id, revision, verdicts, gguf_type, scheme) -> None:
+    """Keep-lists from the index (the local catalog, else the downloaded or given catalog.parquet)."""
+    from superweight.index import keep
+    from superweight.index.query import choose_index, open_session
+
+    catalog, parquet, note = choose_index(catalog_path, parquet, home=SUPERWEIGHT_HOME)
+    models = keep.select(open_session(catalog=catalog, parquet=parquet), repo_id=repo_id, revision=revision,
+                         verdicts=verdicts)
+    click.echo(f"export: reading {note}; {keep.NOTE}", err=True)
+    if repo_id is not None:
+        text = keep.render(models[0], fmt, gguf_type=gguf_type, scheme=scheme)
+        if not models[0].rows:
+            click.echo(f"export: {repo_id} has no super weights with verdict {','.join(verdicts)}", err=True)
+        if out is None or str(out) == "-":
+            click.echo(text, nl=False)
+        else:
+            out.write_text(text)
+            click.echo(f"wrote {out}", err=True)
+        return
+    if out is None:
+        raise click.UsageError("--keep without --repo writes one file per model: give --out FOLDER")
+    out.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        (out / keep.file_name(model, fmt)).write_text(keep.render(model, fmt, gguf_type=gguf_type, scheme=scheme))
+    click.echo(f"wrote {len(models)} keep-list(s) to {out}", err=True)
 
 
 @cli.command()
