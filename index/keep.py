@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from superweight.scanner import __version__
+from superweight.scanner.files import gguf_tensor_name
 
 from .errors import QueryRefused
 
@@ -80,11 +81,8 @@ def parameter_of(row: dict) -> str | None:
 
 
 def gguf_name(row: dict) -> str:
-    """The GGUF tensor holding a row's super weight (llama.cpp names every MLP down projection `ffn_down`)."""
-    tensor = row.get("tensor") or ""
-    if tensor.startswith("blk."):
-        return tensor
-    return f"blk.{row['layer']}.ffn_down{'_exps' if row.get('expert') is not None else ''}.weight"
+    """The GGUF tensor holding a row's super weight."""
+    return gguf_tensor_name(row["layer"], row.get("expert"), row.get("tensor"))
 
 
 def select(con, *, repo_id: str | None = None, revision: str | None = None,

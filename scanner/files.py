@@ -132,6 +132,14 @@ def pick_gguf(names: list[str], wanted: str | None, where) -> str:
     return found[0]
 
 
+def gguf_tensor_name(layer: int, expert: int | None, tensor: str | None = None) -> str:
+    """The GGUF tensor of a layer's MLP down projection (llama.cpp names every one `ffn_down`, fused experts
+    `ffn_down_exps`); `tensor` when it is a GGUF name already."""
+    if tensor and tensor.startswith("blk."):
+        return tensor
+    return f"blk.{layer}.ffn_down{'_exps' if expert is not None else ''}.weight"
+
+
 def find_weight_files(path: Path, *, root: Path | None = None) -> list[Path]:
     """The safetensors files that hold the model, refusing pickle-only checkpoints.
 

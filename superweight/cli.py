@@ -22,6 +22,7 @@ from superweight.scanner.errors import ScanError
 from superweight.index.keep import DEFAULT_VERDICTS, FORMATS, VERDICTS
 
 from .cli_crawl import crawl
+from .cli_quant import audit
 from .display import progress_display, progress_mode
 from .report import explain, figure_line, ledger_line, scan_report, table, to_json, written
 
@@ -350,6 +351,7 @@ def ledger_command(state, as_json) -> None:
 
 
 cli.add_command(crawl)
+cli.add_command(audit)
 
 
 def main() -> None:

@@ -226,8 +226,10 @@ def _pair_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, config, tensors: dict[str, np.ndarray | tuple[np.ndarray, GGMLQuantizationType]], *,
-               qtype: GGMLQuantizationType = GGMLQuantizationType.F32, arch: str | None = None) -> Path:
-    """Write `tensors` as a GGUF file, matrices quantized to `qtype` (vectors stay F32, as llama.cpp keeps them).
+               qtype: GGMLQuantizationType = GGMLQuantizationType.F32, arch: str | None = None,
+               strings: dict[str, str] | None = None) -> Path:
+    """Write `tensors` as a GGUF file, matrices quantized to `qtype` (vectors stay F32, as llama.cpp keeps them),
+    with `strings` as extra string metadata (e.g. general.base_model.0.repo_url).
 
     A (uint8 array, type) pair is written as is: bytes already in that type's blocks. The metadata
     holds every config value transformers reads back (its GGUF_CONFIG_MAPPING, inverted, and the BOS
@@ -247,6 +249,8 @@ def write_gguf(path: Path, config, tensors: dict[str, np.ndarray | tuple[np.ndar
     for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
         if isinstance(getattr(config, key, None), int):  # read back into the config: the prompt starts with BOS
             add(getattr(config, key))
+    for key, value in (strings or {}).items():
+        writer.add_string(key, value)
     for name, array in tensors.items():
         if isinstance(array, tuple):
             writer.add_tensor(name, array[0], raw_dtype=array[1])
@@ -262,11 +266,12 @@ def write_gguf(path: Path, config, tensors: dict[str, np.ndarray | tuple[np.ndar
 
 
 def make_gguf(path: Path, arch: str, plants: list[Plant] = (), *, seed: int = 0,
-              qtype: GGMLQuantizationType = GGMLQuantizationType.F32, **overrides) -> Path:
+              qtype: GGMLQuantizationType = GGMLQuantizationType.F32, strings: dict[str, str] | None = None,
+              **overrides) -> Path:
     """Write the same seeded tiny model as make_checkpoint, with `plants`, as one GGUF file at `path`."""
     model = build_model(arch, seed=seed, **overrides)
     plant(model, list(plants))
-    return write_gguf(path, model.config, gguf_tensors(model), qtype=qtype)
+    return write_gguf(path, model.config, gguf_tensors(model), qtype=qtype, strings=strings)
 
 
 def streaming(path: Path, **options):
