@@ -30,8 +30,10 @@ from superweight.scanner.digest import file_sha256
 
 from .errors import CatalogLocked, CatalogTooNew, CatalogUnavailable, NonFiniteFigures
 from .schema import (  # noqa: F401  (COLUMNS: re-exported)
-    ADDED_COLUMNS, COLUMNS, EXPORT_ORDER, SCAN_EFFECTS, SCHEMA_VERSION, TABLES, VIEW, catalog_key, scan_row, weight_rows,
+    ADDED_COLUMNS, COLUMNS, EXPORT_ORDER, QUANT_EXPORT_ORDER, QUANT_PARQUET, SCAN_EFFECTS, SCHEMA_VERSION, TABLES, VIEW, catalog_key,
+    quant_rows, scan_row, weight_rows,
 )
+
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +138,14 @@ class Catalog:
         _check_finite(result)
         key = catalog_key(result.name, result.revision, result.scanner_version)
         scan, weights = scan_row(result, key, scanned_at), weight_rows(result, key)
+        quant = quant_rows(result, key)
         with self.connect() as con, _transaction(con, self.path):
             note = _keep_effects(con, key, scan, weights) if result.verification is None else None
             _replace(con, key, scan, weights)
+            if quant:  # a scan without the lab keeps the key's earlier figures
+                con.execute("DELETE FROM quantization WHERE repo_id = ? AND revision = ? AND scanner_version = ?",
+                            list(key.values()))
+                _insert(con, "quantization", quant)
         if note:
             logger.warning("%s@%s: %s", key["repo_id"], key["revision"][:12], note)
         return note
@@ -180,10 +187,26 @@ class Catalog:
                                     datetime.now(UTC).isoformat(timespec="seconds"))
             with written_aside(out.with_suffix(".json")) as tmp:
                 tmp.write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+            self._export_quantization(out.with_name(QUANT_PARQUET))
         except (OSError, duckdb.IOException) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
             raise CatalogUnavailable(f"{out}: cannot write the export ({reason})") from None
         return manifest
+
+
+    def _export_quantization(self, out: Path) -> None:
+        """quantization.parquet beside the export, when the catalog holds quantization figures."""
+        with self.connect() as con:
+            if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'quantization'"
+                               ).fetchone()[0]:
+                return  # a catalog written before the table existed, opened read-only
+            if not con.execute("SELECT count(*) FROM quantization").fetchone()[0]:
+                return
+            with written_aside(out) as tmp:
+                con.execute("SET threads = 1")
+                escaped = str(tmp).replace("'", "''")
+                con.execute(f"COPY (SELECT * FROM quantization ORDER BY {QUANT_EXPORT_ORDER}) TO '{escaped}' "
+                            "(FORMAT parquet, COMPRESSION zstd)")
 
 
 def connect(path: Path, *, read_only: bool, wait: float) -> duckdb.DuckDBPyConnection:
@@ -303,9 +326,14 @@ def _replace(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights: lis
         con.execute(f"DELETE FROM {table} WHERE repo_id = ? AND revision = ? AND scanner_version = ?",
                     list(key.values()))
     for table, rows in (("scans", [scan]), ("super_weights", weights)):
-        for row in rows:
-            names = ", ".join(f'"{name}"' for name in row)
-            con.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        _insert(con, table, rows)
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict]) -> None:
+    """Insert rows (columns by name) inside the caller's transaction."""
+    for row in rows:
+        names = ", ".join(f'"{name}"' for name in row)
+        con.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
 
 
 def _check_finite(result: ScanResult) -> None:

@@ -29,6 +29,7 @@ from superweight.scanner.digest import file_sha256
 from superweight.scanner.hub import use_timeouts
 
 from .errors import ChecksumMismatch, DownloadFailed, NotACatalog, PublishFailed
+from .schema import QUANT_PARQUET
 
 # Where `superweight publish` pushes the index; overridable for mirrors.
 DEFAULT_INDEX = os.getenv("SUPERWEIGHT_INDEX_URL", "hf://datasets/superweight/index")
@@ -131,6 +132,10 @@ def _publish_to_folder(target: str, parquet: Path, manifest: dict) -> Published:
         folder.mkdir(parents=True, exist_ok=True)
         # Each file is written aside and renamed into place as the blocks close, innermost first:
         # the parquet, then the card, the manifest last.
+        quant = _quantization_file(parquet)
+        if quant is not None:  # before the catalog's files, so the manifest is still renamed last
+            with written_aside(folder / QUANT_PARQUET) as staged_quant:
+                shutil.copyfile(quant, staged_quant)
         with (written_aside(folder / MANIFEST) as manifest_file, written_aside(folder / CARD) as card,
               written_aside(folder / PARQUET) as staged):
             shutil.copyfile(parquet, staged)
@@ -159,6 +164,7 @@ def _publish_to_hub(target: str, parquet: Path, manifest: dict, *, endpoint: str
                 CommitOperationAdd(PARQUET, str(parquet)),
                 CommitOperationAdd(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode()),
                 CommitOperationAdd(CARD, card.encode()),
+                *([CommitOperationAdd(QUANT_PARQUET, str(quant))] if (quant := _quantization_file(parquet)) else []),
             ],
             commit_message=f"superweight index: {manifest['rows']} rows, sha256 {manifest['sha256'][:12]}",
         )
@@ -166,6 +172,34 @@ def _publish_to_hub(target: str, parquet: Path, manifest: dict, *, endpoint: str
         reason = first_line(e).replace(token, "***")
         raise PublishFailed(f"{target}: upload failed ({reason})") from None
     return Published(target, manifest, commit.commit_url)
+
+
+def _quantization_file(parquet: Path) -> Path | None:
+    """The quantization.parquet an export wrote beside `parquet`, if any."""
+    quant = Path(parquet).with_name(QUANT_PARQUET)
+    return quant if quant.is_file() else None
+
+
+def _quantization_section(parquet: Path) -> str:
+    """The dataset card's section on quantization.parquet (empty without one)."""
+    from .schema import QUANT_COLUMNS
+
+    quant = _quantization_file(parquet)
+    if quant is None:
+        return ""
+    schema = pq.read_schema(quant)
+    columns = "\n".join(f"| `{name}` | {schema.field(name).type} | {meaning} |" for name, meaning in QUANT_COLUMNS.items())
+    return f"""
+## `{QUANT_PARQUET}`: what keeping the super weights buys quantization
+
+One row per model revision, variant, bit width, weight layout and clipping threshold, measured by
+`superweight quantize`: every linear layer of the decoder layers fake-quantized (round to nearest),
+perplexity on the same evaluation text as the verdicts, against the unquantized model's.
+
+| column | type | meaning |
+| --- | --- | --- |
+{columns}
+"""
 
 
 def dataset_card(parquet: Path, manifest: dict, *, where: str) -> str:
@@ -181,7 +215,8 @@ def dataset_card(parquet: Path, manifest: dict, *, where: str) -> str:
         pretty_name="Super weights of open LLM checkpoints",
         tags=["super-weight", "quantization", "pruning", "interpretability"],
         size_categories=[size],
-        configs=[{"config_name": "default", "data_files": PARQUET}],
+        configs=[{"config_name": "default", "data_files": PARQUET},
+                 *([{"config_name": "quantization", "data_files": QUANT_PARQUET}] if _quantization_file(parquet) else [])],
     )
     columns = "\n".join(f"| `{name}` | {schema.field(name).type} | {meaning} |" for name, meaning in COLUMNS.items())
     body = f"""
@@ -219,7 +254,7 @@ superweight download {where}
 superweight query "SELECT repo_id, layer, out_channel, in_channel, verdict FROM catalog WHERE verdict IN ('super', 'group')" --from {where}
 superweight query "SELECT repo_id, count(DISTINCT super_activation) AS activations, max(abs(super_activation_value)) AS largest FROM catalog WHERE source = 'scan' GROUP BY repo_id" --from {where}
 ```
-"""
+{_quantization_section(parquet)}"""
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 

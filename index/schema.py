@@ -41,6 +41,21 @@ CREATE TABLE IF NOT EXISTS super_weights (
     note VARCHAR,
     PRIMARY KEY (repo_id, revision, scanner_version, ordinal)
 );
+CREATE TABLE IF NOT EXISTS quantization (
+    repo_id VARCHAR NOT NULL,
+    revision VARCHAR NOT NULL,
+    scanner_version VARCHAR NOT NULL,
+    variant VARCHAR NOT NULL,
+    bits INTEGER NOT NULL,
+    block_size BIGINT,
+    group_size INTEGER,
+    z DOUBLE,
+    ppl DOUBLE,
+    ppl_ratio DOUBLE,
+    base_ppl DOUBLE NOT NULL,
+    eval_tokens INTEGER NOT NULL,
+    measured_at TIMESTAMP
+);
 """
 
 # Added in schemas 2 and 3, after the columns above, so that an older file is upgraded in place.
@@ -126,6 +141,41 @@ COLUMNS = {
     "scanner_version": "superweight version that scanned it ('literature' for published rows)",
     "scanned_at": "when it was scanned (UTC)",
 }
+
+QUANT_PARQUET = "quantization.parquet"  # written beside catalog.parquet (export, publish) when there are figures
+
+# The columns of the `quantization` table and of quantization.parquet (superweight quantize), in order.
+QUANT_COLUMNS = {
+    "repo_id": "Hub id of the model (or the source as given, for folders)",
+    "revision": "commit sha (a content hash for folders and GGUF files)",
+    "scanner_version": "superweight version that measured it",
+    "variant": "rtn, rtn+keep (super weights restored after quantizing), rtn+keep+clip (outliers beyond mean(|w|) + "
+               "z std(|w|) per block clipped first, super weights restored), rtn+keep-control and "
+               "rtn+keep+clip-control (a same-magnitude ordinary weight restored instead), w8a8 (weights 8-bit per "
+               "row, linear inputs 8-bit per tensor), w8a8+keep-act (the super activation's channels kept out)",
+    "bits": "weight bits (2^bits - 1 levels, asymmetric min-max, round to nearest)",
+    "block_size": "1-D runs of this many elements of each flattened (out, in) weight matrix (null: not blocks)",
+    "group_size": "per-row groups of this many inputs (null: not groups; block_size and group_size both null: "
+                  "the whole tensor, or per row for w8a8)",
+    "z": "the clipping threshold of rtn+keep+clip (null otherwise)",
+    "ppl": "perplexity on the evaluation text with every linear layer of the decoder layers fake-quantized "
+           "(null: not finite)",
+    "ppl_ratio": "ppl over base_ppl",
+    "base_ppl": "perplexity of the unquantized model on the same text (the figure --verify reports)",
+    "eval_tokens": "tokens of the evaluation text",
+    "measured_at": "when it was measured (UTC)",
+}
+QUANT_EXPORT_ORDER = "repo_id, revision, scanner_version, variant, bits, block_size NULLS FIRST, group_size NULLS FIRST, z NULLS FIRST"
+
+
+def quant_rows(result: ScanResult, key: dict, measured_at: datetime | None = None) -> list[dict]:
+    """The `quantization` rows of a scan that ran the quantization lab (none otherwise)."""
+    lab = result.quantization or {}
+    when = measured_at or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    return [{**key, **{k: r[k] for k in ("variant", "bits", "block_size", "group_size", "z", "ppl", "ppl_ratio")},
+             "base_ppl": lab["base_ppl"], "eval_tokens": lab["tokens"], "measured_at": when}
+            for r in lab.get("results", [])]
+
 
 # Scan result fields of a super weight that are stored as they are.
 WEIGHT_FIELDS = ("layer", "expert", "tensor", "out_channel", "in_channel", "index", "hf_tensor", "hf_index", "weight",

@@ -146,6 +146,7 @@ class ScanResult:
     passes: int | None = None  # streamed passes that fetched layers: 1 when the layers fit the cache
     forwards: int | None = None  # streamed passes over the layers, all told
     wait_seconds: float | None = None  # seconds the compute waited for bytes (network or disk)
+    quantization: dict | None = None  # superweight quantize: scanner.quantize.quantize_lab's figures
 
     @property
     def name(self) -> str:
@@ -166,7 +167,8 @@ class ScanResult:
         return {**identity, **asdict(self.detection),
                 "verification": self.verification.to_json() if self.verification else None,
                 "criteria": self.criteria, "scanner_version": self.scanner_version, "scanned_at": self.scanned_at,
-                **{name: getattr(self, name) for name in _COSTS}}
+                **{name: getattr(self, name) for name in _COSTS},
+                **({"quantization": self.quantization} if self.quantization is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "ScanResult":
@@ -181,7 +183,7 @@ class ScanResult:
         return cls(**{name: data.get(name) for name in _IDENTITY}, detection=detection,
                    verification=Verification(**_known(Verification, verification)) if verification else None,
                    **{k: data.get(k) for k in ("criteria", "scanner_version", "scanned_at")},
-                   **{k: data.get(k, getattr(cls, k, None)) for k in _COSTS})
+                   **{k: data.get(k, getattr(cls, k, None)) for k in _COSTS}, quantization=data.get("quantization"))
 
 
 # The identity fields of a ScanResult, in the order its JSON lists them.

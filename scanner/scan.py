@@ -23,6 +23,7 @@ from .fetch import FileBytes, HubFile, Pacer, Transfer
 from .hub import hub_errors, resolve
 from .loader import StreamingModel
 from .progress import Progress
+from .quantize import QuantConfig, quantize_lab
 from .result import ScanResult, Verification
 from .safetensors_checkpoint import SafetensorsCheckpoint
 from .tokens import hashed_ids, max_positions
@@ -47,6 +48,7 @@ class ScanOptions:
     max_requests_per_5min: int | None = None  # pace Hub range requests under this budget (None: unpaced)
     detect: DetectConfig = field(default_factory=DetectConfig)
     verify: VerifyConfig | None = None  # measure each super weight's effect (scanner.verify); None: don't
+    quantize: QuantConfig | None = None  # measure fake-quantized variants (scanner.quantize); None: don't
 
 
 def pick_device(device: str) -> torch.device:
@@ -189,6 +191,7 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
             except CannotVerify as e:  # the coordinates still stand; the record says why there are no effects
                 logger.warning("%s: not verified: %s", source, e)
                 verification = Verification(skipped=str(_named(e, resolved)))
+        quantization = _quantization(model, detection, tokenizer, options, progress, source, resolved)
         revision = hashing.result()
     except ScanError as e:
         _named(e, resolved)
@@ -198,9 +201,22 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
         pool.shutdown(wait=True)
         if model is not None:
             model.close()
-    return _result(source, options, resolved, model, detection, verification, revision=revision, tokens=tokens,
-                   ids=ids, device=device, transfer=transfer, scanned_at=scanned_at, start=start,
-                   resolved_at=resolved_at)
+    result = _result(source, options, resolved, model, detection, verification, revision=revision, tokens=tokens,
+                     ids=ids, device=device, transfer=transfer, scanned_at=scanned_at, start=start,
+                     resolved_at=resolved_at)
+    result.quantization = quantization
+    return result
+
+
+def _quantization(model, detection, tokenizer, options, progress, source, resolved) -> dict | None:
+    """The quantization lab's figures when asked for; {"skipped": why} when the model rules them out."""
+    if options.quantize is None:
+        return None
+    try:
+        return quantize_lab(model, detection, tokenizer=tokenizer, config=options.quantize, progress=progress)
+    except CannotVerify as e:
+        logger.warning("%s: not quantized: %s", source, e)
+        return {"skipped": str(_named(e, resolved))}
 
 
 def _result(source, options, resolved, model, detection, verification, *, revision, tokens, ids, device,

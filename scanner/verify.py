@@ -271,6 +271,20 @@ def _prompt_figures(stats: dict, v: int, inputs: Inputs) -> dict:
 
 # -- the streamed variants --------------------------------------------------------------------------
 
+def pick_control(w: torch.Tensor, row: int, col: int, weights: list[tuple[int, int]],
+                 taken: list[tuple[int, int]] = ()) -> tuple[int, int]:
+    """The control of w[row, col] in matrix `w` (out, in): the weight closest to it in magnitude outside
+    the rows and columns of every (row, col) in `weights` (the super weights), and not `taken`."""
+    w = w.detach()
+    gap = (w.abs().float() - abs(float(w[row, col]))).abs()
+    for r, c in weights:
+        gap[r, :] = math.inf
+        gap[:, c] = math.inf
+    for r, c in taken:
+        gap[r, c] = math.inf
+    return divmod(int(gap.argmin()), w.shape[1])
+
+
 class _VariantStream(LayerObserver):
     """Runs inputs through the streamed model once, with one batch copy per variant.
 
@@ -310,16 +324,10 @@ class _VariantStream(LayerObserver):
         here = [(k, c) for k, c in enumerate(self.coords) if c[0] == layer]
         for k, (_, expert, row, col) in here:
             w = self._matrix(layer, expert)  # (out, in)
-            target = abs(float(w[row, col]))
-            gap = (w.abs().float() - target).abs()
-            for _, (_, e, r, c) in here:
-                if e == expert:
-                    gap[r, :] = math.inf
-                    gap[:, c] = math.inf
-            for taken in self.chosen:  # each super weight gets a control of its own
-                if taken is not None and taken["expert"] == expert and taken["layer"] == layer:
-                    gap[taken["out_channel"], taken["in_channel"]] = math.inf
-            r, c = divmod(int(gap.argmin()), w.shape[1])
+            mine = [(r, c) for _, (_, e, r, c) in here if e == expert]
+            taken = [(t["out_channel"], t["in_channel"]) for t in self.chosen  # each super weight its own control
+                     if t is not None and t["expert"] == expert and t["layer"] == layer]
+            r, c = pick_control(w, row, col, mine, taken)
             self.chosen[k] = {"layer": layer, "expert": expert, "out_channel": r, "in_channel": c,
                               "weight": float(w[r, c])}
 

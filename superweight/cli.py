@@ -22,7 +22,7 @@ from superweight.scanner.errors import ScanError
 from superweight.index.keep import DEFAULT_VERDICTS, FORMATS, VERDICTS
 
 from .cli_crawl import crawl
-from .cli_quant import audit
+from .cli_quant import audit, quantize
 from .display import progress_display, progress_mode
 from .report import explain, figure_line, ledger_line, scan_report, table, to_json, written
 
@@ -163,7 +163,12 @@ def _scan_one(run, source: str, options, *, as_json: bool, progress: str) -> boo
 @click.option("--type", "gguf_type", default="q8_0", show_default=True, help="With --keep llama.cpp: the type kept tensors get.")
 @click.option("--scheme", default="W4A16", show_default=True, help="With --keep llm-compressor: the recipe's scheme.")
 def export(out, catalog_path, keep_format, repo_id, revision, verdicts, parquet, gguf_type, scheme) -> None:
-    """Write catalog.parquet and its catalog.json manifest, or keep-lists for quantization tools (--keep)."""
+    """Write catalog.parquet and its manifest, or keep-lists (--keep).
+
+    catalog.json goes beside catalog.parquet, and quantization.parquet when the catalog holds
+    `superweight quantize` figures. With --keep: what quantization tools should leave in high
+    precision, in each tool's own form (README "Commands over the index").
+    """
     if keep_format is not None:
         wanted = tuple(v.strip() for v in verdicts.split(",") if v.strip())
         if not wanted or set(wanted) - set(VERDICTS):
@@ -300,13 +305,19 @@ def _published(published) -> None:
 @opt.revision
 @opt.device()
 @click.option("--verify", is_flag=True, help="Add the effect of zeroing each super weight (as scan --verify).")
-def plot(source, out, revision, device, verify) -> None:
-    """Scan SOURCE and draw its detection figure as a PNG.
+@click.option("--quant", is_flag=True, help="Instead, draw what `superweight quantize SOURCE` measured (from the "
+                                            "catalog): perplexity against block size, one line per variant.")
+@opt.catalog()
+def plot(source, out, revision, device, verify, quant, catalog_path) -> None:
+    """Scan SOURCE and draw its detection figure as a PNG (--quant: quantization).
 
     Per layer, the peak |input| and |output| of the MLP output projection (log scale), the super
     weights marked, rejected spikes shown; with --verify, a second panel with the perplexity ratio
     of zeroing each super weight and its control.
     """
+    if quant:
+        _plot_quant(source, out, revision, catalog_path)
+        return
     from superweight.scanner.plot import plot as draw
     from superweight.scanner.scan import ScanOptions, scan as scan_checkpoint
     from superweight.scanner.verify import VerifyConfig
@@ -318,6 +329,30 @@ def plot(source, out, revision, device, verify) -> None:
     except ScanError as e:
         raise click.ClickException(explain(e, source=source)) from None
     click.echo(figure_line(out, data))
+
+
+def _plot_quant(source: str, out: Path, revision: str | None, catalog_path: Path | None) -> None:
+    """The quantization figure of SOURCE's latest measured revision (or `revision`), from the catalog."""
+    from superweight.index.catalog import Catalog
+    from superweight.scanner.plot_quant import plot_quant
+
+    name = str(Path(source).resolve()) if Path(source).exists() else source  # as the catalog names folders
+    import duckdb
+
+    with Catalog(_existing_catalog(catalog_path), read_only=True) as catalog:
+        try:
+            rows = catalog.fetch_dicts(
+                "SELECT * FROM quantization WHERE repo_id = ? AND (? IS NULL OR revision LIKE ? || '%') "
+                "ORDER BY measured_at DESC, revision", [name, revision, revision])
+        except duckdb.CatalogException:  # a catalog from before the quantization lab
+            rows = []
+    if not rows:
+        raise click.ClickException(f"{source}: no quantization figures in the catalog; run "
+                                   f"'superweight quantize {source}' first")
+    latest = [r for r in rows if (r["revision"], r["scanner_version"]) == (rows[0]["revision"], rows[0]["scanner_version"])]
+    data = plot_quant(f"{name} @ {latest[0]['revision'][:12]}", latest[0]["base_ppl"], latest, out)
+    click.echo(f"wrote {out}: {sum(len(v) for v in data['series'].values())} line(s) over {len(data['labels'])} "
+               "weight layout(s)")
 
 
 @cli.command(name="build-index")
@@ -352,6 +387,7 @@ def ledger_command(state, as_json) -> None:
 
 cli.add_command(crawl)
 cli.add_command(audit)
+cli.add_command(quantize)
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
-"""`superweight audit`: did a quantized GGUF file keep its model's super weights (added to the group in superweight.cli)."""
+"""`superweight quantize` (the quantization lab) and `superweight audit` (did a quantized GGUF file keep
+its model's super weights); added to the command group in superweight.cli."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +12,107 @@ from superweight import options as opt
 from .report import table, to_json
 
 EXIT_DAMAGED = 3  # as "some sources failed": a script can tell a damaged file from an error (1)
+
+
+def _numbers(kind, allow_tensor: bool = False):
+    """A click callback: a comma-separated list of `kind` (ints also as N^2; "tensor" as None when allowed)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        items = []
+        for item in (v.strip() for v in value.split(",") if v.strip()):
+            try:
+                if allow_tensor and item == "tensor":
+                    items.append(None)
+                elif "^" in item:
+                    base, _, power = item.partition("^")
+                    items.append(kind(int(base) ** int(power)))
+                else:
+                    items.append(kind(item))
+            except ValueError:
+                raise click.BadParameter(f"{item!r} is not a {kind.__name__}") from None
+            if items[-1] is not None and not (math.isfinite(items[-1]) and items[-1] > 0):
+                raise click.BadParameter(f"{item!r}: must be positive")
+        if not items:
+            raise click.BadParameter("give at least one value")
+        return tuple(items)
+    return parse
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--bits", default="8,4,3", show_default=True, callback=_numbers(int), help="Weight bits to try.")
+@click.option("--block-size", "block_sizes", default="128^2,256^2,512^2,1024^2,tensor", show_default=True,
+              callback=_numbers(int, allow_tensor=True),
+              help="1-D runs of the flattened weight matrix (the paper's blocks); 'tensor': the whole tensor.")
+@click.option("--group-size", "group_sizes", default="64,128", show_default=True, callback=_numbers(int),
+              help="Per-row groups of this many inputs (the usual layout).")
+@click.option("--z", "z", default="3,5,7,9,11", show_default=True, callback=_numbers(float),
+              help="Clipping thresholds of rtn+keep+clip: |w| > mean(|w|) + z std(|w|) per block.")
+@click.option("--activations/--no-activations", default=True, show_default=True, help="The W8A8 variants.")
+@click.option("--controls/--no-controls", default=True, show_default=True,
+              help="The same variants keeping a same-magnitude ordinary weight instead.")
+@click.option("--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Evaluation tokens.")
+@click.option("--record/--no-record", default=True, show_default=True,
+              help="Write the scan and the figures to the catalog (and the attempt to the ledger).")
+@opt.catalog()
+@opt.revision
+@opt.device()
+@opt.as_json("One JSON object per source: source, revision, base_ppl and results.")
+def quantize(sources, bits, block_sizes, group_sizes, z, activations, controls, tokens, record, catalog_path,
+             revision, device, as_json) -> None:
+    """Measure what keeping super weights buys round-to-nearest quantization.
+
+    Scans SOURCE (detection; no verification), then streams the evaluation text through
+    fake-quantized copies of every linear layer of its decoder layers and reports each variant's
+    perplexity against the unquantized model's (README "The quantization lab").
+    """
+    from contextlib import ExitStack
+
+    from superweight.cli import EXIT_SOME_FAILED, _open_stores
+    from superweight.scanner.quantize import QuantConfig
+    from superweight.scanner.scan import ScanOptions, scan
+    from superweight.scanner.verify import VerifyConfig
+
+    config = QuantConfig(bits=bits, block_sizes=block_sizes, group_sizes=group_sizes, z=z, activations=activations,
+                         controls=controls, evaluation=VerifyConfig(tokens=tokens))
+    options = ScanOptions(device=device, revision=revision, quantize=config)
+    failed = 0
+    with ExitStack() as stores:
+        run = scan
+        if record:
+            from functools import partial
+
+            from superweight.index.record import scan_and_record
+
+            catalog, ledger = _open_stores(stores, catalog_path)
+            run = partial(scan_and_record, catalog=catalog, ledger=ledger)
+        for source in sources:
+            failed += not _quantize_one(run, source, options, as_json=as_json)
+    if failed:
+        sys.exit(1 if failed == len(sources) else EXIT_SOME_FAILED)
+
+
+def _quantize_one(run, source: str, options, *, as_json: bool) -> bool:
+    from .report import explain
+
+    try:
+        result = run(source, options)
+    except Exception as e:  # one bad source must not stop the others
+        message = explain(e, source=source)
+        click.echo(f"Error: {message}", err=True)
+        if as_json:
+            click.echo(to_json({"source": source, "status": "failed", "error": message}))
+        return False
+    lab = result.quantization or {}
+    if as_json:
+        click.echo(to_json({"source": source, "status": "ok" if "results" in lab else "skipped",
+                            "revision": result.revision, "super_weights": len(result.super_weights),
+                            "base_ppl": lab.get("base_ppl"), "tokens": lab.get("tokens"),
+                            "results": lab.get("results", []), **({"skipped": lab["skipped"]} if "skipped" in lab else {})}))
+    else:
+        _print_lab(result, lab)
+    return "results" in lab
 
 
 @click.command()
@@ -24,7 +127,7 @@ EXIT_DAMAGED = 3  # as "some sources failed": a script can tell a damaged file f
               help="Also scan the file itself: is each super activation still there?")
 @opt.as_json("One JSON object.")
 def audit(file, base, catalog_path, parquet, verdicts, rescan, as_json) -> None:
-    """Check a quantized GGUF FILE: is each super weight of its base model still there?
+    """Check a quantized GGUF FILE: did its base model's super weights survive?
 
     Reads only the quantization blocks that hold the super weights. Exit code 3 when any was
     clipped, changed or destroyed.
@@ -58,6 +161,29 @@ def audit(file, base, catalog_path, parquet, verdicts, rescan, as_json) -> None:
         _print(file, base, weights, scanned)
     if audits.overall(weights) == "damaged" or (scanned and not all(scanned.values())):
         sys.exit(EXIT_DAMAGED)
+
+
+def _print_lab(result, lab: dict) -> None:
+    from superweight.scanner.quantize import best_clip
+
+    click.echo(f"{result.name} @ {result.revision[:12]}: {len(result.super_weights)} super weight(s)")
+    if "skipped" in lab:
+        click.echo(f"  not quantized: {lab['skipped']}")
+        return
+    click.echo(f"  base perplexity {lab['base_ppl']:.4g} on {lab['tokens']} tokens; ppl ratio per variant "
+               "(clip: the best z)")
+    cells: dict[tuple, dict] = {}
+    for r in best_clip(lab["results"]):
+        shape = "tensor" if r["block_size"] is None and r["group_size"] is None else (
+            f"block {r['block_size']}" if r["block_size"] else f"group {r['group_size']}")
+        if r["variant"].startswith("w8a8"):
+            shape = "per row"
+        ratio = "inf" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.4g}"
+        cells.setdefault((r["bits"], shape), {})[r["variant"]] = ratio + (f" (z {r['z']:g})" if r["z"] else "")
+    names = list(dict.fromkeys(r["variant"] for r in lab["results"]))
+    rows = [(bits, shape, *(row.get(n, "") for n in names)) for (bits, shape), row in cells.items()]
+    for line in table(["bits", "weights", *names], rows):
+        click.echo("  " + line)
 
 
 def _super_activations(file: Path, rows: list[dict]) -> dict[str, bool]:

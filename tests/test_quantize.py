@@ -1,0 +1,182 @@
+"""The quantization lab: fake round-to-nearest quantization, the variants, and `superweight quantize`."""
+
+import json
+
+import duckdb
+import pytest
+import torch
+from click.testing import CliRunner
+
+from superweight.cli import cli
+from superweight.scanner.config import DetectConfig
+from superweight.scanner.detect import Detector
+from superweight.scanner.quantize import QuantConfig, Variant, _Plan, fake_quantize, quantize_activation, variants
+from superweight.scanner.scan import ScanOptions, prompt_ids, scan
+from superweight.scanner.verify import VerifyConfig
+from tests.checkpoints import Plant, make_checkpoint, streaming
+
+QUICK = VerifyConfig(tokens=256, context=64, head_slice_rows=100)
+SMALL = QuantConfig(bits=(8, 3), block_sizes=(None,), group_sizes=(64,), z=(3.0,), evaluation=QUICK)
+SMALL_ARGS = ["--bits", "8,3", "--block-size", "tensor", "--group-size", "64", "--z", "3", "--tokens", "256"]
+
+
+def levels_per_run(q: torch.Tensor, n: int) -> int:
+    flat = q.reshape(-1)
+    return max(len(torch.unique(flat[i:i + n])) for i in range(0, flat.numel(), n))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_round_to_nearest_has_2_to_the_bits_levels_and_half_a_step_of_error(bits):
+    torch.manual_seed(0)
+    w = torch.randn(48, 100)
+    for kwargs, runs in (({"block_size": 1000}, [w.reshape(-1)[i:i + 1000] for i in range(0, 4800, 1000)]),
+                         ({"group_size": 64}, [w[r, g:g + 64] for r in range(48) for g in (0, 64)]),
+                         ({}, [w.reshape(-1)])):
+        q = fake_quantize(w, bits, **kwargs)
+        assert q.shape == w.shape and q.dtype == torch.float32
+        for run, start in zip(runs, range(len(runs)), strict=True):
+            step = float(run.max() - run.min()) / (2 ** bits - 1)
+            qrun = fake_quantize(run.reshape(1, -1), bits)
+            assert len(torch.unique(qrun)) <= 2 ** bits
+            assert float((qrun - run).abs().max()) <= step / 2 + 1e-5
+        if "block_size" in kwargs:  # the blocks are runs of the flattened matrix, the last one shorter
+            assert torch.equal(q.reshape(-1)[4000:], fake_quantize(w.reshape(-1)[4000:].reshape(1, -1), bits)[0])
+        if "group_size" in kwargs:  # groups are runs of a row: 64 inputs, then the other 36
+            assert torch.equal(q[5, 64:], fake_quantize(w[5, 64:].reshape(1, -1), bits)[0])
+
+
+def test_clipping_bounds_each_block_before_quantizing():
+    torch.manual_seed(0)
+    w = torch.randn(32, 32) * 0.02
+    w[3, 4] = 5.0  # an outlier that would set the scale
+    a = w.abs()
+    bound = float(a.mean() + 3 * a.std(unbiased=False))
+    q = fake_quantize(w, 4, z=3.0)
+    assert float(q.abs().max()) <= bound * 1.01
+    assert torch.allclose(q, fake_quantize(w.clamp(-bound, bound), 4), atol=1e-6)  # clip, then round to nearest
+    assert float((q - w)[w.abs() < bound].abs().mean()) < float((fake_quantize(w, 4) - w)[w.abs() < bound].abs().mean())
+
+
+def test_an_activation_channel_kept_out_neither_sets_the_scale_nor_is_rounded():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    x[:, 0, 7] = 3000.0  # a super activation: one channel, one token
+    kept = quantize_activation(x, 8, [7])
+    assert torch.equal(kept[..., 7], x[..., 7])
+    plain = quantize_activation(x, 8, [])
+    others = torch.ones(64, dtype=torch.bool)
+    others[7] = False
+    assert float((kept - x)[..., others].abs().max()) < 0.05 < float((plain - x)[..., others].abs().max())
+
+
+def test_variants_cover_the_grid_and_name_what_they_keep():
+    found = variants(QuantConfig(bits=(4,), block_sizes=(128 ** 2, None), group_sizes=(64,), z=(3.0, 5.0)))
+    assert len(found) == 3 * (2 + 2 + 1 + 2) + 2  # per shape: rtn, keep, 2 clips, control, 2 clip controls; W8A8
+    assert {v.keep for v in found if v.variant == "rtn+keep+clip"} == {"weights"}
+    assert {v.keep for v in found if v.variant.endswith("-control")} == {"control"}
+    assert {v.keep for v in found if v.variant in ("rtn", "w8a8", "w8a8+keep-act")} == {None}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    folder = make_checkpoint(tmp_path_factory.mktemp("quant") / "llama", "llama", [Plant(2, 10, 20)])
+    model = streaming(folder)
+    ids, _ = prompt_ids(DetectConfig().prompt, model.config)
+    return folder, model, Detector(model, DetectConfig()).run(model.load_static(ids))
+
+
+def test_keep_restores_the_super_weight_and_the_control_restores_another(planted):
+    _, model, detection = planted
+    plan = _Plan(model, detection)
+    model.load_layer(2)
+    try:
+        w = model.out_proj_weight(2).detach()
+        name = model.out_projs[2].module_path
+        kept = plan.weight(2, name, w, Variant("rtn+keep+clip", 3, z=3.0))
+        control = plan.weight(2, name, w, Variant("rtn+keep+clip-control", 3, z=3.0))
+        (r, c), = plan.controls[2]
+    finally:
+        model.free_layer(2)
+    assert float(kept[10, 20]) == pytest.approx(2.5) and float(control[10, 20]) < 0.5  # clipped, not restored
+    assert (r, c) != (10, 20) and float(control[r, c]) == float(w[r, c])
+
+
+def test_the_lab_measures_the_base_perplexity_verify_reports(planted):
+    folder, *_ = planted
+    verified = scan(str(folder), ScanOptions(verify=QUICK, quantize=SMALL))
+    lab = verified.quantization
+    assert lab["base_ppl"] == pytest.approx(verified.verification.base_ppl, rel=1e-4)
+    assert lab["tokens"] == verified.verification.tokens
+    by = {(r["variant"], r["bits"], r["group_size"], r["z"]): r for r in lab["results"]}
+    assert abs(by[("rtn", 8, 64, None)]["ppl_ratio"] - 1) < 0.01  # 8 bits over groups: near lossless
+    assert all(r["ppl"] == pytest.approx(r["ppl_ratio"] * lab["base_ppl"]) for r in lab["results"])
+    assert lab["passes"] == 2  # 23 copies (22 variants and the original), 12 a pass
+
+
+def test_quantize_prints_json_records_and_exports_the_figures(planted, tmp_path):
+    folder, *_ = planted
+    catalog = tmp_path / "catalog.duckdb"
+    result = CliRunner().invoke(cli, ["quantize", str(folder), *SMALL_ARGS, "--catalog", str(catalog), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["status"] == "ok" and report["super_weights"] == 1 and len(report["results"]) == 22
+    assert set(report["results"][0]) == {"variant", "bits", "block_size", "group_size", "z", "ppl", "ppl_ratio"}
+    rows = duckdb.connect(str(catalog), read_only=True).execute(
+        "SELECT count(*), count(DISTINCT variant), min(eval_tokens) FROM quantization").fetchone()
+    assert rows == (22, 7, 256)
+    export = CliRunner().invoke(cli, ["export", "--catalog", str(catalog), "--out", str(tmp_path / "catalog.parquet")])
+    assert export.exit_code == 0, export.output
+    assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'quantization.parquet'}'").fetchall() == [(22,)]
+
+
+def test_quantize_prints_a_table(planted):
+    folder, *_ = planted
+    result = CliRunner().invoke(cli, ["quantize", str(folder), *SMALL_ARGS, "--no-record", "--no-controls",
+                                      "--no-activations"])
+    assert result.exit_code == 0, result.output
+    assert "base perplexity" in result.stdout and "rtn+keep+clip" in result.stdout and "group 64" in result.stdout
+
+
+def test_a_model_with_fused_experts_is_refused_in_one_line(tmp_path):
+    folder = make_checkpoint(tmp_path / "mixtral", "mixtral", [Plant(2, 10, 20, expert=1)])
+    result = CliRunner().invoke(cli, ["quantize", str(folder), *SMALL_ARGS, "--no-record", "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["status"] == "skipped" and "fused parameters" in report["skipped"]
+
+
+@pytest.mark.parametrize("args", [["--bits", "0"], ["--block-size", "big"], ["--z", ""], ["--tokens", "1"]])
+def test_bad_settings_are_usage_errors(planted, args):
+    folder, *_ = planted
+    result = CliRunner().invoke(cli, ["quantize", str(folder), *args, "--no-record"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_the_quantization_figure_is_drawn_from_the_catalog(planted, tmp_path):
+    from superweight.scanner.plot_quant import quant_series
+
+    folder, *_ = planted
+    catalog = tmp_path / "catalog.duckdb"
+    assert CliRunner().invoke(cli, ["quantize", str(folder), *SMALL_ARGS, "--block-size", "1024,tensor",
+                                    "--catalog", str(catalog)]).exit_code == 0
+    out = tmp_path / "quant.png"
+    result = CliRunner().invoke(cli, ["plot", str(folder), "--quant", "--out", str(out), "--catalog", str(catalog)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "10 line(s) over 3 weight layout(s)" in result.stdout
+    cursor = duckdb.connect(str(catalog), read_only=True).execute("SELECT * FROM quantization")
+    rows = [dict(zip([d[0] for d in cursor.description], row)) for row in cursor.fetchall()]
+    labels, series = quant_series(rows)
+    assert labels == ["g64", "32²", "tensor"] and sorted(series) == [3, 8]
+    missing = CliRunner().invoke(cli, ["plot", "nobody/nothing", "--quant", "--out", str(out), "--catalog", str(catalog)])
+    assert missing.exit_code == 1 and "run 'superweight quantize nobody/nothing' first" in missing.output
+
+
+def test_a_published_index_carries_the_figures_and_documents_them(planted, tmp_path):
+    folder, *_ = planted
+    catalog = tmp_path / "catalog.duckdb"
+    assert CliRunner().invoke(cli, ["quantize", str(folder), *SMALL_ARGS, "--catalog", str(catalog)]).exit_code == 0
+    result = CliRunner().invoke(cli, ["publish", str(tmp_path / "site"), "--catalog", str(catalog)])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "site" / "README.md").read_text()
+    assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'site' / 'quantization.parquet'}'").fetchall() == [(22,)]
+    assert "config_name: quantization" in card and "| `ppl_ratio` | double |" in card
