@@ -180,3 +180,19 @@ def test_a_published_index_carries_the_figures_and_documents_them(planted, tmp_p
     card = (tmp_path / "site" / "README.md").read_text()
     assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'site' / 'quantization.parquet'}'").fetchall() == [(22,)]
     assert "config_name: quantization" in card and "| `ppl_ratio` | double |" in card
+
+
+@pytest.mark.slow
+def test_on_the_real_smollm2_keeping_the_super_weight_is_what_makes_clipping_work(smollm2):
+    """4-bit round to nearest over whole tensors: SmolLM2's super weight (5.9) stretches the scale of
+    its down projection. Clipping outliers and restoring the super weight fixes that; clipping and
+    restoring a same-magnitude ordinary weight instead leaves the super weight clipped and breaks
+    the model. Keeping the super activation out of W8A8's activation scale helps too."""
+    config = QuantConfig(bits=(4,), block_sizes=(None,), group_sizes=(), z=(5.0,),
+                         evaluation=VerifyConfig(tokens=256, context=128))
+    lab = scan(str(smollm2), ScanOptions(quantize=config)).quantization
+    ratio = {r["variant"]: r["ppl_ratio"] for r in lab["results"]}
+    assert ratio["rtn"] > 100 and ratio["rtn+keep"] == pytest.approx(ratio["rtn"], rel=0.05)
+    assert ratio["rtn+keep+clip"] < ratio["rtn"] / 10
+    assert ratio["rtn+keep+clip-control"] > 10 * ratio["rtn+keep+clip"]
+    assert ratio["w8a8+keep-act"] < ratio["w8a8"]
