@@ -72,6 +72,14 @@ def plot(result: ScanResult, out: Path) -> Figure:
     else:
         fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     _draw_detection(ax, data)
+    save(fig, out)
+    return data
+
+
+def save(fig, out: Path) -> None:
+    """Write `fig` to `out` as a PNG, aside and renamed into place, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +89,6 @@ def plot(result: ScanResult, out: Path) -> Figure:
         raise CannotWrite(f"cannot write the figure ({e.strerror or e})", where=out) from None
     finally:
         plt.close(fig)
-    return data
 
 
 def _draw_detection(ax, data: Figure) -> None:

@@ -7,8 +7,7 @@ axis, per-row groups to their left; for rtn+keep+clip and its control, the best 
 
 from pathlib import Path
 
-from .errors import CannotWrite
-from .files import written_aside
+from .plot import save
 
 ORDER = ("rtn", "rtn+keep", "rtn+keep+clip", "rtn+keep-control", "rtn+keep+clip-control")
 
@@ -65,13 +64,5 @@ def plot_quant(title: str, base_ppl: float, results: list[dict], out: Path) -> d
         ax.set_ylabel("perplexity")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with written_aside(Path(out)) as tmp:
-            fig.savefig(tmp, format="png")
-    except OSError as e:
-        raise CannotWrite(f"cannot write the figure ({e.strerror or e})", where=out) from None
-    finally:
-        plt.close(fig)
+    save(fig, out)
     return {"labels": labels, "series": series, "base_ppl": base_ppl}

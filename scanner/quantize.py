@@ -5,8 +5,8 @@ Every linear layer of the decoder layers is fake-quantized as the layer streams 
 activations quantized and dequantized in the compute dtype; the loaded weights, the checkpoint and
 the norms, embeddings and LM head are left as they are), and perplexity on the shipped evaluation
 text (the texts `--verify` uses, the same tokens) is compared with the unquantized model's. Variants
-run as copies stacked along the batch, `max_copies` per streamed pass, like verification's; each
-layer's quantized weights exist only while it runs.
+run as copies stacked along the batch, as many per streamed pass as a quarter of memory holds (each pass
+reads every layer once; `copies_per_pass`); each layer's quantized weights exist only while it runs.
 
 Weights: asymmetric min-max round-to-nearest with 2^bits - 1 levels, over 1-D runs of `block_size`
 elements of the flattened (out, in) matrix (the paper's blocks: 128^2 ... 1024^2, or the whole
@@ -28,6 +28,7 @@ Activations (W8A8: weights 8-bit per row, the input of every linear layer 8-bit 
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ from .verify import VerifyConfig, pick_control
 logger = logging.getLogger(__name__)
 
 PAPER_BLOCKS = (128 ** 2, 256 ** 2, 512 ** 2, 1024 ** 2, None)  # None: the whole tensor
+MEMORY_SHARE = 0.25  # of the machine's memory, for the copies' activations in one pass
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class QuantConfig:
     z: tuple[float, ...] = (3.0, 5.0, 7.0, 9.0, 11.0)
     activations: bool = True  # the W8A8 variants
     controls: bool = True
-    evaluation: VerifyConfig = field(default_factory=VerifyConfig)  # texts, tokens, context, copies per pass
+    evaluation: VerifyConfig = field(default_factory=VerifyConfig)  # texts, tokens, context, head slices
+    max_copies: int | None = None  # copies per streamed pass; None: as many as MEMORY_SHARE of memory holds
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ def quantize_lab(model: StreamingModel, detection: Detection, *, tokenizer=None,
     plan = _Plan(model, detection)
     todo: list[Variant | None] = [None] + [v for v in variants(config) if v.keep is None or plan.weights]
     ppl: dict[Variant | None, float] = {}
-    per_pass = max(1, config.evaluation.max_copies)
+    per_pass = config.max_copies or copies_per_pass(model, int(inputs.text.numel()), int(inputs.text.shape[1]))
     passes = 0
     for start in range(0, len(todo), per_pass):
         chunk = todo[start:start + per_pass]
@@ -283,6 +286,20 @@ def quantize_lab(model: StreamingModel, detection: Detection, *, tokenizer=None,
     logger.info("quantize: %d variants in %d passes", len(results), passes)
     return {"base_ppl": base, "tokens": int(inputs.text.numel()), "context": int(inputs.text.shape[1]),
             "passes": passes, "results": results}
+
+
+def copies_per_pass(model: StreamingModel, tokens: int, context: int, budget: int | None = None) -> int:
+    """How many copies of `tokens` tokens (in sequences of `context`) one streamed pass holds in `budget`
+    bytes (default MEMORY_SHARE of the machine's memory): per copy, a layer's float32 activations (the
+    residual stream in and out, the MLP's intermediate twice, the attention's q, k, v, output and
+    scores) and the final hidden states."""
+    if budget is None:
+        budget = int(MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    text = model.config.get_text_config()
+    intermediate = getattr(text, "intermediate_size", None) or 4 * model.hidden_size
+    heads = getattr(text, "num_attention_heads", None) or 1
+    per_copy = 4 * tokens * (2 * intermediate + 7 * model.hidden_size + heads * context)
+    return max(1, min(256, budget // per_copy))
 
 
 def best_clip(results: list[dict]) -> list[dict]:

@@ -22,7 +22,7 @@ from superweight.scanner.errors import ScanError
 from superweight.index.keep import DEFAULT_VERDICTS, FORMATS, VERDICTS
 
 from .cli_crawl import crawl
-from .cli_quant import audit, quantize
+from .cli_quant import audit, plot_quant, quantize
 from .display import progress_display, progress_mode
 from .report import explain, figure_line, ledger_line, scan_report, table, to_json, written
 
@@ -130,16 +130,21 @@ def _open_stores(stores: ExitStack, catalog_path: Path | None):
     return catalog, ledger
 
 
+def _report_failure(error: Exception, source: str, *, as_json: bool) -> None:
+    """One line on stderr saying why `source` failed, and its JSON line when asked for."""
+    message = explain(error, source=source)
+    click.echo(f"Error: {message}", err=True)
+    if as_json:
+        click.echo(to_json({"source": source, "status": "failed", "error": message}))
+
+
 def _scan_one(run, source: str, options, *, as_json: bool, progress: str) -> bool:
     """Scan (and maybe record) one source and print it; False when it failed."""
     try:
         with progress_display(source, progress) as display:
             result = run(source, options, progress=display)
     except Exception as e:  # one bad source must not stop the others
-        message = explain(e, source=source)
-        click.echo(f"Error: {message}", err=True)
-        if as_json:
-            click.echo(to_json({"source": source, "status": "failed", "error": message}))
+        _report_failure(e, source, as_json=as_json)
         return False
     if as_json:
         click.echo(to_json({"status": "ok", **result.to_json()}))
@@ -316,7 +321,7 @@ def plot(source, out, revision, device, verify, quant, catalog_path) -> None:
     of zeroing each super weight and its control.
     """
     if quant:
-        _plot_quant(source, out, revision, catalog_path)
+        plot_quant(source, out, revision, catalog_path)
         return
     from superweight.scanner.plot import plot as draw
     from superweight.scanner.scan import ScanOptions, scan as scan_checkpoint
@@ -329,30 +334,6 @@ def plot(source, out, revision, device, verify, quant, catalog_path) -> None:
     except ScanError as e:
         raise click.ClickException(explain(e, source=source)) from None
     click.echo(figure_line(out, data))
-
-
-def _plot_quant(source: str, out: Path, revision: str | None, catalog_path: Path | None) -> None:
-    """The quantization figure of SOURCE's latest measured revision (or `revision`), from the catalog."""
-    from superweight.index.catalog import Catalog
-    from superweight.scanner.plot_quant import plot_quant
-
-    name = str(Path(source).resolve()) if Path(source).exists() else source  # as the catalog names folders
-    import duckdb
-
-    with Catalog(_existing_catalog(catalog_path), read_only=True) as catalog:
-        try:
-            rows = catalog.fetch_dicts(
-                "SELECT * FROM quantization WHERE repo_id = ? AND (? IS NULL OR revision LIKE ? || '%') "
-                "ORDER BY measured_at DESC, revision", [name, revision, revision])
-        except duckdb.CatalogException:  # a catalog from before the quantization lab
-            rows = []
-    if not rows:
-        raise click.ClickException(f"{source}: no quantization figures in the catalog; run "
-                                   f"'superweight quantize {source}' first")
-    latest = [r for r in rows if (r["revision"], r["scanner_version"]) == (rows[0]["revision"], rows[0]["scanner_version"])]
-    data = plot_quant(f"{name} @ {latest[0]['revision'][:12]}", latest[0]["base_ppl"], latest, out)
-    click.echo(f"wrote {out}: {sum(len(v) for v in data['series'].values())} line(s) over {len(data['labels'])} "
-               "weight layout(s)")
 
 
 @cli.command(name="build-index")

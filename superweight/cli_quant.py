@@ -94,15 +94,12 @@ def quantize(sources, bits, block_sizes, group_sizes, z, activations, controls, 
 
 
 def _quantize_one(run, source: str, options, *, as_json: bool) -> bool:
-    from .report import explain
+    from superweight.cli import _report_failure
 
     try:
         result = run(source, options)
     except Exception as e:  # one bad source must not stop the others
-        message = explain(e, source=source)
-        click.echo(f"Error: {message}", err=True)
-        if as_json:
-            click.echo(to_json({"source": source, "status": "failed", "error": message}))
+        _report_failure(e, source, as_json=as_json)
         return False
     lab = result.quantization or {}
     if as_json:
@@ -209,3 +206,28 @@ def _print(file: Path, base: str, weights, scanned: dict[str, bool] | None) -> N
     for activation, alive in (scanned or {}).items():
         click.echo(f"super activation {activation}: {'still found' if alive else 'NOT FOUND'} in a scan of the file")
     click.echo(f"verdict: {overall(weights)} (kept: within {TOLERANCE:.0%} of the original)")
+
+
+def plot_quant(source: str, out: Path, revision: str | None, catalog_path: Path | None) -> None:
+    """The quantization figure of SOURCE's latest measured revision (or `revision`), from the catalog."""
+    import duckdb
+
+    from superweight.cli import _existing_catalog
+    from superweight.index.catalog import Catalog
+    from superweight.scanner.plot_quant import plot_quant as draw
+
+    name = str(Path(source).resolve()) if Path(source).exists() else source  # as the catalog names folders
+    with Catalog(_existing_catalog(catalog_path), read_only=True) as catalog:
+        try:
+            rows = catalog.fetch_dicts(
+                "SELECT * FROM quantization WHERE repo_id = ? AND (? IS NULL OR revision LIKE ? || '%') "
+                "ORDER BY measured_at DESC, revision", [name, revision, revision])
+        except duckdb.CatalogException:  # a catalog from before the quantization lab
+            rows = []
+    if not rows:
+        raise click.ClickException(f"{source}: no quantization figures in the catalog; run "
+                                   f"'superweight quantize {source}' first")
+    latest = [r for r in rows if (r["revision"], r["scanner_version"]) == (rows[0]["revision"], rows[0]["scanner_version"])]
+    data = draw(f"{name} @ {latest[0]['revision'][:12]}", latest[0]["base_ppl"], latest, out)
+    click.echo(f"wrote {out}: {sum(len(v) for v in data['series'].values())} line(s) over {len(data['labels'])} "
+               "weight layout(s)")

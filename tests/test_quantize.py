@@ -16,7 +16,7 @@ from superweight.scanner.verify import VerifyConfig
 from tests.checkpoints import Plant, make_checkpoint, streaming
 
 QUICK = VerifyConfig(tokens=256, context=64, head_slice_rows=100)
-SMALL = QuantConfig(bits=(8, 3), block_sizes=(None,), group_sizes=(64,), z=(3.0,), evaluation=QUICK)
+SMALL = QuantConfig(bits=(8, 3), block_sizes=(None,), group_sizes=(64,), z=(3.0,), evaluation=QUICK, max_copies=12)
 SMALL_ARGS = ["--bits", "8,3", "--block-size", "tensor", "--group-size", "64", "--z", "3", "--tokens", "256"]
 
 
@@ -83,6 +83,16 @@ def planted(tmp_path_factory):
     model = streaming(folder)
     ids, _ = prompt_ids(DetectConfig().prompt, model.config)
     return folder, model, Detector(model, DetectConfig()).run(model.load_static(ids))
+
+
+def test_copies_per_pass_follow_memory(planted):
+    from superweight.scanner.quantize import copies_per_pass
+
+    _, model, _ = planted
+    one = 4 * 256 * (2 * 128 + 7 * 64 + 4 * 64)  # a copy of 256 tokens in sequences of 64: 983,040 bytes
+    assert copies_per_pass(model, 256, 64, budget=10 * one) == 10
+    assert copies_per_pass(model, 256, 64, budget=one // 2) == 1  # one copy at least
+    assert copies_per_pass(model, 256, 64, budget=10 ** 12) == 256  # and a bound on the batch
 
 
 def test_keep_restores_the_super_weight_and_the_control_restores_another(planted):
