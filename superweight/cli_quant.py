@@ -69,7 +69,10 @@ def quantize(sources, bits, block_sizes, group_sizes, z, activations, controls, 
     """
     from contextlib import ExitStack
 
-    from superweight.cli import EXIT_SOME_FAILED, _open_stores
+    from superweight.cli import DIGEST_CACHE, EXIT_SOME_FAILED, SUPERWEIGHT_HOME, _open_stores
+    from superweight.scanner.digest import hash_sources_ahead
+
+    hash_sources_ahead(sources, cache=SUPERWEIGHT_HOME / DIGEST_CACHE)  # while torch and transformers import
     from superweight.scanner.quantize import QuantConfig
     from superweight.scanner.scan import ScanOptions, scan
     from superweight.scanner.verify import VerifyConfig
