@@ -52,7 +52,9 @@ class Model:
 
     @property
     def file_stem(self) -> str:
-        return f"{self.repo_id.replace('/', '--')}@{(self.revision or 'literature')[:12]}"
+        """OWNER--NAME@REV12: a plain file name whatever the index says (it may be a downloaded, untrusted file)."""
+        stem = f"{self.repo_id.replace('/', '--')}@{(self.revision or 'literature')[:12]}"
+        return re.sub(r"[^A-Za-z0-9._@+-]", "_", stem).lstrip(".") or "_"
 
     def modules(self) -> list[str]:
         """The modules holding the super weights, once each, in layer order."""

@@ -205,15 +205,26 @@ def _export_keep(out, catalog_path, parquet, fmt, *, repo_id, revision, verdicts
         if out is None or str(out) == "-":
             click.echo(text, nl=False)
         else:
-            out.write_text(text)
+            _write_keep(out, text)
             click.echo(f"wrote {out}", err=True)
         return
     if out is None:
         raise click.UsageError("--keep without --repo writes one file per model: give --out FOLDER")
-    out.mkdir(parents=True, exist_ok=True)
     for model in models:
-        (out / keep.file_name(model, fmt)).write_text(keep.render(model, fmt, gguf_type=gguf_type, scheme=scheme))
+        _write_keep(out / keep.file_name(model, fmt), keep.render(model, fmt, gguf_type=gguf_type, scheme=scheme))
     click.echo(f"wrote {len(models)} keep-list(s) to {out}", err=True)
+
+
+def _write_keep(path: Path, text: str) -> None:
+    """Write a keep-list aside and rename it into place; a place that cannot be written is one line."""
+    from superweight.scanner.files import written_aside
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with written_aside(path) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        raise click.ClickException(f"{path}: cannot write the keep-list ({e.strerror or e})") from None
 
 
 @cli.command()

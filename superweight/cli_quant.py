@@ -132,6 +132,33 @@ def audit(file, base, catalog_path, parquet, verdicts, rescan, as_json) -> None:
     Reads only the quantization blocks that hold the super weights. Exit code 3 when any was
     clipped, changed or destroyed.
     """
+    from superweight.index import keep
+    from superweight.index.errors import IndexStoreError
+    from superweight.scanner import audit as audits
+    from superweight.scanner.errors import ScanError
+
+    from .report import explain
+
+    wanted = tuple(v.strip() for v in verdicts.split(",") if v.strip())
+    if not wanted or set(wanted) - set(keep.VERDICTS):
+        raise click.BadParameter(f"{verdicts!r}: a comma-separated list of {', '.join(keep.VERDICTS)}",
+                                 param_hint="--verdict")
+    try:
+        base, weights, scanned = _audit(file, base, catalog_path, parquet, wanted, rescan)
+    except (ScanError, IndexStoreError) as e:
+        if as_json:  # stdout stays JSON: one line saying what failed
+            click.echo(to_json({"file": str(file), "status": "failed", "error": explain(e, source=str(file))}))
+        raise
+    if as_json:
+        click.echo(to_json({"status": "ok", **audits.as_json(file, base, weights, scanned=scanned)}))
+    else:
+        _print(file, base, weights, scanned)
+    if audits.overall(weights) == "damaged" or (scanned and not all(scanned.values())):
+        sys.exit(EXIT_DAMAGED)
+
+
+def _audit(file: Path, base: str | None, catalog_path, parquet, wanted: tuple[str, ...], rescan: bool):
+    """(base, the audited weights, the super activations found by a scan or None)."""
     from superweight.cli import SUPERWEIGHT_HOME
     from superweight.index import keep
     from superweight.index.query import choose_index, open_session
@@ -139,10 +166,6 @@ def audit(file, base, catalog_path, parquet, verdicts, rescan, as_json) -> None:
     from superweight.scanner.fetch import LocalFile, Transfer
     from superweight.scanner.gguf_header import read_header
 
-    wanted = tuple(v.strip() for v in verdicts.split(",") if v.strip())
-    if not wanted or set(wanted) - set(keep.VERDICTS):
-        raise click.BadParameter(f"{verdicts!r}: a comma-separated list of {', '.join(keep.VERDICTS)}",
-                                 param_hint="--verdict")
     if base is None:
         source = LocalFile(file, Transfer())
         try:
@@ -153,14 +176,8 @@ def audit(file, base, catalog_path, parquet, verdicts, rescan, as_json) -> None:
             raise click.UsageError(f"{file} names no base model (general.base_model.0.repo_url): give --base REPO")
     catalog, parquet, _ = choose_index(catalog_path, parquet, home=SUPERWEIGHT_HOME)
     (model,) = keep.select(open_session(catalog=catalog, parquet=parquet), repo_id=base, verdicts=wanted)
-    header, weights = audits.audit(file, model.rows)
-    scanned = _super_activations(file, model.rows) if rescan else None
-    if as_json:
-        click.echo(to_json(audits.as_json(file, base, weights, scanned=scanned)))
-    else:
-        _print(file, base, weights, scanned)
-    if audits.overall(weights) == "damaged" or (scanned and not all(scanned.values())):
-        sys.exit(EXIT_DAMAGED)
+    _, weights = audits.audit(file, model.rows)
+    return base, weights, _super_activations(file, model.rows) if rescan else None
 
 
 def _print_lab(result, lab: dict) -> None:

@@ -141,3 +141,12 @@ def test_the_real_smollm2_requantized_to_q8_0_keeps_its_super_weights(smollm2, t
     weights = {(w["layer"], w["row"], w["col"]): w for w in report["super_weights"]}
     assert set(weights) == {(11, 507, 1229), (11, 507, 1487)} and report["verdict"] == "intact"
     assert all(w["rel_error"] < 0.01 and w["largest_in_block"] for w in weights.values())
+
+
+def test_json_output_stays_json_when_the_audit_fails(base, tmp_path):
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("not a GGUF file")
+    result = run(base, str(not_gguf), "--base", BASE, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["status"] == "failed" and "not a readable GGUF file" in report["error"]

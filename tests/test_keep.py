@@ -219,3 +219,18 @@ def test_bad_requests_are_one_line_errors(index, args, code, message):
     result = export(index, *args, ok=False)
     assert result.exit_code == code and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_folder_that_is_a_file_is_a_one_line_error(index, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    result = export(index, "--keep", "elements", "--out", str(blocker), ok=False)
+    assert result.exit_code == 1 and "cannot write the keep-list" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("repo_id", ["../../etc/passwd", "a/\x00b", ".hidden/x", "//"])
+def test_file_names_from_an_untrusted_index_stay_plain_names(repo_id):
+    from superweight.index.keep import Model
+
+    stem = Model(repo_id, "0123456789abcdef", "0.3.0").file_stem
+    assert "/" not in stem and "\x00" not in stem and not stem.startswith(".") and stem.endswith("@0123456789ab")
