@@ -111,8 +111,9 @@ def test_keep_restores_the_super_weight_and_the_control_restores_another(planted
     assert (r, c) != (10, 20) and float(control[r, c]) == float(w[r, c])
 
 
-def test_the_lab_measures_the_base_perplexity_verify_reports(planted):
-    folder, *_ = planted
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D layers, weight (in, out)
+def test_the_lab_measures_the_base_perplexity_verify_reports(planted, arch, tmp_path):
+    folder = planted[0] if arch == "llama" else make_checkpoint(tmp_path / arch, arch, [Plant(2, 10, 20)])
     verified = scan(str(folder), ScanOptions(verify=QUICK, quantize=SMALL))
     lab = verified.quantization
     assert lab["base_ppl"] == pytest.approx(verified.verification.base_ppl, rel=1e-4)
