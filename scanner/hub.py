@@ -8,10 +8,13 @@ as one of its GGUF files (`--file`), whose header holds its config and tokenizer
 """
 
 import contextlib
+import email.utils
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's HTTP client: its transport errors are not HfHubHTTPError
@@ -211,19 +214,41 @@ def hub_errors(where: str, *, endpoint: str | None):
 
 
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
+MAX_RETRY_AFTER = 600.0  # seconds: a Retry-After asking for longer fails the call instead of blocking a worker
 
 
 def hub_error(where: str, error: Exception, *, endpoint: str | None) -> HubError:
-    """A one-line HubError for a failed Hub request: HubUnavailable when trying again may help."""
-    status = getattr(getattr(error, "response", None), "status_code", None)
+    """A one-line HubError for a failed Hub request: HubUnavailable when trying again may help, with
+    the seconds its Retry-After asks for (`retry_after`, or None)."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
     transient = isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError)) or status in TRANSIENT_STATUS
     kind = HubUnavailable if transient else HubError
-    return kind(f"Hub request to {endpoint or constants.ENDPOINT} failed ({first_line(error)}); "
-                "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache", where=where)
+    failed = kind(f"Hub request to {endpoint or constants.ENDPOINT} failed ({first_line(error)}); "
+                  "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache", where=where)
+    failed.retry_after = retry_after(response)
+    return failed
+
+
+def retry_after(response) -> float | None:
+    """The seconds a response's Retry-After header asks for (a number or an HTTP date), or None."""
+    headers = getattr(response, "headers", None)
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def with_retries(call, *, attempts: int = 4, backoff: float = 2.0):
-    """Run `call()`, trying again after HubUnavailable with exponential backoff (backoff, 2x, 4x... seconds).
+    """Run `call()`, trying again after HubUnavailable with exponential backoff (backoff, 2x, 4x... seconds),
+    or after what the answer's Retry-After asked for when that is longer (at most MAX_RETRY_AFTER).
 
     Raises:
         The last HubUnavailable once `attempts` calls have failed; any other error at once.
@@ -232,9 +257,10 @@ def with_retries(call, *, attempts: int = 4, backoff: float = 2.0):
         try:
             return call()
         except HubUnavailable as e:
-            if attempt == attempts - 1:
+            asked = getattr(e, "retry_after", None) or 0.0
+            if attempt == attempts - 1 or asked > MAX_RETRY_AFTER:  # "come back much later": fail now
                 raise
-            delay = backoff * 2**attempt
+            delay = max(backoff * 2**attempt, asked)  # a 429's Retry-After, when it asks for longer
             logger.warning("%s; trying again in %.1f s (%d of %d)", first_line(e), delay, attempt + 2, attempts)
             time.sleep(delay)
 

@@ -14,8 +14,10 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from superweight.scanner import fetch
@@ -329,3 +331,50 @@ def test_a_paced_scan_keeps_under_its_budget(repos, local_results, front, tmp_pa
     # At most 3 in any window: the 4th after a request waits its window out (less the answers' jitter).
     gaps = [later - earlier for earlier, later in zip(ranged, ranged[3:])]
     assert min(gaps) >= 0.15, gaps
+
+
+def test_a_429_on_the_api_is_retried_after_its_retry_after(repos, front, tmp_path):
+    """The crawl retries a HubUnavailable (`with_retries`); a 429's Retry-After, when longer than the
+    backoff, is what it waits."""
+    from superweight.scanner.hub import resolve, with_retries
+
+    repo = repos["llama"]
+    limited = front.fault("429", r"^/api/models/stream/llama", retry_after=1)
+    started = time.monotonic()
+    resolved = with_retries(lambda: resolve(repo.repo_id, revision=repo.sha, endpoint=front.url,
+                                            cache_dir=tmp_path / "hf"), backoff=0.01)
+    assert limited.hits == 1 and resolved.revision == repo.sha
+    assert time.monotonic() - started >= 1.0
+
+
+@pytest.mark.parametrize("header, expected", [("3", 3.0), ("0.5", 0.5), ("-2", 0.0), ("soon", None), (None, None)])
+def test_retry_after_reads_seconds(header, expected):
+    from superweight.scanner.hub import retry_after
+
+    response = httpx2.Response(429, headers={"Retry-After": header} if header is not None else {})
+    assert retry_after(response) == expected
+
+
+def test_retry_after_reads_an_http_date():
+    from email.utils import format_datetime
+
+    from superweight.scanner.hub import retry_after
+
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= retry_after(httpx2.Response(429, headers={"Retry-After": when})) <= 31
+
+
+def test_a_retry_after_too_long_fails_at_once():
+    from superweight.scanner.hub import MAX_RETRY_AFTER, with_retries
+
+    calls = []
+
+    def call():
+        calls.append(1)
+        error = HubUnavailable("answered 429", where="x/y")
+        error.retry_after = MAX_RETRY_AFTER + 1
+        raise error
+
+    with pytest.raises(HubUnavailable):
+        with_retries(call, backoff=0.01)
+    assert calls == [1]
