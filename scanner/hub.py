@@ -168,6 +168,11 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir, weight
             folder = _snapshot(repo_id, revision, patterns, endpoint=endpoint, token=token, cache_dir=cache_dir,
                                offline=info is None, where=where)
     folder = Path(folder)
+    if info is None:  # offline: the cached snapshot decides which GGUF file, as for a local folder
+        names = [p.name for p in folder.iterdir()]
+        only_gguf = not any(n.endswith(".safetensors") for n in names) and any(n.endswith(GGUF_SUFFIX) for n in names)
+        if gguf_file is not None or only_gguf:
+            gguf = pick_gguf(names, gguf_file, where)
     if info is not None and folder.name != info.sha:
         raise HubError(f"moved from {info.sha[:12]} to {folder.name[:12]} while downloading; scan again", where=where)
     logger.info("%s resolved to %s", where, folder)

@@ -486,3 +486,17 @@ def test_smollm2_config_and_tokenizer_are_transformers_own():
     reference = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in (DetectConfig().prompt, "<|im_start|>user\nhi<|im_end|>", "  spaces, ünïcödé and 12345"):
         assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+
+
+@pytest.mark.slow
+def test_offline_a_downloaded_gguf_repo_is_scanned_from_the_cache_by_its_file(local_hub, tmp_path):
+    cache = tmp_path / "hf" / "hub"
+    for quant in ("Q8_0", "F16"):  # `scan --download --file`: both files in the cache
+        resolve(GGUF_REPO, endpoint=local_hub.endpoint, cache_dir=cache, download=True, gguf_file=quant)
+    done = cli_scan(GGUF_REPO, "--file", "F16", "--json", hf_home=tmp_path / "hf", HF_HUB_OFFLINE="1")
+    assert done.returncode == 0, done.stderr
+    (line,) = json_lines(done.stdout)
+    assert (Path(line["path"]).name, line["dtype"], line["revision"]) == (GGUF_FILES["F16"], "F16",
+                                                                           local_hub.sha(GGUF_REPO))
+    ambiguous = cli_scan(GGUF_REPO, "--json", hf_home=tmp_path / "hf", HF_HUB_OFFLINE="1")
+    assert ambiguous.returncode == 1 and "2 GGUF files (tiny-F16.gguf, tiny-Q8_0.gguf)" in ambiguous.stderr
