@@ -162,8 +162,11 @@ class _QuantStream(LayerObserver):
     @torch.no_grad()
     def run(self, ids: torch.Tensor) -> torch.Tensor:
         batch = ids.repeat(len(self.chunk), 1)  # variant-major
-        with self.model.observe(self):
-            out = self.model.base_model(input_ids=batch, use_cache=False).last_hidden_state
+        try:
+            with self.model.observe(self):
+                out = self.model.base_model(input_ids=batch, use_cache=False).last_hidden_state
+        finally:
+            self._restore()  # a pass that failed midway leaves no module computing copies
         return out.view(len(self.chunk), *ids.shape, -1)
 
     def entering(self, index: int, args: tuple, kwargs: dict) -> None:
@@ -173,6 +176,9 @@ class _QuantStream(LayerObserver):
                 self.patched.append(module)
 
     def leaving(self, index: int, output) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         for module in self.patched:
             del module.forward  # the class's own again
         self.patched.clear()

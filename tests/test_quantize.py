@@ -207,3 +207,23 @@ def test_on_the_real_smollm2_keeping_the_super_weight_is_what_makes_clipping_wor
     assert ratio["rtn+keep+clip"] < ratio["rtn"] / 10
     assert ratio["rtn+keep+clip-control"] > 10 * ratio["rtn+keep+clip"]
     assert ratio["w8a8+keep-act"] < ratio["w8a8"]
+
+
+def test_a_pass_that_fails_midway_leaves_every_layer_as_it_was(planted, monkeypatch):
+    from superweight.scanner import quantize
+
+    _, model, detection = planted
+    stream = quantize._QuantStream(model, [None, Variant("rtn", 3)], _Plan(model, detection))
+    original, entered = quantize._QuantStream.entering, []
+
+    def entering(self, index, args, kwargs):  # patches the layer's linear layers, then fails in layer 3
+        original(self, index, args, kwargs)
+        entered.append(index)
+        if index == 3:
+            raise RuntimeError("a layer failed")
+
+    monkeypatch.setattr(quantize._QuantStream, "entering", entering)
+    with pytest.raises(RuntimeError, match="a layer failed"):
+        stream.run(torch.tensor([[1, 2, 3, 4]]))
+    assert entered == [0, 1, 2, 3]
+    assert not any("forward" in vars(m) for layer in model.layers for m in layer.modules())
