@@ -58,16 +58,20 @@ def base_repo(header: GGUFHeader) -> str | None:
     return "/".join(parts[-2:]) if len(parts) >= 2 and parts[-2] and parts[-1] else None
 
 
-def audit(path: Path, rows: list[dict], *, transfer: Transfer | None = None) -> tuple[GGUFHeader, list[WeightAudit]]:
+def audit(path: Path, rows: list[dict], *, transfer: Transfer | None = None) -> list[WeightAudit]:
     """Read, from the GGUF file at `path`, the block of each super weight in `rows` (the index's rows:
     layer, expert, out_channel, in_channel, weight, tensor) and judge it; what was read is counted
     in `transfer`."""
     source = LocalFile(path, transfer or Transfer())
     try:
-        header = read_header(source)
-        return header, [_audit_one(source, header, row) for row in rows]
+        return read_blocks(source, read_header(source), rows)
     finally:
         source.close()
+
+
+def read_blocks(source: LocalFile, header: GGUFHeader, rows: list[dict]) -> list[WeightAudit]:
+    """audit() for a file already open, its header already read."""
+    return [_audit_one(source, header, row) for row in rows]
 
 
 def _audit_one(source: LocalFile, header: GGUFHeader, row: dict) -> WeightAudit:

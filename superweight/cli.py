@@ -19,7 +19,7 @@ from superweight.scanner import __version__
 from superweight.scanner.config import CATALOG_FILE, DIGEST_CACHE, SUPERWEIGHT_HOME, DetectConfig
 from superweight.scanner.errors import ScanError
 
-from superweight.index.keep import DEFAULT_VERDICTS, FORMATS, VERDICTS
+from superweight.index.keep import DEFAULT_VERDICTS, FORMATS
 
 from .cli_crawl import crawl
 from .cli_quant import audit, plot_quant, quantize
@@ -91,7 +91,7 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
     from superweight.scanner.digest import hash_sources_ahead
 
     hash_sources_ahead(sources, cache=SUPERWEIGHT_HOME / DIGEST_CACHE)  # while torch and transformers import
-    from superweight.scanner.scan import ScanOptions, scan as scan_checkpoint
+    from superweight.scanner.scan import ScanOptions
     from superweight.scanner.verify import VerifyConfig
 
     detect = DetectConfig(prompt=prompt, spike_ratio=spike_ratio)
@@ -99,6 +99,16 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
                           detect=detect, verify=VerifyConfig() if verify else None, download=download,
                           cache_gb=cache_gb, max_requests_per_5min=max_requests_per_5min, gguf_file=gguf_file)
     progress = progress_mode(progress)
+    each_source(sources, record=record, catalog_path=catalog_path,
+                handle=lambda run, source: _scan_one(run, source, options, as_json=as_json, progress=progress))
+
+
+def each_source(sources, *, record: bool, catalog_path: Path | None, handle) -> None:
+    """`handle(run, source)` for each source, where `run(source, options, ...)` scans it and, with `record`,
+    records it in the catalog and the ledger; `handle` returns False for a failed source. Exits 1 when
+    every source failed, EXIT_SOME_FAILED when some did."""
+    from superweight.scanner.scan import scan as scan_checkpoint
+
     with ExitStack() as stores:
         run = scan_checkpoint
         if record:
@@ -106,7 +116,7 @@ def scan(sources, as_json, revision, device, dtype, trust_remote_code, prompt, s
 
             catalog, ledger = _open_stores(stores, catalog_path)
             run = partial(scan_and_record, catalog=catalog, ledger=ledger)
-        failed = sum(not _scan_one(run, source, options, as_json=as_json, progress=progress) for source in sources)
+        failed = sum(not handle(run, source) for source in sources)
     if failed:
         sys.exit(1 if failed == len(sources) else EXIT_SOME_FAILED)
 
@@ -162,8 +172,7 @@ def _scan_one(run, source: str, options, *, as_json: bool, progress: str) -> boo
               help="Write keep-lists instead: the super weights' modules (or tensors, or elements) in this tool's form.")
 @click.option("--repo", "repo_id", help="With --keep: this model only (its latest scan).")
 @click.option("--revision", help="With --keep and --repo: this revision (a prefix of its sha or content hash).")
-@click.option("--verdict", "verdicts", default=",".join(DEFAULT_VERDICTS), show_default=True,
-              help=f"With --keep: the verdicts to keep, comma-separated ({', '.join(VERDICTS)}).")
+@opt.verdicts(",".join(DEFAULT_VERDICTS), "With --keep: the verdicts to keep")
 @click.option("--from", "parquet", metavar="PATH_OR_URL", help="With --keep: read this catalog.parquet (as query --from).")
 @click.option("--type", "gguf_type", default="q8_0", show_default=True, help="With --keep llama.cpp: the type kept tensors get.")
 @click.option("--scheme", default="W4A16", show_default=True, help="With --keep llm-compressor: the recipe's scheme.")
@@ -175,10 +184,7 @@ def export(out, catalog_path, keep_format, repo_id, revision, verdicts, parquet,
     precision, in each tool's own form (README "Commands over the index").
     """
     if keep_format is not None:
-        wanted = tuple(v.strip() for v in verdicts.split(",") if v.strip())
-        if not wanted or set(wanted) - set(VERDICTS):
-            raise click.BadParameter(f"{verdicts!r}: a comma-separated list of {', '.join(VERDICTS)}", param_hint="--verdict")
-        _export_keep(out, catalog_path, parquet, keep_format, repo_id=repo_id, revision=revision, verdicts=wanted,
+        _export_keep(out, catalog_path, parquet, keep_format, repo_id=repo_id, revision=revision, verdicts=verdicts,
                      gguf_type=gguf_type, scheme=scheme)
         return
     from superweight.index.catalog import Catalog

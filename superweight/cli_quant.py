@@ -67,33 +67,19 @@ def quantize(sources, bits, block_sizes, group_sizes, z, activations, controls, 
     fake-quantized copies of every linear layer of its decoder layers and reports each variant's
     perplexity against the unquantized model's (README "The quantization lab").
     """
-    from contextlib import ExitStack
-
-    from superweight.cli import DIGEST_CACHE, EXIT_SOME_FAILED, SUPERWEIGHT_HOME, _open_stores
+    from superweight.cli import DIGEST_CACHE, SUPERWEIGHT_HOME, each_source
     from superweight.scanner.digest import hash_sources_ahead
 
     hash_sources_ahead(sources, cache=SUPERWEIGHT_HOME / DIGEST_CACHE)  # while torch and transformers import
     from superweight.scanner.quantize import QuantConfig
-    from superweight.scanner.scan import ScanOptions, scan
+    from superweight.scanner.scan import ScanOptions
     from superweight.scanner.verify import VerifyConfig
 
     config = QuantConfig(bits=bits, block_sizes=block_sizes, group_sizes=group_sizes, z=z, activations=activations,
                          controls=controls, evaluation=VerifyConfig(tokens=tokens))
     options = ScanOptions(device=device, revision=revision, quantize=config)
-    failed = 0
-    with ExitStack() as stores:
-        run = scan
-        if record:
-            from functools import partial
-
-            from superweight.index.record import scan_and_record
-
-            catalog, ledger = _open_stores(stores, catalog_path)
-            run = partial(scan_and_record, catalog=catalog, ledger=ledger)
-        for source in sources:
-            failed += not _quantize_one(run, source, options, as_json=as_json)
-    if failed:
-        sys.exit(1 if failed == len(sources) else EXIT_SOME_FAILED)
+    each_source(sources, record=record, catalog_path=catalog_path,
+                handle=lambda run, source: _quantize_one(run, source, options, as_json=as_json))
 
 
 def _quantize_one(run, source: str, options, *, as_json: bool) -> bool:
@@ -121,8 +107,7 @@ def _quantize_one(run, source: str, options, *, as_json: bool) -> bool:
                              "general.base_model.0.repo_url).")
 @opt.catalog()
 @click.option("--from", "parquet", metavar="PATH_OR_URL", help="Read this catalog.parquet (as query --from).")
-@click.option("--verdict", "verdicts", default="super,group,unverified", show_default=True,
-              help="The index's super weights to check, by verdict (comma-separated).")
+@opt.verdicts("super,group,unverified", "The index's super weights to check, by verdict")
 @click.option("--scan", "rescan", is_flag=True,
               help="Also scan the file itself: is each super activation still there?")
 @opt.as_json("One JSON object.")
@@ -132,19 +117,14 @@ def audit(file, base, catalog_path, parquet, verdicts, rescan, as_json) -> None:
     Reads only the quantization blocks that hold the super weights. Exit code 3 when any was
     clipped, changed or destroyed.
     """
-    from superweight.index import keep
     from superweight.index.errors import IndexStoreError
     from superweight.scanner import audit as audits
     from superweight.scanner.errors import ScanError
 
     from .report import explain
 
-    wanted = tuple(v.strip() for v in verdicts.split(",") if v.strip())
-    if not wanted or set(wanted) - set(keep.VERDICTS):
-        raise click.BadParameter(f"{verdicts!r}: a comma-separated list of {', '.join(keep.VERDICTS)}",
-                                 param_hint="--verdict")
     try:
-        base, weights, scanned = _audit(file, base, catalog_path, parquet, wanted, rescan)
+        base, weights, scanned = _audit(file, base, catalog_path, parquet, verdicts, rescan)
     except (ScanError, IndexStoreError) as e:
         if as_json:  # stdout stays JSON: one line saying what failed
             click.echo(to_json({"file": str(file), "status": "failed", "error": explain(e, source=str(file))}))
@@ -166,17 +146,17 @@ def _audit(file: Path, base: str | None, catalog_path, parquet, wanted: tuple[st
     from superweight.scanner.fetch import LocalFile, Transfer
     from superweight.scanner.gguf_header import read_header
 
-    if base is None:
-        source = LocalFile(file, Transfer())
-        try:
-            base = audits.base_repo(read_header(source))
-        finally:
-            source.close()
+    source = LocalFile(file, Transfer())
+    try:
+        header = read_header(source)  # once: for the base it names, and for the blocks' places
+        base = base or audits.base_repo(header)
         if base is None:
             raise click.UsageError(f"{file} names no base model (general.base_model.0.repo_url): give --base REPO")
-    catalog, parquet, _ = choose_index(catalog_path, parquet, home=SUPERWEIGHT_HOME)
-    (model,) = keep.select(open_session(catalog=catalog, parquet=parquet), repo_id=base, verdicts=wanted)
-    _, weights = audits.audit(file, model.rows)
+        catalog, parquet, _ = choose_index(catalog_path, parquet, home=SUPERWEIGHT_HOME)
+        (model,) = keep.select(open_session(catalog=catalog, parquet=parquet), repo_id=base, verdicts=wanted)
+        weights = audits.read_blocks(source, header, model.rows)
+    finally:
+        source.close()
     return base, weights, _super_activations(file, model.rows) if rescan else None
 
 

@@ -54,6 +54,20 @@ def catalog(help: str = f"The catalog database (default: $SUPERWEIGHT_HOME/{CATA
     return click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False, path_type=Path), help=help)
 
 
+def verdicts(default: str, help: str) -> click.option:
+    """--verdict: a comma-separated list of the index's verdicts, given to the command as a tuple."""
+    from superweight.index.keep import VERDICTS
+
+    def parse(ctx, param, value):
+        wanted = tuple(v.strip() for v in value.split(",") if v.strip())
+        if not wanted or set(wanted) - set(VERDICTS):
+            raise click.BadParameter(f"{value!r}: a comma-separated list of {', '.join(VERDICTS)}")
+        return wanted
+
+    return click.option("--verdict", "verdicts", default=default, show_default=True, callback=parse,
+                        help=f"{help} ({', '.join(VERDICTS)}, comma-separated).")
+
+
 def as_json(help: str) -> click.option:
     return click.option("--json", "as_json", is_flag=True, help=help)
 

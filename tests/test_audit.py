@@ -51,8 +51,8 @@ def test_the_base_model_has_the_one_planted_super_weight(base):
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0, Q.Q4_1, Q.Q4_0], ids=lambda q: q.name)
 def test_the_stored_value_is_what_the_gguf_package_dequantizes_there(base, qtype):
     path = base["files"][qtype]
-    _, (weight,) = audit.audit(path, [{"layer": 2, "expert": None, "out_channel": 7, "in_channel": 33,
-                                       "weight": 2.5, "tensor": None}])
+    (weight,) = audit.audit(path, [{"layer": 2, "expert": None, "out_channel": 7, "in_channel": 33,
+                                   "weight": 2.5, "tensor": None}])
     tensor = next(t for t in GGUFReader(path).tensors if t.name == "blk.2.ffn_down.weight")
     whole = dequantize(tensor.data, qtype)  # (n_embd, n_ff): every block, by the gguf package
     assert weight.stored == pytest.approx(float(whole[7, 33]), abs=1e-6)
