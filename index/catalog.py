@@ -34,7 +34,6 @@ from .schema import (  # noqa: F401  (COLUMNS: re-exported)
     quant_rows, scan_row, weight_rows,
 )
 
-
 logger = logging.getLogger(__name__)
 
 # Seconds a writer or a reader waits while another process holds the file (a commit takes far less).
@@ -138,13 +137,12 @@ class Catalog:
         _check_finite(result)
         key = catalog_key(result.name, result.revision, result.scanner_version)
         scan, weights = scan_row(result, key, scanned_at), weight_rows(result, key)
-        quant = quant_rows(result, key)
+        quant = quant_rows(result, key, scan["scanned_at"])  # measured in the same scan
         with self.connect() as con, _transaction(con, self.path):
             note = _keep_effects(con, key, scan, weights) if result.verification is None else None
             _replace(con, key, scan, weights)
             if quant:  # a scan without the lab keeps the key's earlier figures
-                con.execute("DELETE FROM quantization WHERE repo_id = ? AND revision = ? AND scanner_version = ?",
-                            list(key.values()))
+                _delete(con, "quantization", key)
                 _insert(con, "quantization", quant)
         if note:
             logger.warning("%s@%s: %s", key["repo_id"], key["revision"][:12], note)
@@ -178,21 +176,17 @@ class Catalog:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             with written_aside(out) as tmp, self.connect() as con:
-                con.execute("SET threads = 1")  # one writer thread: the same catalog gives the same bytes
-                escaped = str(tmp).replace("'", "''")
-                con.execute(f"COPY (SELECT * FROM catalog ORDER BY {EXPORT_ORDER}) TO '{escaped}' "
-                            "(FORMAT parquet, COMPRESSION zstd)")
+                _copy_parquet(con, f"SELECT * FROM catalog ORDER BY {EXPORT_ORDER}", tmp)
                 rows = con.execute("SELECT count(*) FROM catalog").fetchone()[0]
                 manifest = Manifest(out.name, file_sha256(tmp), rows, SCHEMA_VERSION,
                                     datetime.now(UTC).isoformat(timespec="seconds"))
+            self._export_quantization(out.with_name(QUANT_PARQUET))
             with written_aside(out.with_suffix(".json")) as tmp:
                 tmp.write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-            self._export_quantization(out.with_name(QUANT_PARQUET))
         except (OSError, duckdb.IOException) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
             raise CatalogUnavailable(f"{out}: cannot write the export ({reason})") from None
         return manifest
-
 
     def _export_quantization(self, out: Path) -> None:
         """quantization.parquet beside the export, when the catalog holds quantization figures."""
@@ -203,10 +197,14 @@ class Catalog:
             if not con.execute("SELECT count(*) FROM quantization").fetchone()[0]:
                 return
             with written_aside(out) as tmp:
-                con.execute("SET threads = 1")
-                escaped = str(tmp).replace("'", "''")
-                con.execute(f"COPY (SELECT * FROM quantization ORDER BY {QUANT_EXPORT_ORDER}) TO '{escaped}' "
-                            "(FORMAT parquet, COMPRESSION zstd)")
+                _copy_parquet(con, f"SELECT * FROM quantization ORDER BY {QUANT_EXPORT_ORDER}", tmp)
+
+
+def _copy_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
+    """Write the rows of `query` to `path` as zstd Parquet, byte for byte the same for the same rows."""
+    con.execute("SET threads = 1")  # one writer thread: the same catalog gives the same bytes
+    escaped = str(path).replace("'", "''")
+    con.execute(f"COPY ({query}) TO '{escaped}' (FORMAT parquet, COMPRESSION zstd)")
 
 
 def connect(path: Path, *, read_only: bool, wait: float) -> duckdb.DuckDBPyConnection:
@@ -323,10 +321,14 @@ def _keep_effects(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights
 def _replace(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights: list[dict]) -> None:
     """Delete `key`'s rows and insert the new ones (columns by name), inside the caller's transaction."""
     for table in ("super_weights", "scans"):
-        con.execute(f"DELETE FROM {table} WHERE repo_id = ? AND revision = ? AND scanner_version = ?",
-                    list(key.values()))
+        _delete(con, table, key)
     for table, rows in (("scans", [scan]), ("super_weights", weights)):
         _insert(con, table, rows)
+
+
+def _delete(con: duckdb.DuckDBPyConnection, table: str, key: dict) -> None:
+    """Delete `key`'s rows of `table`, inside the caller's transaction."""
+    con.execute(f"DELETE FROM {table} WHERE repo_id = ? AND revision = ? AND scanner_version = ?", list(key.values()))
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict]) -> None:

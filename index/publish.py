@@ -180,15 +180,19 @@ def _quantization_file(parquet: Path) -> Path | None:
     return quant if quant.is_file() else None
 
 
-def _quantization_section(parquet: Path) -> str:
+def _column_table(parquet: Path, columns: dict[str, str]) -> str:
+    """The rows of a card's column table: each column's name, its type in `parquet`, and its meaning."""
+    schema = pq.read_schema(parquet)
+    return "\n".join(f"| `{name}` | {schema.field(name).type} | {meaning} |" for name, meaning in columns.items())
+
+
+def _quantization_section(quant: Path | None) -> str:
     """The dataset card's section on quantization.parquet (empty without one)."""
     from .schema import QUANT_COLUMNS
 
-    quant = _quantization_file(parquet)
     if quant is None:
         return ""
-    schema = pq.read_schema(quant)
-    columns = "\n".join(f"| `{name}` | {schema.field(name).type} | {meaning} |" for name, meaning in QUANT_COLUMNS.items())
+    columns = _column_table(quant, QUANT_COLUMNS)
     return f"""
 ## `{QUANT_PARQUET}`: what keeping the super weights buys quantization
 
@@ -206,7 +210,7 @@ def dataset_card(parquet: Path, manifest: dict, *, where: str) -> str:
     """The README.md of a published index: metadata, what it is, its columns, how to read it."""
     from .catalog import COLUMNS
 
-    schema = pq.read_schema(parquet)
+    quant = _quantization_file(parquet)
     models = len(set(pq.read_table(parquet, columns=["repo_id"]).column("repo_id").to_pylist()))
     rows = manifest["rows"]
     size = "n<1K" if rows < 1_000 else "1K<n<10K" if rows < 10_000 else "10K<n<100K" if rows < 100_000 else "100K<n<1M"
@@ -216,9 +220,9 @@ def dataset_card(parquet: Path, manifest: dict, *, where: str) -> str:
         tags=["super-weight", "quantization", "pruning", "interpretability"],
         size_categories=[size],
         configs=[{"config_name": "default", "data_files": PARQUET},
-                 *([{"config_name": "quantization", "data_files": QUANT_PARQUET}] if _quantization_file(parquet) else [])],
+                 *([{"config_name": "quantization", "data_files": QUANT_PARQUET}] if quant else [])],
     )
-    columns = "\n".join(f"| `{name}` | {schema.field(name).type} | {meaning} |" for name, meaning in COLUMNS.items())
+    columns = _column_table(parquet, COLUMNS)
     body = f"""
 # Super weights of open LLM checkpoints
 
@@ -254,7 +258,7 @@ superweight download {where}
 superweight query "SELECT repo_id, layer, out_channel, in_channel, verdict FROM catalog WHERE verdict IN ('super', 'group')" --from {where}
 superweight query "SELECT repo_id, count(DISTINCT super_activation) AS activations, max(abs(super_activation_value)) AS largest FROM catalog WHERE source = 'scan' GROUP BY repo_id" --from {where}
 ```
-{_quantization_section(parquet)}"""
+{_quantization_section(quant)}"""
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 

@@ -168,12 +168,11 @@ QUANT_COLUMNS = {
 QUANT_EXPORT_ORDER = "repo_id, revision, scanner_version, variant, bits, block_size NULLS FIRST, group_size NULLS FIRST, z NULLS FIRST"
 
 
-def quant_rows(result: ScanResult, key: dict, measured_at: datetime | None = None) -> list[dict]:
+def quant_rows(result: ScanResult, key: dict, measured_at: datetime) -> list[dict]:
     """The `quantization` rows of a scan that ran the quantization lab (none otherwise)."""
     lab = result.quantization or {}
-    when = measured_at or datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     return [{**key, **{k: r[k] for k in ("variant", "bits", "block_size", "group_size", "z", "ppl", "ppl_ratio")},
-             "base_ppl": lab["base_ppl"], "eval_tokens": lab["tokens"], "measured_at": when}
+             "base_ppl": lab["base_ppl"], "eval_tokens": lab["tokens"], "measured_at": measured_at}
             for r in lab.get("results", [])]
 
 
