@@ -5,8 +5,8 @@ tensors coalesced into as few spans as the file layout allows, the embedding row
 tokens, and slices of the LM head. A `FileBytes` answers those spans: `LocalFile` by mapping each
 span (its pages faulted in by the read-ahead thread, never copied, unmapped with the layer),
 `HubFile` with HTTP range requests through huggingface_hub's shared session, its auth headers and
-its retry and backoff (which honours a 429's Retry-After). Nothing is written to disk. Every read is counted in the
-scan's `Transfer`.
+its retry and backoff (which honours a 429's Retry-After). Nothing is written to disk. Every read
+is counted in the scan's `Transfer`.
 
 A range request is checked: a server that answers 200 (it ignored Range), a Content-Range for other
 bytes, or a body of the wrong length is an error naming the file, never a wrong result. A body cut

@@ -29,7 +29,7 @@ Activations (W8A8: weights 8-bit per row, the input of every linear layer 8-bit 
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -269,13 +269,13 @@ def quantize_lab(model: StreamingModel, detection: Detection, *, tokenizer=None,
     todo: list[Variant | None] = [None] + [v for v in variants(config) if v.keep is None or plan.weights]
     ppl: dict[Variant | None, float] = {}
     per_pass = config.max_copies or copies_per_pass(model, int(inputs.text.numel()), int(inputs.text.shape[1]))
+    slices = math.ceil(head.vocab_size / config.evaluation.head_slice_rows)
     passes = 0
     for start in range(0, len(todo), per_pass):
         chunk = todo[start:start + per_pass]
         progress.phase(f"quantize: {len(chunk)} copies of the text", model.num_layers)
         hidden = _QuantStream(model, chunk, plan).run(text_ids)[:, :, :-1]
         passes += 1
-        slices = math.ceil(head.vocab_size / config.evaluation.head_slice_rows)
         with head:
             progress.phase("quantize: LM head", slices)
             stats = head_stats(head, hidden.reshape(len(chunk), -1, hidden.shape[-1]), targets, [],
@@ -317,7 +317,3 @@ def best_clip(results: list[dict]) -> list[dict]:
         if key not in best or (r["ppl"] is not None and (best[key]["ppl"] is None or r["ppl"] < best[key]["ppl"])):
             best[key] = r
     return list(best.values())
-
-
-def as_dict(config: QuantConfig) -> dict:
-    return {k: v for k, v in asdict(config).items() if k != "evaluation"}

@@ -201,11 +201,9 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
         pool.shutdown(wait=True)
         if model is not None:
             model.close()
-    result = _result(source, options, resolved, model, detection, verification, revision=revision, tokens=tokens,
-                     ids=ids, device=device, transfer=transfer, scanned_at=scanned_at, start=start,
-                     resolved_at=resolved_at)
-    result.quantization = quantization
-    return result
+    return _result(source, options, resolved, model, detection, verification, quantization, revision=revision,
+                   tokens=tokens, ids=ids, device=device, transfer=transfer, scanned_at=scanned_at, start=start,
+                   resolved_at=resolved_at)
 
 
 def _quantization(model, detection, tokenizer, options, progress, source, resolved) -> dict | None:
@@ -219,8 +217,8 @@ def _quantization(model, detection, tokenizer, options, progress, source, resolv
         return {"skipped": str(_named(e, resolved))}
 
 
-def _result(source, options, resolved, model, detection, verification, *, revision, tokens, ids, device,
-            transfer, scanned_at, start, resolved_at) -> ScanResult:
+def _result(source, options, resolved, model, detection, verification, quantization, *, revision, tokens, ids,
+            device, transfer, scanned_at, start, resolved_at) -> ScanResult:
     """The ScanResult of a finished scan: what was read, what was found, what it cost."""
     return ScanResult(
         source=source, repo_id=resolved.repo_id, revision=revision, artifact=resolved.artifact,
@@ -235,4 +233,5 @@ def _result(source, options, resolved, model, detection, verification, *, revisi
         download_seconds=round(resolved_at - start, 3),  # resolving: the Hub download, if any
         remote=bool(resolved.remote), bytes_fetched=transfer.bytes, requests=transfer.requests,
         passes=model.feed.passes, forwards=model.forwards, wait_seconds=round(transfer.wait_seconds, 3),
+        quantization=quantization,
     )

@@ -82,7 +82,7 @@ def ray_cluster():
     It also declares one GPU, which this machine does not have: Ray schedules on the count alone, so
     tests can check that GPU workers each take one (the scan itself then runs on the CPU). Its worker
     processes import the scan worker (torch, transformers) before they are handed an actor, as
-    `superweight crawl` has its local Ray do (superweight/cli.py), so a crawl's actors start in a
+    `superweight crawl` has its local Ray do (superweight/cli_crawl.py), so a crawl's actors start in a
     fraction of a second.
     """
     import ray
