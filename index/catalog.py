@@ -2,7 +2,7 @@
 
 DuckDB lets one process at a time hold the file for writing, and while it does no other process
 can open it at all. So nothing keeps the file open: each write is one short connection and one
-transaction keyed by (repo_id, revision, scanner_version), and each read copies what it needs and
+transaction keyed by (repo_id, revision, scanner_version, artifact), and each read copies what it needs and
 lets go. A writer or reader that finds the file taken waits for it (`lock_wait` seconds) instead of
 failing, so queries and exports work while a scan or a crawl is writing. Re-scanning a key replaces
 its rows (keeping the measured effects when a plain re-scan finds the same coordinates). A scan
@@ -30,8 +30,8 @@ from superweight.scanner.digest import file_sha256
 
 from .errors import CatalogLocked, CatalogTooNew, CatalogUnavailable, NonFiniteFigures
 from .schema import (  # noqa: F401  (COLUMNS: re-exported)
-    ADDED_COLUMNS, COLUMNS, EXPORT_ORDER, QUANT_EXPORT_ORDER, QUANT_PARQUET, SCAN_EFFECTS, SCHEMA_VERSION, TABLES, VIEW, catalog_key,
-    quant_rows, scan_row, weight_rows,
+    COLUMNS, EXPORT_ORDER, KEY, KEY_WHERE, QUANT_EXPORT_ORDER, QUANT_PARQUET, SCAN_EFFECTS, SCHEMA_VERSION, TABLES, VIEW,
+    catalog_key, quant_rows, scan_row, weight_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,12 +100,10 @@ class Catalog:
             raise CatalogTooNew(f"{self.path}: catalog schema {version} is newer than this superweight's "
                                 f"({SCHEMA_VERSION}); upgrade superweight or use another --catalog")
         with _transaction(con, self.path):
-            con.execute(TABLES)
-            for table, columns in ADDED_COLUMNS.items():
-                for name, kind in columns.items():
-                    con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
-            if version is not None and version < 3:  # nothing before schema 3 carried a verdict
-                con.execute("UPDATE super_weights SET verdict = 'unverified' WHERE verdict IS NULL")
+            if version is not None and version < SCHEMA_VERSION:
+                _rebuild(con, version)
+            else:
+                con.execute(TABLES)
             con.execute(VIEW)
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
@@ -118,11 +116,12 @@ class Catalog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def has_scan(self, repo_id: str, revision: str, scanner_version: str, *, verified: bool = False) -> bool:
+    def has_scan(self, repo_id: str, revision: str, scanner_version: str, artifact: str = "", *,
+                 verified: bool = False) -> bool:
         """Whether this catalog holds the finished scan of the key (with its effects measured, if `verified`)."""
         where = " AND (eval_tokens IS NOT NULL OR super_weight_count = 0)" if verified else ""
-        return self.fetch(f"SELECT count(*) FROM scans WHERE repo_id = ? AND revision = ? AND scanner_version = ?{where}",
-                          [repo_id, revision, scanner_version])[0][0] > 0
+        return self.fetch(f"SELECT count(*) FROM scans WHERE {KEY_WHERE}{where}",
+                          [repo_id, revision, scanner_version, artifact])[0][0] > 0
 
     def record_scan(self, result: ScanResult, *, scanned_at: datetime | None = None) -> str | None:
         """Write one finished scan, replacing its key's rows.
@@ -135,7 +134,7 @@ class Catalog:
             A note when earlier measured effects were kept or dropped, else None.
         """
         _check_finite(result)
-        key = catalog_key(result.name, result.revision, result.scanner_version)
+        key = catalog_key(result.name, result.revision, result.scanner_version, result.artifact)
         scan, weights = scan_row(result, key, scanned_at), weight_rows(result, key)
         quant = quant_rows(result, key, scan["scanned_at"])  # measured in the same scan
         with self.connect() as con, _transaction(con, self.path):
@@ -197,7 +196,8 @@ class Catalog:
             if not con.execute("SELECT count(*) FROM quantization").fetchone()[0]:
                 return
             with written_aside(out) as tmp:
-                _copy_parquet(con, f"SELECT * FROM quantization ORDER BY {QUANT_EXPORT_ORDER}", tmp)
+                _copy_parquet(con, "SELECT * REPLACE (NULLIF(artifact, '') AS artifact) FROM quantization "
+                                   f"ORDER BY {QUANT_EXPORT_ORDER}", tmp)
 
 
 def _copy_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
@@ -284,6 +284,34 @@ def _is_duckdb(path: Path) -> bool:
         return True  # unreadable: say so as a disk problem, not as a bad file
 
 
+_TABLES = ("scans", "super_weights", "quantization")
+
+
+def _rebuild(con: duckdb.DuckDBPyConnection, version: int) -> None:
+    """Bring the tables of an older schema to this one's, inside the caller's transaction.
+
+    Each table is created anew (columns, defaults and keys as a new file has them) and its rows are
+    copied by column name; a column the old file lacks is left NULL. Schema 4 put `artifact` in the
+    key: the old rows take '' (the repo's own weights) or their scan's artifact.
+    """
+    con.execute("DROP VIEW IF EXISTS catalog")
+    names = con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
+    old = {name for (name,) in names if name in _TABLES}
+    for table in old:
+        con.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
+    con.execute(TABLES)
+    if "scans" in old:
+        con.execute("ALTER TABLE scans_old ADD COLUMN IF NOT EXISTS artifact VARCHAR")
+        con.execute("INSERT INTO scans BY NAME SELECT * REPLACE (coalesce(artifact, '') AS artifact) FROM scans_old")
+    for table in old - {"scans"}:  # a scan's rows of another table take its artifact
+        con.execute(f"INSERT INTO {table} BY NAME SELECT t.*, s.artifact FROM {table}_old t "
+                    "JOIN scans s USING (repo_id, revision, scanner_version)")
+    for table in old:
+        con.execute(f"DROP TABLE {table}_old")
+    if version < 3:  # nothing before schema 3 carried a verdict
+        con.execute("UPDATE super_weights SET verdict = 'unverified' WHERE verdict IS NULL")
+
+
 def _schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
     """The schema version recorded in the file, or None for a new file."""
     if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta'").fetchone()[0]:
@@ -304,12 +332,12 @@ def _keep_effects(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights
     Returns:
         What happened to earlier effects, or None when there were none.
     """
-    where = "WHERE repo_id = ? AND revision = ? AND scanner_version = ?"
-    old = con.execute(f"SELECT {', '.join(SCAN_EFFECTS)} FROM scans {where}", list(key.values())).fetchone()
+    where = f"WHERE {KEY_WHERE}"
+    old = con.execute(f"SELECT {', '.join(SCAN_EFFECTS)} FROM scans {where}", [key[name] for name in KEY]).fetchone()
     if old is None or old[0] is None:
         return None
     columns = ", ".join(_COORDINATES + _WEIGHT_EFFECTS)
-    old_weights = con.execute(f"SELECT {columns} FROM super_weights {where} ORDER BY ordinal", list(key.values())).fetchall()
+    old_weights = con.execute(f"SELECT {columns} FROM super_weights {where} ORDER BY ordinal", [key[name] for name in KEY]).fetchall()
     if [row[:4] for row in old_weights] != [tuple(w[c] for c in _COORDINATES) for w in weights]:
         return "replaced a verified scan whose coordinates differ; its effects are gone (rescan with --verify)"
     scan.update(zip(SCAN_EFFECTS, old))
@@ -328,7 +356,7 @@ def _replace(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights: lis
 
 def _delete(con: duckdb.DuckDBPyConnection, table: str, key: dict) -> None:
     """Delete `key`'s rows of `table`, inside the caller's transaction."""
-    con.execute(f"DELETE FROM {table} WHERE repo_id = ? AND revision = ? AND scanner_version = ?", list(key.values()))
+    con.execute(f"DELETE FROM {table} WHERE {KEY_WHERE}", [key[name] for name in KEY])
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict]) -> None:

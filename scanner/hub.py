@@ -51,7 +51,7 @@ class Resolved:
     path: Path  # the checkpoint folder, or a GGUF file
     repo_id: str | None  # the Hub repo (for an example, the model it ships); None for local folders
     revision: str | None  # the Hub commit sha, an example's GGUF hash; None until a local folder is hashed
-    artifact: str | None = None  # what is read when it is not the repo's own weights at `revision`
+    artifact: str | None = None  # a Hub repo's GGUF file read; an example's file (not the repo's own weights)
     dtype: str | None = None  # the weights' own precision when the files read hold another (examples)
     root: Path | None = None  # every file read must lie inside it (None: the folder, or the file's folder)
     remote: tuple[str, ...] = ()  # weight files read from the Hub by range requests, at `revision`
@@ -179,7 +179,7 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir, weight
     # Snapshot files link into the repo's blobs/: the repo's cache folder is what they may resolve into.
     # A GGUF's path is where the file lies in the snapshot, or would if it were downloaded: errors name it.
     return Resolved(repo_id, folder / gguf if gguf else folder, repo_id, folder.name,  # named by commit sha
-                    root=folder.parent.parent, remote=tuple(remote), endpoint=endpoint)
+                    artifact=gguf, root=folder.parent.parent, remote=tuple(remote), endpoint=endpoint)
 
 
 def _snapshot(repo_id: str, revision: str, patterns: list[str], *, endpoint, token, cache_dir, offline: bool,

@@ -120,7 +120,7 @@ class ScanResult:
     source: str  # as the user gave it
     repo_id: str | None  # the Hub id (an example's model too); None for a local folder or file
     revision: str  # the Hub commit sha, or a content hash
-    artifact: str | None  # what was read when it is not the repo's own weights (examples)
+    artifact: str | None  # a Hub repo's GGUF file read; an example's file (not the repo's own weights)
     path: str  # where it was read
     model_type: str
     architecture: str

@@ -141,7 +141,7 @@ def check_prompt(path: Path, ids: list[int], config) -> None:
 
 def _named(error: ScanError, resolved) -> ScanError:
     """`error`, naming a file of a Hub download by its repo and commit rather than by its cache folder."""
-    if resolved.repo_id is None or resolved.artifact is not None or resolved.root is None:
+    if resolved.repo_id is None or resolved.root is None:
         return error  # a folder the user gave, or a built-in example: its own path is its name
     return relocated(error, resolved.path, f"{resolved.repo_id}@{resolved.revision[:12]}")
 

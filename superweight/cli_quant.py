@@ -227,7 +227,8 @@ def plot_quant(source: str, out: Path, revision: str | None, catalog_path: Path 
     if not rows:
         raise click.ClickException(f"{source}: no quantization figures in the catalog; run "
                                    f"'superweight quantize {source}' first")
-    latest = [r for r in rows if (r["revision"], r["scanner_version"]) == (rows[0]["revision"], rows[0]["scanner_version"])]
+    key = ("revision", "scanner_version", "artifact")  # one scan's figures: a GGUF repo's files are scans apart
+    latest = [r for r in rows if all(r[k] == rows[0][k] for k in key)]
     data = draw(f"{name} @ {latest[0]['revision'][:12]}", latest[0]["base_ppl"], latest, out)
     click.echo(f"wrote {out}: {sum(len(v) for v in data['series'].values())} line(s) over {len(data['labels'])} "
                "weight layout(s)")

@@ -127,6 +127,58 @@ def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_rows(tmp_path, res
     assert exported == [(3,)]
 
 
+# A schema-3 catalog as superweight 3 left it: `artifact` outside the key, a quantization table.
+_V3 = """
+CREATE TABLE meta("key" VARCHAR PRIMARY KEY, "value" VARCHAR NOT NULL);
+CREATE TABLE quantization(repo_id VARCHAR NOT NULL, revision VARCHAR NOT NULL, scanner_version VARCHAR NOT NULL,
+    variant VARCHAR NOT NULL, bits INTEGER NOT NULL, block_size BIGINT, group_size INTEGER, z DOUBLE, ppl DOUBLE,
+    ppl_ratio DOUBLE, base_ppl DOUBLE NOT NULL, eval_tokens INTEGER NOT NULL, measured_at TIMESTAMP);
+CREATE TABLE scans(repo_id VARCHAR, revision VARCHAR, scanner_version VARCHAR, "source" VARCHAR NOT NULL,
+    model_type VARCHAR, num_layers INTEGER, dtype VARCHAR, scanned_at TIMESTAMP, super_weight_count INTEGER NOT NULL,
+    eval_tokens INTEGER, base_ppl DOUBLE, joint_ppl_ratio DOUBLE, base_expected_prob DOUBLE, base_stopword_share DOUBLE,
+    artifact VARCHAR, PRIMARY KEY(repo_id, revision, scanner_version));
+CREATE TABLE super_weights(repo_id VARCHAR, revision VARCHAR, scanner_version VARCHAR, ordinal INTEGER,
+    layer INTEGER NOT NULL, expert INTEGER, tensor VARCHAR, out_channel INTEGER NOT NULL, in_channel INTEGER NOT NULL,
+    "index" INTEGER[], weight DOUBLE, input_activation DOUBLE, output_activation DOUBLE, spike_ratio DOUBLE,
+    note VARCHAR, hf_tensor VARCHAR, hf_index INTEGER[], ppl_ratio DOUBLE, kl DOUBLE, expected_prob DOUBLE,
+    stopword_share DOUBLE, control_ppl_ratio DOUBLE, control_kl DOUBLE, masked BOOLEAN, super_neuron INTEGER,
+    super_activation INTEGER, super_activation_value DOUBLE, group_ppl_ratio DOUBLE, group_control_ppl_ratio DOUBLE,
+    verdict VARCHAR, PRIMARY KEY(repo_id, revision, scanner_version, ordinal));
+INSERT INTO meta VALUES ('schema_version', '3');
+INSERT INTO scans (repo_id, revision, scanner_version, source, super_weight_count, base_ppl, artifact) VALUES
+    ('old/model', 'abc', '0.3.0', 'scan', 1, 9.5, NULL),
+    ('example/gguf', 'def', '0.3.0', 'scan', 1, NULL, 'a.gguf from a package');
+INSERT INTO super_weights (repo_id, revision, scanner_version, ordinal, layer, out_channel, in_channel, ppl_ratio,
+    verdict) VALUES ('old/model', 'abc', '0.3.0', 0, 2, 10, 20, 30.0, 'super'),
+    ('example/gguf', 'def', '0.3.0', 0, 4, 5, 6, NULL, 'unverified');
+INSERT INTO quantization VALUES ('old/model', 'abc', '0.3.0', 'rtn', 4, NULL, 128, NULL, 12.0, 1.26, 9.5, 256,
+    '2026-11-01 00:00:00');
+"""
+
+
+def test_a_version_3_catalog_is_rebuilt_with_the_artifact_in_its_key(tmp_path, results):
+    con = duckdb.connect(str(tmp_path / "c.duckdb"))
+    con.execute(_V3)
+    con.close()
+    with Catalog(tmp_path / "c.duckdb") as catalog:
+        assert catalog.fetch("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+        assert rows(catalog, "SELECT repo_id, artifact, layer, ppl_ratio, verdict, base_ppl FROM catalog "
+                             "ORDER BY repo_id") == [("example/gguf", "a.gguf from a package", 4, None, "unverified", None),
+                                                     ("old/model", None, 2, 30.0, "super", 9.5)]
+        assert rows(catalog, "SELECT repo_id, artifact, variant, group_size FROM quantization") == [
+            ("old/model", "", "rtn", 128)]
+        two = results[0]
+        for artifact in ("m-Q8_0.gguf", "m-F16.gguf", None):  # one repo and commit, three scans
+            catalog.record_scan(dataclasses.replace(two, artifact=artifact), scanned_at=WHEN)
+        catalog.record_scan(dataclasses.replace(two, artifact="m-F16.gguf"), scanned_at=WHEN)  # replaces its own
+        scans = rows(catalog, f"SELECT artifact, count(*) FROM catalog WHERE repo_id = '{two.name}' GROUP BY ALL "
+                              "ORDER BY artifact NULLS FIRST")
+        catalog.export(tmp_path / "c.parquet")
+    assert scans == [(None, 2), ("m-F16.gguf", 2), ("m-Q8_0.gguf", 2)]
+    quant = duckdb.sql(f"SELECT repo_id, artifact FROM '{tmp_path / 'quantization.parquet'}'").fetchall()
+    assert quant == [("old/model", None)]  # NULL again outside the tables, as in catalog.parquet
+
+
 def test_a_catalog_from_a_newer_superweight_is_refused_untouched(tmp_path):
     with Catalog(tmp_path / "c.duckdb") as catalog:
         catalog.fetch("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])

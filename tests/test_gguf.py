@@ -22,6 +22,7 @@ from transformers.integrations.gguf.dequant import GGML_BLOCK as TORCH_DEQUANT_B
 from transformers import AutoConfig, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
+from superweight.index.catalog import Catalog
 from superweight.index.crawl.vet import HubAccess, vet
 from superweight.scanner import gguf_header
 from superweight.scanner.config import DetectConfig
@@ -35,7 +36,7 @@ from superweight.scanner.gguf_header import gguf_config, read_header
 from superweight.scanner.digest import content_hash
 from superweight.scanner.hub import resolve
 from superweight.scanner.loader import StreamingModel
-from superweight.scanner.scan import ScanOptions, prompt_ids, scan_source
+from superweight.scanner.scan import ScanOptions, prompt_ids, scan, scan_source
 from superweight.scanner.tokens import gguf_tokenizer
 from superweight.cli import cli
 from tests.checkpoints import Plant, build_model, coordinates, gguf_tensors, make_checkpoint, make_gguf, streaming, write_gguf
@@ -400,6 +401,16 @@ def test_file_is_refused_where_there_is_nothing_to_pick(planted, source):
     with pytest.raises(SourceNotFound) as caught:
         resolve(source, gguf_file="Q8_0")
     assert str(caught.value) == f"{source}: --file Q8_0 picks a GGUF file of a folder or a Hub repo, and this is neither"
+
+
+def test_two_gguf_files_of_one_commit_are_two_scans_in_the_catalog(local_hub, tmp_path):
+    catalog = Catalog(tmp_path / "c.duckdb")
+    for quant in ("Q8_0", "F16", "Q8_0"):  # the second Q8_0 scan replaces the first, and only it
+        result = scan(GGUF_REPO, hub_options(local_hub, tmp_path, gguf_file=quant))
+        assert result.artifact == GGUF_FILES[quant] and result.revision == local_hub.sha(GGUF_REPO)
+        catalog.record_scan(result)
+    got = catalog.fetch("SELECT artifact, dtype, layer FROM catalog WHERE repo_id = ? ORDER BY artifact", [GGUF_REPO])
+    assert got == [(GGUF_FILES["F16"], "F16", FIRST_PLANT.layer), (GGUF_FILES["Q8_0"], "Q8_0", FIRST_PLANT.layer)]
 
 
 def test_download_stores_the_gguf_and_reads_it_there(local_hub, tmp_path):
