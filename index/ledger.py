@@ -45,11 +45,11 @@ class Base(DeclarativeBase):
 
 
 class ScanRecord(Base):
-    """One checkpoint at one revision, scanned by one scanner version."""
+    """One checkpoint at one revision (one GGUF file of it, for a repo of several), scanned by one scanner version."""
 
     __tablename__ = "scans"
     __table_args__ = (
-        UniqueConstraint("repo_id", "revision", "scanner_version", name="uq_scans_key"),
+        UniqueConstraint("repo_id", "revision", "scanner_version", "artifact", name="uq_scans_key"),
         CheckConstraint(f"state IN {STATES}", name="ck_scans_state"),
     )
 
@@ -57,6 +57,8 @@ class ScanRecord(Base):
     repo_id: Mapped[str] = mapped_column(String(512))
     revision: Mapped[str] = mapped_column(String(128))  # "" until a source is resolved
     scanner_version: Mapped[str] = mapped_column(String(32))
+    # a Hub repo's GGUF file (or the --file asked for, until resolved); '' for its own safetensors (0005)
+    artifact: Mapped[str] = mapped_column(String(512), default="", server_default="")
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
@@ -115,13 +117,13 @@ class Ledger:
     def close(self) -> None:
         self.engine.dispose()
 
-    def start(self, repo_id: str, revision: str, scanner_version: str, *, worker: str) -> int:
+    def start(self, repo_id: str, revision: str, scanner_version: str, artifact: str = "", *, worker: str) -> int:
         """Mark an attempt as running (a new row, or the next attempt of an old one); return its id."""
+        key = _key(repo_id, revision, scanner_version, artifact)
         with Session(self.engine) as session, session.begin():
-            record = session.scalars(select(ScanRecord).filter_by(
-                repo_id=repo_id, revision=revision, scanner_version=scanner_version)).one_or_none()
+            record = session.scalars(select(ScanRecord).filter_by(**key)).one_or_none()
             if record is None:
-                record = ScanRecord(repo_id=repo_id, revision=revision, scanner_version=scanner_version, attempts=0)
+                record = ScanRecord(**key, attempts=0)
                 session.add(record)
             record.state, record.worker, record.error, record.refusal = "running", worker, None, None
             record.attempts += 1
@@ -131,9 +133,9 @@ class Ledger:
             session.flush()
             return record.id
 
-    def finish(self, record_id: int, state: str, *, revision: str | None = None, error: str | None = None,
-               refusal: str | None = None, bytes_read: int | None = None, costs: dict | None = None,
-               owner: str | None = None) -> bool:
+    def finish(self, record_id: int, state: str, *, revision: str | None = None, artifact: str | None = None,
+               error: str | None = None, refusal: str | None = None, bytes_read: int | None = None,
+               costs: dict | None = None, owner: str | None = None) -> bool:
         """Record how attempt `record_id` ended: succeeded, failed or refused (with the reason, and the
         refusal's kind: "other" when not given).
 
@@ -141,7 +143,8 @@ class Ledger:
 
         `revision` is the one the attempt resolved (a Hub sha, a folder's content hash) when it was
         started under the requested one ("main", or "" for a folder); an existing row for the
-        resolved revision absorbs the attempt. `costs`: what a scan moved and where its time went
+        resolved revision absorbs the attempt; `artifact` likewise (the GGUF file read, for the --file
+        asked for, or for '' when the repo's one GGUF file was read). `costs`: what a scan moved and where its time went
         (`costs_of`).
         """
         if state not in ("succeeded", "failed", "refused"):
@@ -150,11 +153,12 @@ class Ledger:
             record = session.get(ScanRecord, record_id)
             if owner is not None and record.lease_owner != owner:
                 return False  # our lease lapsed and another crawl took the key over: its word counts
-            if revision is not None and revision != record.revision:
-                resolved = session.scalars(select(ScanRecord).filter_by(
-                    repo_id=record.repo_id, revision=revision, scanner_version=record.scanner_version)).one_or_none()
+            key = _key(record.repo_id, record.revision if revision is None else revision, record.scanner_version,
+                       record.artifact if artifact is None else artifact)
+            if (key["revision"], key["artifact"]) != (record.revision, record.artifact):
+                resolved = session.scalars(select(ScanRecord).filter_by(**key)).one_or_none()
                 if resolved is None:
-                    record.revision = revision
+                    record.revision, record.artifact = key["revision"], key["artifact"]
                 else:
                     resolved.attempts += record.attempts
                     resolved.worker, resolved.started_at = record.worker, record.started_at
@@ -167,25 +171,24 @@ class Ledger:
             record.lease_owner = record.lease_expires_at = None
         return True
 
-    def record(self, repo_id: str, revision: str, scanner_version: str) -> dict | None:
+    def record(self, repo_id: str, revision: str, scanner_version: str, artifact: str = "") -> dict | None:
         """The key's row, or None if it was never seen."""
         with Session(self.engine) as session:
             record = session.scalars(select(ScanRecord).filter_by(
-                repo_id=repo_id, revision=revision, scanner_version=scanner_version)).one_or_none()
+                **_key(repo_id, revision, scanner_version, artifact))).one_or_none()
             return record.to_dict() if record else None
 
-    def queue(self, repo_id: str, revision: str, scanner_version: str) -> None:
+    def queue(self, repo_id: str, revision: str, scanner_version: str, artifact: str = "") -> None:
         """Make sure the key has a row: a new one is queued; an existing one is left as it is."""
+        key = _key(repo_id, revision, scanner_version, artifact)
         try:
             with Session(self.engine) as session, session.begin():
-                if session.scalar(select(ScanRecord.id).filter_by(
-                        repo_id=repo_id, revision=revision, scanner_version=scanner_version)) is None:
-                    session.add(ScanRecord(repo_id=repo_id, revision=revision, scanner_version=scanner_version,
-                                           state="queued", attempts=0))
+                if session.scalar(select(ScanRecord.id).filter_by(**key)) is None:
+                    session.add(ScanRecord(**key, state="queued", attempts=0))
         except IntegrityError:
             pass  # another crawl queued it between our check and our insert: it has its row
 
-    def claim(self, repo_id: str, revision: str, scanner_version: str, *, owner: str,
+    def claim(self, repo_id: str, revision: str, scanner_version: str, artifact: str = "", *, owner: str,
               lease_seconds: float, also: tuple[str, ...] = ()) -> int | None:
         """Start an attempt if nobody else holds the key: returns its record id, or None.
 
@@ -201,7 +204,7 @@ class Ledger:
             record_id = session.scalar(
                 update(ScanRecord)
                 .where(ScanRecord.repo_id == repo_id, ScanRecord.revision == revision,
-                       ScanRecord.scanner_version == scanner_version, claimable)
+                       ScanRecord.scanner_version == scanner_version, ScanRecord.artifact == artifact, claimable)
                 .values(state="running", attempts=ScanRecord.attempts + 1, worker=owner, error=None, refusal=None,
                         started_at=now, finished_at=None, lease_owner=owner,
                         lease_expires_at=now + timedelta(seconds=lease_seconds))
@@ -311,6 +314,11 @@ def _migration_lock(engine):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _key(repo_id: str, revision: str, scanner_version: str, artifact: str | None) -> dict:
+    """A row's key, as filter_by takes it."""
+    return {"repo_id": repo_id, "revision": revision, "scanner_version": scanner_version, "artifact": artifact or ""}
 
 
 def _now() -> datetime:

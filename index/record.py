@@ -50,7 +50,8 @@ def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledg
         The scan's or the catalog's exception, after recording it in the ledger as failed or refused.
     """
     worker = worker or worker_name()
-    record_id = ledger.start(source_name(source), options.revision or "", __version__, worker=worker)
+    record_id = ledger.start(source_name(source), options.revision or "", __version__, options.gguf_file or "",
+                             worker=worker)
     try:
         result = scan(source, options, progress=_Renewing(ledger, worker, progress))
         catalog.record_scan(result)
@@ -58,6 +59,6 @@ def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledg
         settled = outcome_of(e)
         ledger.finish(record_id, settled["state"], error=settled["error"], refusal=settled.get("refusal"))
         raise
-    ledger.finish(record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read,
-                  costs=costs_of(result))
+    ledger.finish(record_id, "succeeded", revision=result.revision, artifact=result.artifact or "",
+                  bytes_read=result.bytes_read, costs=costs_of(result))
     return result

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from gguf import GGMLQuantizationType
 
 from superweight.index.catalog import Catalog
 from superweight.index.crawl import CrawlOptions, crawl
@@ -23,9 +24,9 @@ from superweight.index.ledger import Ledger
 from superweight.report import crawl_line
 from superweight.index.crawl import HubAccess, discover, vet
 from superweight.scanner.scan import ScanOptions
-from tests.checkpoints import Plant, make_checkpoint
+from tests.checkpoints import Plant, make_checkpoint, make_gguf
 from tests.hub_front import HubFront, serve
-from tests.hub_server import commit_folder, olah_server
+from tests.hub_server import commit_folder, olah_server, tokenized_gguf
 
 pytestmark = pytest.mark.slow  # a real local Ray cluster and Hub (about 4 minutes)
 
@@ -37,6 +38,7 @@ PLANTED = {"crawl/llama": ("llama", [Plant(3, 10, 20)], "2026-11-01T00:00:00Z"),
            "crawl/qwen2": ("qwen2", [Plant(2, 7, 99)], "2026-11-02T00:00:00Z"),
            "crawl/clean": ("llama", [], "2026-11-03T00:00:00Z")}
 GATED, REMOTE, WIDE, BROKEN, PICKLE = "crawl/gated", "crawl/remote-code", "crawl/wide", "crawl/broken", "crawl/pickle"
+GGUF, GGUF_NAME = "crawl/gguf", "m-Q8_0.gguf"  # a repo of one GGUF file (never discovered: no safetensors tag)
 
 
 def build_crawl_mirrors(mirrors: Path) -> None:
@@ -62,6 +64,11 @@ def build_crawl_mirrors(mirrors: Path) -> None:
     (pickle_only / "config.json").write_text((models / "crawl/llama/config.json").read_text())
     (pickle_only / "pytorch_model.bin").write_bytes(b"not a pickle: never downloaded\n")
     commit_folder(pickle_only, "pickle only", date="2026-11-08T00:00:00Z")
+    (models / GGUF).mkdir(parents=True)
+    plain = make_gguf(models / GGUF / "plain.gguf", "llama", [Plant(4, 5, 6)], qtype=GGMLQuantizationType.Q8_0)
+    tokenized_gguf(plain, models / GGUF / GGUF_NAME)
+    plain.unlink()
+    commit_folder(models / GGUF, "one GGUF file", date="2026-10-01T00:00:00Z")
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +190,20 @@ def test_a_crawl_scans_records_and_refuses_and_a_rerun_does_only_new_work(ray_cl
     assert (states.pop(GATED), states.pop(WIDE)) == ("refused", "refused")  # gating and limits: vetted again
     assert set(states.values()) == {"skipped"}
     assert ledger_row(ledger, "crawl/llama")["attempts"] == 1
+
+
+def test_a_gguf_repo_is_crawled_under_its_file_and_a_rerun_skips_it(ray_cluster, front, crawl_hub, stores,
+                                                                    tmp_path):
+    catalog, ledger = stores
+    first = crawl([GGUF], catalog=catalog, ledger=ledger, options=options(front, tmp_path))
+    assert first.outcomes[0]["state"] == "succeeded", first.outcomes[0].get("error")
+    assert catalog.fetch("SELECT revision, artifact, dtype, layer, out_channel, in_channel FROM catalog "
+                         "WHERE repo_id = ?", [GGUF]) == [(crawl_hub.sha(GGUF), GGUF_NAME, "Q8_0", 4, 5, 6)]
+    row = ledger_row(ledger, GGUF)
+    assert (row["state"], row["revision"], row["artifact"]) == ("succeeded", crawl_hub.sha(GGUF), GGUF_NAME)
+    again = crawl([GGUF], catalog=catalog, ledger=ledger, options=options(front, tmp_path))
+    assert again.outcomes[0] == {**again.outcomes[0], "state": "skipped", "reason": "already succeeded"}
+    assert ledger_row(ledger, GGUF)["attempts"] == 1  # one row: the vetted key is the key the scan wrote
 
 
 def weights_of(repo_id: str) -> str:

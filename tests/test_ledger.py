@@ -239,3 +239,29 @@ def test_migration_0004_adds_the_cost_columns_and_a_finished_scan_fills_them(led
     engine = create_engine(ledger_url)
     assert not {"bytes_fetched", "requests"} & {c["name"] for c in inspect(engine).get_columns("scans")}
     engine.dispose()
+
+
+def test_migration_0005_keys_rows_by_artifact_and_a_scan_resolves_the_file_asked_for(ledger_url):
+    insert = ("INSERT INTO scans (repo_id, revision, scanner_version, state, attempts) "
+              "VALUES ('org/old', 'b', '0.0.1', 'succeeded', 1)")
+    migrate(ledger_url, "0004", (insert, {}))
+    ledger = Ledger(ledger_url)
+    assert [r["artifact"] for r in ledger.records()] == [""]  # an old row: the repo's own weights
+    for asked, resolved in (("Q8_0", "m-Q8_0.gguf"), ("F16", "m-F16.gguf"), ("m-Q8_0.gguf", "m-Q8_0.gguf")):
+        record_id = ledger.start("org/gguf", "main", "0.0.1", asked, worker="w")  # as `scan --file` does
+        assert ledger.finish(record_id, "succeeded", revision="c", artifact=resolved)
+    rows = {r["artifact"]: r for r in ledger.records() if r["repo_id"] == "org/gguf"}
+    assert {a: (r["revision"], r["attempts"]) for a, r in rows.items()} == {"m-Q8_0.gguf": ("c", 2), "m-F16.gguf": ("c", 1)}
+    assert ledger.record("org/gguf", "c", "0.0.1", "m-F16.gguf")["state"] == "succeeded"
+    assert ledger.record("org/gguf", "c", "0.0.1") is None  # the repo's own weights were never scanned
+    assert ledger.claim("org/gguf", "c", "0.0.1", "m-F16.gguf", owner="crawl", lease_seconds=60,
+                        also=("succeeded",)) is not None
+    ledger.close()
+
+    migrate(ledger_url, "0004", down=True)  # and back: one row per (repo, revision, version), the newest
+    engine = create_engine(ledger_url)
+    assert "artifact" not in {c["name"] for c in inspect(engine).get_columns("scans")}
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT repo_id FROM scans ORDER BY repo_id")).scalars().all() == [
+            "org/gguf", "org/old"]
+    engine.dispose()

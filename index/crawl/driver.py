@@ -150,7 +150,7 @@ def _settle_without_scan(vetted: VettedModel, ledger: Ledger, catalog: Catalog, 
     success missing from this catalog (a new --catalog, a lost volume) is scanned again, and so is
     one without measured effects when this crawl verifies.
     """
-    key = (vetted.repo_id, vetted.revision, __version__)
+    key = (vetted.repo_id, vetted.revision, __version__, vetted.artifact)
     outcome = {"repo_id": vetted.repo_id, "revision": vetted.revision}
     record = ledger.record(*key)
     state = record["state"] if record else None
@@ -224,8 +224,8 @@ def _submit_what_fits(queue: list[Job], pool: WorkerPool, report: CrawlReport, *
     used = sum(j.model.size_bytes or 0 for j in pool.jobs)
     while queue and pool.has_free_worker() and (not pool.jobs or used + (queue[0].model.size_bytes or 0) <= budget):
         job = queue.pop(0)
-        job.record_id = ledger.claim(job.model.repo_id, job.model.revision, __version__, owner=owner,
-                                     lease_seconds=options.lease_seconds, also=job.also)
+        job.record_id = ledger.claim(job.model.repo_id, job.model.revision, __version__, job.model.artifact,
+                                     owner=owner, lease_seconds=options.lease_seconds, also=job.also)
         if job.record_id is None:
             report.add({"repo_id": job.model.repo_id, "revision": job.model.revision,
                         "state": "skipped", "reason": "another crawl holds it"})
@@ -293,8 +293,8 @@ def _finish(finished: Finished, report: CrawlReport, *, catalog: Catalog, ledger
         ledger.finish(job.record_id, "failed", error=f"catalog write failed: {e}", owner=owner)
         raise
     costs = costs_of(result)
-    ledger.finish(job.record_id, "succeeded", revision=result.revision, bytes_read=result.bytes_read, costs=costs,
-                  owner=owner)
+    ledger.finish(job.record_id, "succeeded", revision=result.revision, artifact=result.artifact or "",
+                  bytes_read=result.bytes_read, costs=costs, owner=owner)
     report.network_seconds += costs["network_seconds"]
     report.compute_seconds += costs["compute_seconds"]
     report.bytes_fetched += result.bytes_fetched or 0

@@ -41,6 +41,7 @@ class VettedModel:
     size_bytes: int | None = None  # bytes of tensor data: what a scan downloads
     refusal: Refused | None = None  # why it will not be scanned (recorded as refused, with its kind)
     error: str | None = None  # why it could not be vetted (recorded as failed)
+    artifact: str = ""  # the one GGUF file of a repo of GGUF files; "" for safetensors (the ledger's and catalog's key)
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,14 @@ def vet(repo_id: str, *, hub: HubAccess = HubAccess(), max_params: int | None = 
     except ScanError as e:  # the Hub did not answer
         return VettedModel(repo_id, "", error=str(e))
     try:
-        parameters, size = _checked(repo_id, info, hub, api, cache_dir)
+        parameters, size, artifact = _checked(repo_id, info, hub, api, cache_dir)
     except Refused as e:
         return VettedModel(repo_id, info.sha, refusal=e)
     except (NotASafetensorsRepoError, SafetensorsParsingError) as e:
         return VettedModel(repo_id, info.sha, refusal=Refused(first_line(e), where=repo_id))
     except ScanError as e:  # the Hub did not answer, or a broken config
         return VettedModel(repo_id, info.sha if isinstance(e, MissingConfig) else "", error=str(e))
-    vetted = VettedModel(repo_id, info.sha, parameters, size)
+    vetted = VettedModel(repo_id, info.sha, parameters, size, artifact=artifact)
     if max_params is not None and parameters > max_params:
         return replace(vetted, refusal=OverLimit(f"{parameters:,} parameters, over the limit of {max_params:,}",
                                                  limit="max_params", value=parameters, bound=max_params))
@@ -116,8 +117,9 @@ def vet(repo_id: str, *, hub: HubAccess = HubAccess(), max_params: int | None = 
     return vetted
 
 
-def _checked(repo_id: str, info, hub: HubAccess, api: HfApi, cache_dir) -> tuple[int, int]:
-    """(parameters, bytes of tensor data) of `repo_id` at `info.sha`, after the checks that refuse a model.
+def _checked(repo_id: str, info, hub: HubAccess, api: HfApi, cache_dir) -> tuple[int, int, str]:
+    """(parameters, bytes of tensor data, the GGUF file or "") of `repo_id` at `info.sha`, after the checks
+    that refuse a model.
 
     Raises:
         Refused: gated, no safetensors or GGUF weights, not a full checkpoint, remote code, unknown architecture.
@@ -140,11 +142,11 @@ def _checked(repo_id: str, info, hub: HubAccess, api: HfApi, cache_dir) -> tuple
     meta = hub.call(where, lambda: api.get_safetensors_metadata(repo_id, revision=info.sha))
     size = sum(t.data_offsets[1] - t.data_offsets[0] for file in meta.files_metadata.values()
                for t in file.tensors.values())
-    return sum(meta.parameter_count.values()), size
+    return sum(meta.parameter_count.values()), size, ""
 
 
-def _gguf_checked(repo_id: str, sha: str, files: list[str], hub: HubAccess) -> tuple[int, int]:
-    """(parameters, bytes of tensor data) of a repo of GGUF files, from the header of its one GGUF file.
+def _gguf_checked(repo_id: str, sha: str, files: list[str], hub: HubAccess) -> tuple[int, int, str]:
+    """(parameters, bytes of tensor data, its name) of a repo of GGUF files, from the header of its one GGUF file.
 
     Raises:
         Refused: several GGUF files (a crawl has no --file to choose one), a split GGUF, an
@@ -164,4 +166,4 @@ def _gguf_checked(repo_id: str, sha: str, files: list[str], hub: HubAccess) -> t
         return parsed
 
     parsed = hub.call(where, header)
-    return parsed.parameters, parsed.data_bytes
+    return parsed.parameters, parsed.data_bytes, name
