@@ -1,6 +1,8 @@
 """The scan ledger on a real SQLite file and a real PostgreSQL server (CI starts one: .ci/postgres)."""
 
 import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -8,7 +10,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from superweight.index.errors import LedgerUnavailable
-from superweight.index.ledger import MIGRATIONS, Ledger
+from superweight.index.ledger import HEAD, MIGRATIONS, Ledger
 
 
 def migrations_head() -> str:
@@ -103,6 +105,15 @@ def test_schema_comes_from_migrations_and_reopening_keeps_data(ledger_url):
         assert con.execute(text("SELECT version_num FROM alembic_version")).scalar() == migrations_head()
     assert {"scans", "alembic_version"} <= set(inspect(again.engine).get_table_names())
     again.close()
+
+
+def test_a_ledger_at_the_newest_migration_opens_without_importing_alembic(ledger_url):
+    assert HEAD == migrations_head()  # the constant the fast path compares with
+    Ledger(ledger_url).close()  # created by the migrations
+    opened = subprocess.run([sys.executable, "-c", "import sys; from superweight.index.ledger import Ledger; "
+                             f"Ledger({ledger_url!r}).close(); print('alembic' in sys.modules)"],
+                            capture_output=True, text=True, timeout=120)
+    assert opened.stdout.strip() == "False", opened.stderr
 
 
 def test_an_unreachable_ledger_is_a_one_line_error_without_the_password():
