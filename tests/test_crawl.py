@@ -243,6 +243,28 @@ def test_a_worker_killed_mid_scan_is_replaced_and_its_model_retried(ray_cluster,
     assert pid not in worker_pids()
 
 
+def test_the_first_model_is_scanned_while_the_next_is_still_being_vetted(ray_cluster, front, stores, tmp_path):
+    catalog, ledger = stores
+    held = front.hold(r"/crawl/qwen2/resolve/\w+/config\.json")  # the second model's vetting waits here
+    scanned = threading.Event()
+
+    def on_update(report):
+        if by_repo(report).get("crawl/llama", {}).get("state") == "succeeded":
+            scanned.set()
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(crawl, ["crawl/llama", "crawl/qwen2"], catalog=catalog, ledger=ledger,
+                              options=options(front, tmp_path), on_update=on_update)
+        assert held.arrived.wait(WAIT), "the second model was never vetted"
+        first_done = scanned.wait(WAIT)  # with the second model's vetting still held
+        front.holds.remove(held)
+        held.release.set()
+        report = running.result(timeout=WAIT)
+    assert first_done, "the first scan waited for the vetting of every model"
+    assert [o["state"] for o in report.outcomes] == ["succeeded", "succeeded"]
+    assert report.vet_seconds > 0 and found(catalog, "crawl/qwen2") == [(2, 7, 99)]
+
+
 def test_the_hub_going_away_mid_crawl_fails_that_model_and_keeps_the_rest(ray_cluster, front, crawl_hub, stores,
                                                                           tmp_path):
     catalog, ledger = stores

@@ -2,7 +2,8 @@
 
 The driver vets each model against the Hub (pinned sha, safetensors, no remote code, size; vet.py),
 skips what the ledger says is settled for this scanner version, and hands the rest to Ray actors
-(worker.py, in a WorkerPool: pool.py) one model per actor at a time. Workers read each model's
+(worker.py, in a WorkerPool: pool.py) one model per actor at a time, as each is vetted: the first
+scans start while the rest are still being checked. Workers read each model's
 weights straight from the Hub by range requests, keeping its layers in memory while they fit the
 worker's share of `max_cache_gb`; with `download`, they download to scratch disk instead, within a
 disk budget of `max_cache_gb` for downloads in flight. Each model is claimed in the ledger first, under a lease the driver keeps renewing, so
@@ -20,9 +21,10 @@ import os
 import socket
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from .worker import WorkerConfig, actor_class
 logger = logging.getLogger(__name__)
 
 VET_THREADS = 4  # models vetted at once: each is a few small Hub requests
+VET_POLL = 0.2  # seconds a busy pool waits for a scan before it looks at the vetting again
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class CrawlReport:
 
     outcomes: list[dict] = field(default_factory=list)
     queued: int = 0
-    vet_seconds: float = 0.0  # the driver's Hub checks before any scan
+    vet_seconds: float = 0.0  # until the driver's Hub checks had vetted every model (they overlap the scans)
     network_seconds: float = 0.0  # scans waiting on bytes: downloads and range reads
     compute_seconds: float = 0.0  # the rest of the scans
     bytes_fetched: int = 0
@@ -90,6 +93,9 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
           on_update: Callable[[CrawlReport], None] | None = None) -> CrawlReport:
     """Scan `repo_ids` on the Ray cluster this process is connected to, writing the results.
 
+    Each model is settled as soon as it is vetted (in the order given), and the actors start with
+    the first model to scan: the Hub checks of the rest overlap the first scans.
+
     Args:
         repo_ids: Hub ids, in the order to scan them.
         catalog: the one writer of the catalog.
@@ -101,9 +107,7 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
     """
     start = time.monotonic()
     report = CrawlReport()
-    update = on_update or (lambda _: None)
     owner = f"crawl:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    pending = []
 
     def check(repo_id: str) -> VettedModel:
         if is_local(repo_id):  # its revision, a content hash, is known only once scanned: always scanned
@@ -114,23 +118,44 @@ def crawl(repo_ids: list[str], *, catalog: Catalog, ledger: Ledger, options: Cra
         except Exception as e:  # one model's surprise must not end the crawl
             return VettedModel(repo_id, "", error=f"{repo_id}: vetting failed ({type(e).__name__}: {first_line(e)})")
 
-    vetting = ThreadPoolExecutor(VET_THREADS)  # Hub round trips overlap; results stay in order
+    vetting = _Vetting(list(dict.fromkeys(map(source_name, repo_ids))), check)  # once each, folders by path
     try:
-        for vetted in vetting.map(check, dict.fromkeys(map(source_name, repo_ids))):  # once each, folders by path
-            outcome, also = _settle_without_scan(vetted, ledger, catalog, owner, verify=options.scan.verify is not None)
-            if outcome is not None:
-                report.add(outcome)
-            else:
-                pending.append(Job(vetted, record_id=0, also=also))
-            report.queued = len(pending)
-            update(report)
+        _run(vetting, report, catalog=catalog, ledger=ledger, options=options, owner=owner,
+             update=on_update or (lambda _: None))
     finally:
-        vetting.shutdown(cancel_futures=True)  # Ctrl-C: do not vet the rest first
-    report.vet_seconds = time.monotonic() - start
-    if pending:
-        _run(pending, report, catalog=catalog, ledger=ledger, options=options, owner=owner, update=update)
+        vetting.close()  # Ctrl-C: do not vet the rest first
+    report.vet_seconds = vetting.seconds
     report.seconds = time.monotonic() - start
     return report
+
+
+class _Vetting:
+    """Models vetted VET_THREADS at a time (Hub round trips overlap), handed out in the order given."""
+
+    def __init__(self, repo_ids: list[str], check: Callable[[str], VettedModel]):
+        self._start = time.monotonic()
+        self._executor = ThreadPoolExecutor(VET_THREADS)
+        self._futures = deque(self._executor.submit(check, r) for r in repo_ids)
+        self.seconds = 0.0  # until the last model was vetted
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._futures)
+
+    def ready(self) -> Iterator[VettedModel]:
+        """The next models in order whose vetting has finished; none if the next one is still out."""
+        while self._futures and self._futures[0].done():
+            yield self._futures.popleft().result()
+            if not self._futures:
+                self.seconds = time.monotonic() - self._start
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the next model's vetting."""
+        if self._futures:
+            wait_for([self._futures[0]], timeout=timeout)
+
+    def close(self) -> None:
+        self._executor.shutdown(cancel_futures=True)
 
 
 def is_local(source: str) -> bool:
@@ -170,31 +195,42 @@ def _settle_without_scan(vetted: VettedModel, ledger: Ledger, catalog: Catalog, 
     return {**outcome, **settled}, ()
 
 
-def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: CrawlOptions, owner: str,
+def _run(vetting: _Vetting, report: CrawlReport, *, catalog, ledger, options: CrawlOptions, owner: str,
          update) -> None:
-    """Scan `pending` on a pool of actors until every model has settled.
+    """Settle each model as its vetting comes in, and scan those that need it on a pool of actors until
+    every model has settled. The pool starts with the first model to scan (a crawl with nothing new
+    starts no actor: on an autoscaling cluster, no node).
 
     A model goes only to an actor that has started: on an autoscaling cluster some actors wait for
     a node, and the others work meanwhile.
     """
-    make_actor, gpus = _actor_factory(options)
-    pool = WorkerPool(make_actor, _worker_count(options))
-    queue = list(pending)
+    queue: list[Job] = []
+    pool, gpus = None, 0.0
     last_renewal = starved_since = time.monotonic()
     try:
-        while queue or pool.jobs:
-            _submit_what_fits(queue, pool, report, ledger=ledger, options=options, owner=owner)
-            report.queued = len(queue) + len(pool.jobs)
+        while vetting.pending or queue or (pool is not None and pool.jobs):
+            _take_vetted(vetting, queue, report, ledger=ledger, catalog=catalog, owner=owner,
+                         verify=options.scan.verify is not None)
+            if queue and pool is None:
+                make_actor, gpus = _actor_factory(options)
+                pool, starved_since = WorkerPool(make_actor, _worker_count(options)), time.monotonic()
+            if pool is not None:
+                _submit_what_fits(queue, pool, report, ledger=ledger, options=options, owner=owner)
+            report.queued = len(queue) + (len(pool.jobs) if pool is not None else 0)
             update(report)
-            if not pool.jobs:  # work waits for an actor to start
+            if pool is None or not pool.jobs:  # work waits for an actor to start, or for vetting
                 if queue and time.monotonic() - starved_since > options.start_timeout:
                     raise NoWorkers(f"no scan worker started within {options.start_timeout:.0f} s: the Ray cluster "
                                     f"has no room for an actor with {gpus:g} GPU(s) and 1 CPU; add nodes, or "
                                     "pass --gpus-per-worker 0 to scan on CPUs")
-                pool.wait_for_a_start(timeout=1.0)
+                if queue:
+                    pool.wait_for_a_start(timeout=1.0)
+                else:
+                    vetting.wait(timeout=1.0)
                 continue
             starved_since = time.monotonic()
-            for finished in pool.next_finished(timeout=min(1.0, options.lease_seconds / 4)):
+            wait = VET_POLL if vetting.pending else min(1.0, options.lease_seconds / 4)
+            for finished in pool.next_finished(timeout=wait):
                 retry = _finish(finished, report, catalog=catalog, ledger=ledger, options=options, owner=owner)
                 if retry is not None:
                     queue.insert(0, retry)
@@ -206,11 +242,23 @@ def _run(pending: list[Job], report: CrawlReport, *, catalog, ledger, options: C
         report.queued = 0
         update(report)
     except BaseException:  # Ctrl-C or a driver error: give the claimed models back
-        for job in pool.jobs:
+        for job in pool.jobs if pool is not None else ():
             ledger.release(job.record_id, owner=owner)
         raise
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
+
+
+def _take_vetted(vetting: _Vetting, queue: list[Job], report: CrawlReport, *, ledger, catalog, owner: str,
+                 verify: bool) -> None:
+    """Settle the models whose vetting is done: recorded in the report, or queued to be scanned."""
+    for vetted in vetting.ready():
+        outcome, also = _settle_without_scan(vetted, ledger, catalog, owner, verify=verify)
+        if outcome is not None:
+            report.add(outcome)
+        else:
+            queue.append(Job(vetted, record_id=0, also=also))
 
 
 def _submit_what_fits(queue: list[Job], pool: WorkerPool, report: CrawlReport, *, ledger: Ledger,
