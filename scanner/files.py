@@ -102,6 +102,11 @@ def require_weights(names: list[str], where) -> None:
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")  # llama.cpp's gguf-split parts: model-00001-of-00003.gguf
 
 
+def gguf_only(names: list[str]) -> bool:
+    """Whether a folder whose files are `names` is read as GGUF: it holds GGUF files and no safetensors."""
+    return any(n.endswith(GGUF_SUFFIX) for n in names) and not any(n.endswith(".safetensors") for n in names)
+
+
 def pick_gguf(names: list[str], wanted: str | None, where) -> str:
     """The GGUF file a scan reads, of a repo or folder whose files are `names`.
 

@@ -32,7 +32,7 @@ from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorPr
 from .checkpoint import Checkpoint
 from .errors import CorruptCheckpoint, SourceNotFound, UnsupportedArchitecture, UnsupportedQuantization
 from .fetch import FileBytes, LocalFile, Transfer
-from .files import GGUF_SUFFIX
+from .files import GGUF_SUFFIX, gguf_only
 from .gguf_header import GGUFTensorInfo, gguf_config, read_header
 from .tokens import gguf_tokenizer
 
@@ -50,7 +50,7 @@ def find_gguf(path: Path) -> Path | None:
     """
     if path.exists() and not path.is_dir():  # a file, or something posing as one (checked before it is read)
         return path if path.suffix == GGUF_SUFFIX else None
-    if not path.is_dir() or any(path.glob("*.safetensors")):
+    if not path.is_dir() or not gguf_only([p.name for p in path.iterdir()]):
         return None
     files = sorted(path.glob(f"*{GGUF_SUFFIX}"))
     if len(files) > 1:

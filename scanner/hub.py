@@ -36,7 +36,7 @@ from .errors import GatedRepo, HubError, HubUnavailable, SourceNotFound, first_l
 from .examples import example_checkpoint, find_example
 from .fetch import count_request
 from .digest import content_hash
-from .files import GGUF_SUFFIX, pick_gguf, require_weights
+from .files import GGUF_SUFFIX, gguf_only, pick_gguf, require_weights
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,7 @@ def _download(repo_id: str, revision: str, *, endpoint, token, cache_dir, weight
     folder = Path(folder)
     if info is None:  # offline: the cached snapshot decides which GGUF file, as for a local folder
         names = [p.name for p in folder.iterdir()]
-        only_gguf = not any(n.endswith(".safetensors") for n in names) and any(n.endswith(GGUF_SUFFIX) for n in names)
-        if gguf_file is not None or only_gguf:
+        if gguf_file is not None or gguf_only(names):
             gguf = pick_gguf(names, gguf_file, where)
     if info is not None and folder.name != info.sha:
         raise HubError(f"moved from {info.sha[:12]} to {folder.name[:12]} while downloading; scan again", where=where)
