@@ -112,12 +112,18 @@ INSERT INTO super_weights VALUES ('old/model', 'abc', '0.1.0', 0, 2, NULL, 'mode
 """
 
 
-def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_rows(tmp_path, results):
-    con = duckdb.connect(str(tmp_path / "c.duckdb"))
-    con.execute(_V1)
+def upgraded(path, old_schema: str) -> Catalog:
+    """A catalog file written by an older superweight (`old_schema`: its SQL), opened by this one."""
+    con = duckdb.connect(str(path))
+    con.execute(old_schema)
     con.close()
-    with Catalog(tmp_path / "c.duckdb") as catalog:
-        assert catalog.fetch("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    catalog = Catalog(path)
+    assert catalog.fetch("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    return catalog
+
+
+def test_a_version_1_catalog_is_upgraded_in_place_keeping_its_rows(tmp_path, results):
+    with upgraded(tmp_path / "c.duckdb", _V1) as catalog:
         assert rows(catalog, "SELECT repo_id, layer, out_channel, in_channel, ppl_ratio, hf_tensor, verdict "
                              "FROM catalog") == [("old/model", 2, 10, 20, None, None, "unverified")]
         catalog.record_scan(results[0], scanned_at=WHEN)  # a new scan goes in beside it
@@ -157,11 +163,7 @@ INSERT INTO quantization VALUES ('old/model', 'abc', '0.3.0', 'rtn', 4, NULL, 12
 
 
 def test_a_version_3_catalog_is_rebuilt_with_the_artifact_in_its_key(tmp_path, results):
-    con = duckdb.connect(str(tmp_path / "c.duckdb"))
-    con.execute(_V3)
-    con.close()
-    with Catalog(tmp_path / "c.duckdb") as catalog:
-        assert catalog.fetch("SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    with upgraded(tmp_path / "c.duckdb", _V3) as catalog:
         assert rows(catalog, "SELECT repo_id, artifact, layer, ppl_ratio, verdict, base_ppl FROM catalog "
                              "ORDER BY repo_id") == [("example/gguf", "a.gguf from a package", 4, None, "unverified", None),
                                                      ("old/model", None, 2, 30.0, "super", 9.5)]
