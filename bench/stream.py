@@ -318,35 +318,15 @@ def report(name: str, run: Run, *, needed: int | None, bandwidth: float, target:
 
 def crawl_part(url: str, repos: dict[str, Repo], work: Path) -> None:
     """Crawl the small models with 1 and 2 Ray workers through the throttled server; print models/minute."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback (NOTES.md)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    sys.path.insert(0, str(ROOT))
-    import ray
-
-    from superweight.index.catalog import Catalog
-    from superweight.index.crawl import PRELOADED, CrawlOptions, HubAccess, crawl
-    from superweight.index.ledger import Ledger
-    from superweight.scanner.scan import ScanOptions
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from crawl import run  # bench/crawl.py: one timed crawl on a fresh local Ray, as `superweight crawl` has
 
     rates = {}
-    for workers in (1, 2):  # each crawl on its own local Ray, started as `superweight crawl` starts one
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
-                 _system_config={"preload_python_modules": list(PRELOADED)})
-        folder = work / f"crawl-{workers}"
-        options = CrawlOptions(workers=workers, hub=HubAccess(endpoint=url), scan=ScanOptions(endpoint=url),
-                               scratch=folder / "scratch")
-        with Catalog(folder / "catalog.duckdb") as catalog:
-            ledger = Ledger(f"sqlite:///{folder / 'ledger.sqlite'}")
-            start = time.perf_counter()
-            done = crawl(sorted(repos), catalog=catalog, ledger=ledger, options=options)
-            wall = time.perf_counter() - start
-            ledger.close()
-        ray.shutdown()
-        rates[workers] = done.counts["succeeded"] / wall * 60
-        print(f"crawl, {workers} worker(s): {done.counts['succeeded']}/{len(repos)} models in {wall:.1f} s = "
-              f"{rates[workers]:.1f} models/min (vetting done at {done.vet_seconds:.1f} s)")
+    for workers in (1, 2):
+        done = run(url, sorted(repos), workers, work / f"crawl-{workers}")
+        rates[workers] = done["succeeded"] / done["wall"] * 60
+        print(f"crawl, {workers} worker(s): {done['succeeded']}/{len(repos)} models in {done['wall']:.1f} s = "
+              f"{rates[workers]:.1f} models/min (every model vetted by {done['vet']:.1f} s)")
     print(f"crawl throughput 2 workers / 1 worker: {rates[2] / rates[1]:.2f}")
 
 
