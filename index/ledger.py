@@ -13,6 +13,7 @@ that is killed stops renewing, and its models become claimable when their leases
 
 import fcntl
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -117,10 +118,23 @@ class Ledger:
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """A session in one transaction. A database that refuses the write (a read-only file: the open
+        itself writes nothing) is one LedgerUnavailable line; a duplicate key stays an IntegrityError."""
+        try:
+            with Session(self.engine) as session, session.begin():
+                yield session
+        except IntegrityError:
+            raise
+        except DBAPIError as e:
+            raise LedgerUnavailable(f"{_safe(self.url)}: cannot write the ledger ({first_line(e.orig)}); set "
+                                    "SUPERWEIGHT_HOME or SUPERWEIGHT_LEDGER_URL to one it can write") from None
+
     def start(self, repo_id: str, revision: str, scanner_version: str, artifact: str = "", *, worker: str) -> int:
         """Mark an attempt as running (a new row, or the next attempt of an old one); return its id."""
         key = _key(repo_id, revision, scanner_version, artifact)
-        with Session(self.engine) as session, session.begin():
+        with self._writing() as session:
             record = session.scalars(select(ScanRecord).filter_by(**key)).one_or_none()
             if record is None:
                 record = ScanRecord(**key, attempts=0)
@@ -149,7 +163,7 @@ class Ledger:
         """
         if state not in ("succeeded", "failed", "refused"):
             raise ValueError(f"an attempt ends succeeded, failed or refused, not {state!r}")
-        with Session(self.engine) as session, session.begin():
+        with self._writing() as session:
             record = session.get(ScanRecord, record_id)
             if owner is not None and record.lease_owner != owner:
                 return False  # our lease lapsed and another crawl took the key over: its word counts
@@ -182,7 +196,7 @@ class Ledger:
         """Make sure the key has a row: a new one is queued; an existing one is left as it is."""
         key = _key(repo_id, revision, scanner_version, artifact)
         try:
-            with Session(self.engine) as session, session.begin():
+            with self._writing() as session:
                 if session.scalar(select(ScanRecord.id).filter_by(**key)) is None:
                     session.add(ScanRecord(**key, state="queued", attempts=0))
         except IntegrityError:
@@ -200,7 +214,7 @@ class Ledger:
         claimable = or_(ScanRecord.state.in_(("queued", "failed", *also)),
                         and_(ScanRecord.state == "running",
                              or_(ScanRecord.lease_expires_at < now, ScanRecord.lease_expires_at.is_(None))))
-        with Session(self.engine) as session, session.begin():
+        with self._writing() as session:
             record_id = session.scalar(
                 update(ScanRecord)
                 .where(ScanRecord.repo_id == repo_id, ScanRecord.revision == revision,
@@ -214,7 +228,7 @@ class Ledger:
 
     def renew(self, owner: str, *, lease_seconds: float) -> int:
         """Extend every running lease `owner` holds; returns how many."""
-        with Session(self.engine) as session, session.begin():
+        with self._writing() as session:
             return session.execute(
                 update(ScanRecord).where(ScanRecord.lease_owner == owner, ScanRecord.state == "running")
                 .values(lease_expires_at=_now() + timedelta(seconds=lease_seconds))
@@ -222,7 +236,7 @@ class Ledger:
 
     def release(self, record_id: int, *, owner: str) -> None:
         """Give a key `owner` claimed back unfinished (the crawl was interrupted): queued again, no lease."""
-        with Session(self.engine) as session, session.begin():
+        with self._writing() as session:
             session.execute(update(ScanRecord).where(ScanRecord.id == record_id, ScanRecord.state == "running",
                                                      ScanRecord.lease_owner == owner)
                             .values(state="queued", lease_owner=None, lease_expires_at=None, finished_at=_now()))
@@ -233,7 +247,7 @@ class Ledger:
         A crawl claims such rows again on its own (claim); this makes the ledger say what happened.
         """
         now = _now()
-        with Session(self.engine) as session, session.begin():
+        with self._writing() as session:
             return session.execute(
                 update(ScanRecord).where(ScanRecord.state == "running", ScanRecord.lease_expires_at < now)
                 .values(state="failed", error=STOPPED, finished_at=now, lease_owner=None, lease_expires_at=None)

@@ -13,6 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from superweight.index.catalog import Catalog
+from superweight.index.errors import LedgerUnavailable
+from superweight.index.ledger import Ledger, default_url
 from superweight.index.literature import read_literature
 from superweight.cli import cli
 from tests.checkpoints import Plant, make_checkpoint
@@ -75,6 +77,12 @@ def test_a_read_only_home_is_one_line_for_writers_and_readable_for_readers(good,
     ledger = invoke("ledger", "--json")
     assert ledger.exit_code == 0, ledger.output
     assert '"state": "succeeded"' in ledger.stdout
+    writer = Ledger(default_url(home))  # opens (already migrated: nothing to write), then cannot write
+    with pytest.raises(LedgerUnavailable) as caught:
+        writer.start("org/model", "main", "0.0.1", worker="w")
+    assert str(caught.value) == (f"sqlite:///{home / 'ledger.sqlite'}: cannot write the ledger (attempt to write a "
+                                 "readonly database); set SUPERWEIGHT_HOME or SUPERWEIGHT_LEDGER_URL to one it can write")
+    writer.close()
 
 
 def test_a_full_disk_while_recording_is_one_line_and_loses_nothing(good, small_disk, monkeypatch, tmp_path):
