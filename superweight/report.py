@@ -175,5 +175,6 @@ def ledger_line(record: dict) -> str:
     """One ledger record: state, attempts, when, what, and its error."""
     when = record["finished_at"] or record["started_at"]
     when = f"{when:%Y-%m-%d %H:%M}" if when else "-".ljust(16)  # queued: not started yet
-    what = f"{record['repo_id']}@{record['revision'][:12]}" + (f" {record['artifact']}" if record.get("artifact") else "")
+    artifact = (record.get("artifact") or "").split(" ")[0]  # the file: an example's says more (--json has it all)
+    what = f"{record['repo_id']}@{record['revision'][:12]}" + (f" {artifact}" if artifact else "")
     return f"{record['state']:<9} {record['attempts']:>3}  {when}  {what}" + (f"  {record['error']}" if record["error"] else "")

