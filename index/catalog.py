@@ -30,8 +30,8 @@ from superweight.scanner.digest import file_sha256
 
 from .errors import CatalogLocked, CatalogTooNew, CatalogUnavailable, NonFiniteFigures
 from .schema import (  # noqa: F401  (COLUMNS: re-exported)
-    COLUMNS, EXPORT_ORDER, KEY, KEY_WHERE, QUANT_EXPORT_ORDER, QUANT_PARQUET, SCAN_EFFECTS, SCHEMA_VERSION, TABLES, VIEW,
-    catalog_key, quant_rows, scan_row, weight_rows,
+    COLUMNS, EXPORT_ORDER, EXPORT_VERSION, KEY, KEY_WHERE, QUANT_EXPORT_ORDER, QUANT_PARQUET, SCAN_EFFECTS,
+    SCHEMA_VERSION, TABLES, VIEW, catalog_key, quant_rows, scan_row, weight_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class Catalog:
             with written_aside(out) as tmp, self.connect() as con:
                 _copy_parquet(con, f"SELECT * FROM catalog ORDER BY {EXPORT_ORDER}", tmp)
                 rows = con.execute("SELECT count(*) FROM catalog").fetchone()[0]
-                manifest = Manifest(out.name, file_sha256(tmp), rows, SCHEMA_VERSION,
+                manifest = Manifest(out.name, file_sha256(tmp), rows, EXPORT_VERSION,
                                     datetime.now(UTC).isoformat(timespec="seconds"))
             self._export_quantization(out.with_name(QUANT_PARQUET))
             with written_aside(out.with_suffix(".json")) as tmp:

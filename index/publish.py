@@ -97,7 +97,7 @@ def check_export(parquet: Path, manifest, *, where: str) -> None:
             this superweight knows), or the file is not Parquet with the catalog's columns and rows.
         ChecksumMismatch: the file is not the one the manifest names.
     """
-    from .schema import COLUMNS, KEY_COLUMNS, SCHEMA_VERSION
+    from .schema import COLUMNS, EXPORT_VERSION, KEY_COLUMNS
 
     if not isinstance(manifest, dict):
         raise NotACatalog(f"{where}: {MANIFEST} is not a catalog manifest (not a JSON object)")
@@ -107,9 +107,9 @@ def check_export(parquet: Path, manifest, *, where: str) -> None:
     for name, value in (("rows", rows), ("schema_version", version)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise NotACatalog(f"{where}: {MANIFEST} is not a catalog manifest ({name} is {value!r}, not a count)")
-    if version > SCHEMA_VERSION:
+    if version > EXPORT_VERSION:
         raise NotACatalog(f"{where}: the catalog has schema {version}, newer than this superweight's "
-                          f"({SCHEMA_VERSION}); upgrade superweight")
+                          f"({EXPORT_VERSION}); upgrade superweight")
     actual = file_sha256(parquet)
     if actual != sha:
         raise ChecksumMismatch(f"{where}: {PARQUET} has sha256 {actual[:16]}..., its manifest says {sha[:16]}...")
@@ -119,7 +119,7 @@ def check_export(parquet: Path, manifest, *, where: str) -> None:
     except (pa.ArrowException, OSError) as e:
         raise NotACatalog(f"{where}: {PARQUET} is not a Parquet file ({first_line(e)})") from None
     missing = [c for c in KEY_COLUMNS if c not in names]
-    if missing or (version == SCHEMA_VERSION and names != list(COLUMNS)):
+    if missing or (version == EXPORT_VERSION and names != list(COLUMNS)):
         raise NotACatalog(f"{where}: {PARQUET} does not have the catalog's columns "
                           f"({'lacks ' + ', '.join(missing[:3]) if missing else 'other columns than schema ' + str(version)})")
     if metadata.num_rows != rows:

@@ -10,6 +10,10 @@ from superweight.scanner.result import ScanResult
 # artifact joins the key, so that two GGUF files of one Hub repo and commit are two scans.
 SCHEMA_VERSION = 4
 
+# The schema of catalog.parquet (its columns; catalog.json's `schema_version`). Schema 4 changed the
+# tables' key, not the exported columns, so a published index stays readable by superweight 3.
+EXPORT_VERSION = 3
+
 # The key of a scan in every table. `artifact` is '' in the tables for the repo's own weights (a key
 # column cannot be NULL), and NULL in the `catalog` view and the exports, as before schema 4.
 KEY = ("repo_id", "revision", "scanner_version", "artifact")

@@ -10,7 +10,7 @@ from datetime import datetime
 import duckdb
 import pytest
 
-from superweight.index.catalog import SCHEMA_VERSION, Catalog
+from superweight.index.catalog import EXPORT_VERSION, SCHEMA_VERSION, Catalog
 from superweight.index.errors import CatalogLocked, CatalogTooNew, CatalogUnavailable
 from superweight.index.literature import read_literature
 from superweight.scanner.scan import scan
@@ -74,7 +74,7 @@ def test_export_is_deterministic_with_a_manifest(tmp_path, results):
         again = catalog.export(tmp_path / "b" / "catalog.parquet")
     assert first.sha256 == again.sha256 and first.rows == 3
     manifest = json.loads((tmp_path / "a" / "catalog.json").read_text())
-    assert manifest["sha256"] == first.sha256 and manifest["schema_version"] == SCHEMA_VERSION
+    assert manifest["sha256"] == first.sha256 and manifest["schema_version"] == EXPORT_VERSION
     exported = duckdb.sql(f"SELECT repo_id, layer, \"index\" FROM '{tmp_path / 'a' / 'catalog.parquet'}'").fetchall()
     assert exported == [(none.source, None, None), (two.source, 2, [10, 20]), (two.source, 5, [7, 99])]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["catalog.json", "catalog.parquet"]
