@@ -120,8 +120,8 @@ class Catalog:
                  verified: bool = False) -> bool:
         """Whether this catalog holds the finished scan of the key (with its effects measured, if `verified`)."""
         where = " AND (eval_tokens IS NOT NULL OR super_weight_count = 0)" if verified else ""
-        return self.fetch(f"SELECT count(*) FROM scans WHERE {KEY_WHERE}{where}",
-                          [repo_id, revision, scanner_version, artifact])[0][0] > 0
+        key = catalog_key(repo_id, revision, scanner_version, artifact)
+        return self.fetch(f"SELECT count(*) FROM scans WHERE {KEY_WHERE}{where}", _params(key))[0][0] > 0
 
     def record_scan(self, result: ScanResult, *, scanned_at: datetime | None = None) -> str | None:
         """Write one finished scan, replacing its key's rows.
@@ -333,11 +333,11 @@ def _keep_effects(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights
         What happened to earlier effects, or None when there were none.
     """
     where = f"WHERE {KEY_WHERE}"
-    old = con.execute(f"SELECT {', '.join(SCAN_EFFECTS)} FROM scans {where}", [key[name] for name in KEY]).fetchone()
+    old = con.execute(f"SELECT {', '.join(SCAN_EFFECTS)} FROM scans {where}", _params(key)).fetchone()
     if old is None or old[0] is None:
         return None
     columns = ", ".join(_COORDINATES + _WEIGHT_EFFECTS)
-    old_weights = con.execute(f"SELECT {columns} FROM super_weights {where} ORDER BY ordinal", [key[name] for name in KEY]).fetchall()
+    old_weights = con.execute(f"SELECT {columns} FROM super_weights {where} ORDER BY ordinal", _params(key)).fetchall()
     if [row[:4] for row in old_weights] != [tuple(w[c] for c in _COORDINATES) for w in weights]:
         return "replaced a verified scan whose coordinates differ; its effects are gone (rescan with --verify)"
     scan.update(zip(SCAN_EFFECTS, old))
@@ -356,7 +356,12 @@ def _replace(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights: lis
 
 def _delete(con: duckdb.DuckDBPyConnection, table: str, key: dict) -> None:
     """Delete `key`'s rows of `table`, inside the caller's transaction."""
-    con.execute(f"DELETE FROM {table} WHERE {KEY_WHERE}", [key[name] for name in KEY])
+    con.execute(f"DELETE FROM {table} WHERE {KEY_WHERE}", _params(key))
+
+
+def _params(key: dict) -> list:
+    """The parameters of KEY_WHERE for `key`."""
+    return [key[name] for name in KEY]
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict]) -> None:

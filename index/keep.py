@@ -112,17 +112,22 @@ def select(con, *, repo_id: str | None = None, revision: str | None = None,
     latest: dict[str, tuple] = {}
     for r in rows:  # a scan beats literature; a later scan beats an earlier one
         rank = (r.get("source") == "scan", str(r.get("scanned_at") or ""), r.get("scanner_version") or "")
-        key = (r["revision"], r.get("scanner_version"), r.get("artifact"))
+        key = _scan_of(r)
         if r["repo_id"] not in latest or rank > latest[r["repo_id"]][0]:
             latest[r["repo_id"]] = (rank, key)
     models = {}
     for r in sorted(rows, key=_row_order):
-        if (r["revision"], r.get("scanner_version"), r.get("artifact")) != latest[r["repo_id"]][1]:
+        if _scan_of(r) != latest[r["repo_id"]][1]:
             continue
         model = models.setdefault(r["repo_id"], Model(r["repo_id"], r["revision"], r.get("scanner_version")))
         if r.get("layer") is not None and (r.get("verdict") or "unverified") in verdicts:
             model.rows.append(r)
     return list(models.values())
+
+
+def _scan_of(r: dict) -> tuple:
+    """Which scan of its model a catalog row belongs to (a GGUF repo's files are scans apart)."""
+    return r["revision"], r.get("scanner_version"), r.get("artifact")
 
 
 def _row_order(r: dict) -> tuple:

@@ -28,6 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from superweight.scanner.errors import first_line
 
 from .errors import LedgerUnavailable
+from .schema import catalog_key  # a ledger row's key is its scan's catalog key
 
 STATES = ("queued", "running", "succeeded", "failed", "refused")
 SCAN_LEASE_SECONDS = 600  # how long a `superweight scan` holds its key between renewals (once a minute)
@@ -133,7 +134,7 @@ class Ledger:
 
     def start(self, repo_id: str, revision: str, scanner_version: str, artifact: str = "", *, worker: str) -> int:
         """Mark an attempt as running (a new row, or the next attempt of an old one); return its id."""
-        key = _key(repo_id, revision, scanner_version, artifact)
+        key = catalog_key(repo_id, revision, scanner_version, artifact)
         with self._writing() as session:
             record = session.scalars(select(ScanRecord).filter_by(**key)).one_or_none()
             if record is None:
@@ -167,8 +168,8 @@ class Ledger:
             record = session.get(ScanRecord, record_id)
             if owner is not None and record.lease_owner != owner:
                 return False  # our lease lapsed and another crawl took the key over: its word counts
-            key = _key(record.repo_id, record.revision if revision is None else revision, record.scanner_version,
-                       record.artifact if artifact is None else artifact)
+            key = catalog_key(record.repo_id, record.revision if revision is None else revision,
+                              record.scanner_version, record.artifact if artifact is None else artifact)
             if (key["revision"], key["artifact"]) != (record.revision, record.artifact):
                 resolved = session.scalars(select(ScanRecord).filter_by(**key)).one_or_none()
                 if resolved is None:
@@ -189,12 +190,12 @@ class Ledger:
         """The key's row, or None if it was never seen."""
         with Session(self.engine) as session:
             record = session.scalars(select(ScanRecord).filter_by(
-                **_key(repo_id, revision, scanner_version, artifact))).one_or_none()
+                **catalog_key(repo_id, revision, scanner_version, artifact))).one_or_none()
             return record.to_dict() if record else None
 
     def queue(self, repo_id: str, revision: str, scanner_version: str, artifact: str = "") -> None:
         """Make sure the key has a row: a new one is queued; an existing one is left as it is."""
-        key = _key(repo_id, revision, scanner_version, artifact)
+        key = catalog_key(repo_id, revision, scanner_version, artifact)
         try:
             with self._writing() as session:
                 if session.scalar(select(ScanRecord.id).filter_by(**key)) is None:
@@ -216,9 +217,8 @@ class Ledger:
                              or_(ScanRecord.lease_expires_at < now, ScanRecord.lease_expires_at.is_(None))))
         with self._writing() as session:
             record_id = session.scalar(
-                update(ScanRecord)
-                .where(ScanRecord.repo_id == repo_id, ScanRecord.revision == revision,
-                       ScanRecord.scanner_version == scanner_version, ScanRecord.artifact == artifact, claimable)
+                update(ScanRecord).filter_by(**catalog_key(repo_id, revision, scanner_version, artifact))
+                .where(claimable)
                 .values(state="running", attempts=ScanRecord.attempts + 1, worker=owner, error=None, refusal=None,
                         started_at=now, finished_at=None, lease_owner=owner,
                         lease_expires_at=now + timedelta(seconds=lease_seconds))
@@ -342,11 +342,6 @@ def _migration_lock(engine):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _key(repo_id: str, revision: str, scanner_version: str, artifact: str | None) -> dict:
-    """A row's key, as filter_by takes it."""
-    return {"repo_id": repo_id, "revision": revision, "scanner_version": scanner_version, "artifact": artifact or ""}
 
 
 def _now() -> datetime:

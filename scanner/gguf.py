@@ -50,9 +50,10 @@ def find_gguf(path: Path) -> Path | None:
     """
     if path.exists() and not path.is_dir():  # a file, or something posing as one (checked before it is read)
         return path if path.suffix == GGUF_SUFFIX else None
-    if not path.is_dir() or not gguf_only([p.name for p in path.iterdir()]):
+    names = [p.name for p in path.iterdir()] if path.is_dir() else []
+    if not gguf_only(names):
         return None
-    files = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+    files = sorted(path / n for n in names if n.endswith(GGUF_SUFFIX))  # the folder read once
     if len(files) > 1:
         names = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
         raise SourceNotFound(f"{len(files)} GGUF files ({names}); give the path of the one to scan, "
