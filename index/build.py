@@ -3,7 +3,8 @@
 `superweight build-index` imports index/data/published_super_weights.csv and every scan result in
 index/data/scans/*.json (the JSON lines `superweight scan --json` prints) into a throwaway catalog
 and exports it. The inputs are committed, so the same repo always builds the same catalog.parquet;
-tests/test_build.py checks the committed file against a fresh build, and a fresh scan against the
+tests/test_build.py checks the committed file (index/data/catalog.parquet, shipped in the package)
+against a fresh build, and a fresh scan against the
 committed scan results.
 """
 
@@ -17,6 +18,9 @@ from .catalog import Catalog, Manifest
 from .literature import read_literature
 
 SCANS_DIR = Path(__file__).parent / "data" / "scans"
+# The published index as this repo builds it, shipped inside the package: what `query`, `export --keep`
+# and `audit` read where there is no local catalog and nothing downloaded (offline, a fresh install).
+PUBLISHED = Path(__file__).parent / "data" / "catalog.parquet"
 
 
 def read_scans(folder: Path = SCANS_DIR) -> list[ScanResult]:

@@ -23,11 +23,13 @@ JSON formats are one object: the tool's argument under its own name, and `_super
 kept and why).
 """
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 
 from superweight.scanner import __version__
+from superweight.scanner.errors import printable
 from superweight.scanner.files import gguf_tensor_name
 
 from .errors import QueryRefused
@@ -36,6 +38,7 @@ FORMATS = ("llama.cpp", "llm-compressor", "autoround", "torchao", "bitsandbytes"
 SUFFIX = {"llama.cpp": ".txt", "llm-compressor": ".yaml", "elements": ".jsonl"}  # else .json
 VERDICTS = ("super", "group", "inert", "unverified")
 DEFAULT_VERDICTS = ("super", "group")
+MAX_STEM = 120  # characters of a model's name in a keep-list's file name, of 255 bytes a file name may have
 NOTE = ("Quantization tools take module or tensor names, not single weights: keeping a super weight "
         "here keeps its whole MLP down projection (for fused MoE experts, all experts' down projections) "
         "in high precision. The element-level coordinates are in `superweight export --keep elements`.")
@@ -52,9 +55,16 @@ class Model:
 
     @property
     def file_stem(self) -> str:
-        """OWNER--NAME@REV12: a plain file name whatever the index says (it may be a downloaded, untrusted file)."""
-        stem = f"{self.repo_id.replace('/', '--')}@{(self.revision or 'literature')[:12]}"
-        return re.sub(r"[^A-Za-z0-9._@+-]", "_", stem).lstrip(".") or "_"
+        """OWNER--NAME@REV12: a plain file name whatever the index says (a local folder's path, or a name
+        from a downloaded, untrusted index). It never starts with `-` or `.` (`rm *` and `ls` would read
+        it as an option, or hide it) and stays well inside a file name's 255 bytes; a name that had to
+        be changed to get there (not a Hub id) ends with a hash of the exact repo id, so two names that
+        look alike once made plain stay two files."""
+        plain = re.sub(r"[^A-Za-z0-9._+-]", "_", self.repo_id.replace("/", "--")).lstrip(".-_")[:MAX_STEM]
+        revision = re.sub(r"[^A-Za-z0-9]", "_", (self.revision or "literature")[:12])
+        if plain != self.repo_id.replace("/", "--") or not _is_hub_id(self.repo_id):
+            plain = f"{plain}~{_digest(self.repo_id)}" if plain else _digest(self.repo_id)
+        return f"{plain}@{revision}"
 
     def modules(self) -> list[str]:
         """The modules holding the super weights, once each, in layer order."""
@@ -138,7 +148,7 @@ def _row_order(r: dict) -> tuple:
 def render(model: Model, fmt: str, *, gguf_type: str = "q8_0", scheme: str = "W4A16") -> str:
     """The keep-list of `model` in format `fmt`, as the text of its file."""
     if fmt == "llama.cpp":
-        patterns = dict.fromkeys(f"^{re.escape(gguf_name(r))}$" for r in model.rows)
+        patterns = dict.fromkeys(f"^{tensor_pattern(gguf_name(r))}$" for r in model.rows)
         return "".join(f"{p}={gguf_type}\n" for p in patterns)
     if fmt == "elements":
         return "".join(json.dumps(_element(model, r), allow_nan=False) + "\n" for r in model.rows)
@@ -168,9 +178,24 @@ def render(model: Model, fmt: str, *, gguf_type: str = "q8_0", scheme: str = "W4
     return json.dumps({"_superweight": meta, argument: value}, indent=2, allow_nan=False) + "\n"
 
 
+def tensor_pattern(name: str) -> str:
+    """An ECMAScript regex matching exactly `name`, as one `llama-quantize --tensor-type-file` token.
+
+    llama-quantize splits its file at whitespace, each token at its first `=`, and lowercases the
+    pattern before compiling it with std::regex. So letters, digits and `_` stay, `.` is `\\.`, and every
+    other byte (whitespace, `=`, metacharacters, non-ASCII) is a `\\xHH` escape: no whitespace, no `=`,
+    and nothing that lowercasing changes.
+    """
+    return "".join(ch if re.fullmatch(r"[a-z0-9_]", ch) else "\\." if ch == "." else
+                   "".join(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogatepass")) for ch in name)
+
+
 def _header_lines(model: Model, fmt: str) -> list[str]:
-    lines = [NOTE, f"{model.repo_id} at {model.revision or '(literature)'}: {len(model.rows)} super weight(s) "
-                   f"in {len(model.modules())} module(s); written by superweight {__version__} from the index"]
+    """What a keep-list says of itself, each a line of plain text (a comment must not end in the
+    middle of a name: repo ids from an untrusted index may hold newlines)."""
+    lines = [NOTE, f"{printable(model.repo_id)} at {printable(model.revision or '(literature)')}: "
+                   f"{len(model.rows)} super weight(s) in {len(model.modules())} module(s); written by "
+                   f"superweight {__version__} from the index"]
     if model.unnamed():
         lines.append(f"{len(model.unnamed())} super weight(s) have no Hugging Face module name in the index and "
                      "are not listed here (see --keep elements)")
@@ -189,3 +214,29 @@ def _element(model: Model, r: dict) -> dict:
 
 def file_name(model: Model, fmt: str) -> str:
     return model.file_stem + "." + fmt.replace(".", "") + SUFFIX.get(fmt, ".json")
+
+
+def file_names(models: list[Model], fmt: str) -> list[str]:
+    """Each model's file name (file_name), made unique among `models` also where only case tells two
+    apart (a case-insensitive file system would make them one file): those get the repo id's hash."""
+    names = [file_name(m, fmt) for m in models]
+    seen: dict[str, int] = {}
+    for name in names:
+        seen[name.casefold()] = seen.get(name.casefold(), 0) + 1
+    return [name if seen[name.casefold()] == 1 else name.replace("@", f"~{_digest(m.repo_id)}@", 1)
+            for name, m in zip(names, models)]
+
+
+def _is_hub_id(repo_id: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return "/" in repo_id
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]

@@ -15,21 +15,24 @@ import shutil
 import tempfile
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+import duckdb
 import httpx2  # huggingface_hub 2.x's HTTP client
 import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from superweight.scanner.errors import first_line
+from superweight.scanner.errors import first_line, shown
 from superweight.scanner.files import written_aside
 from superweight.scanner.digest import file_sha256
 from superweight.scanner.hub import use_timeouts
 
 from .errors import ChecksumMismatch, DownloadFailed, NotACatalog, PublishFailed
 from .schema import QUANT_PARQUET
+from .untrusted import CLOSED, check_index, quoted
 
 # Where `superweight publish` pushes the index; overridable for mirrors.
 DEFAULT_INDEX = os.getenv("SUPERWEIGHT_INDEX_URL", "hf://datasets/superweight/index")
@@ -102,6 +105,9 @@ def check_export(parquet: Path, manifest, *, where: str) -> None:
     if not isinstance(manifest, dict):
         raise NotACatalog(f"{where}: {MANIFEST} is not a catalog manifest (not a JSON object)")
     sha, rows, version = manifest.get("sha256"), manifest.get("rows"), manifest.get("schema_version")
+    if not _is_time(manifest.get("created")):
+        raise NotACatalog(f"{where}: {MANIFEST} is not a catalog manifest (created {shown(manifest.get('created'))} "
+                          "is not an ISO 8601 time)")
     if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
         raise NotACatalog(f"{where}: {MANIFEST} is not a catalog manifest (sha256 {sha!r} is not 64 hex digits)")
     for name, value in (("rows", rows), ("schema_version", version)):
@@ -124,6 +130,16 @@ def check_export(parquet: Path, manifest, *, where: str) -> None:
                           f"({'lacks ' + ', '.join(missing[:3]) if missing else 'other columns than schema ' + str(version)})")
     if metadata.num_rows != rows:
         raise NotACatalog(f"{where}: {PARQUET} has {metadata.num_rows} rows, its manifest says {rows}")
+    with duckdb.connect(config=CLOSED) as con:
+        check_index(con, f"read_parquet('{quoted(parquet)}')", where=f"{where}: {PARQUET}")
+
+
+def _is_time(value) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _publish_to_folder(target: str, parquet: Path, manifest: dict) -> Published:
@@ -181,9 +197,11 @@ def _quantization_file(parquet: Path) -> Path | None:
 
 
 def _column_table(parquet: Path, columns: dict[str, str]) -> str:
-    """The rows of a card's column table: each column's name, its type in `parquet`, and its meaning."""
+    """The rows of a card's column table: each column `parquet` has (an older export has fewer), its
+    type there, and its meaning."""
     schema = pq.read_schema(parquet)
-    return "\n".join(f"| `{name}` | {schema.field(name).type} | {meaning} |" for name, meaning in columns.items())
+    return "\n".join(f"| `{name}` | {schema.field(name).type} | {meaning} |" for name, meaning in columns.items()
+                     if name in schema.names)
 
 
 def _quantization_section(quant: Path | None) -> str:

@@ -9,6 +9,7 @@ disk is off, memory is capped, and the settings are locked so a query cannot tur
 Only one SELECT (or EXPLAIN of one) is accepted, and it is interrupted at its timeout.
 """
 
+import json
 import re
 import tempfile
 import threading
@@ -20,10 +21,12 @@ from sqlalchemy import DateTime, Integer
 
 from superweight.scanner.errors import first_line
 
+from .build import PUBLISHED
 from .catalog import attach_read_only
 from .errors import QueryRefused
 from .ledger import ScanRecord, read_records
 from .publish import PARQUET, fetch
+from .untrusted import CLOSED, check_index, quoted
 
 _READ = {duckdb.StatementType.SELECT}
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALYZE\s+)?", re.IGNORECASE)
@@ -62,8 +65,20 @@ def choose_index(catalog: Path | None, parquet: str | None, *, home: Path) -> tu
     downloaded = home / PARQUET
     if catalog is None and downloaded.is_file():
         return None, str(downloaded), f"{downloaded} (no local catalog)"
+    if catalog is None and PUBLISHED.is_file():
+        return None, str(PUBLISHED), f"the index shipped with superweight ({_snapshot(PUBLISHED)}; no local catalog " \
+                                     "and none downloaded: 'superweight download' fetches the latest)"
     raise QueryRefused(f"{local}: no index here; run 'superweight download' for the published one, or "
                        "'superweight scan' to make one, or give --from")
+
+
+def _snapshot(parquet: Path) -> str:
+    """How many rows a shipped index has and how old it is, from its manifest."""
+    try:
+        manifest = json.loads(parquet.with_suffix(".json").read_text())
+        return f"{manifest['rows']} rows, built {manifest['created'][:10]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its manifest unreadable"
 
 
 def open_session(*, catalog: Path | None = None, parquet: str | None = None, ledger_url: str | None = None,
@@ -73,7 +88,7 @@ def open_session(*, catalog: Path | None = None, parquet: str | None = None, led
     Raises:
         QueryRefused: the catalog or parquet cannot be read, or `limits.max_memory` is not a size.
     """
-    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    con = duckdb.connect(config=CLOSED)
     try:
         con.execute("SET max_memory = ?", [limits.max_memory])
     except duckdb.Error:
@@ -159,17 +174,19 @@ def _is_explain(statements) -> bool:
 
 
 def _read_parquet(con: duckdb.DuckDBPyConnection, source: str) -> None:
-    """The table `catalog` from a catalog.parquet: a local file, or fetched (URL, hf://datasets/...)."""
+    """The table `catalog` from a catalog.parquet (a local file, or fetched: URL, hf://datasets/...),
+    its values checked (an index from elsewhere is untrusted)."""
     try:
-        if Path(source).exists():  # a prepared parameter would do, but a table function takes a literal here
-            con.execute(f"CREATE TABLE catalog AS SELECT * FROM read_parquet('{_quote(source)}')")
-            return
-        with tempfile.TemporaryDirectory(prefix="superweight-query-") as tmp:
-            local = Path(tmp) / PARQUET
-            fetch(source, PARQUET, local)  # the download command's fetch: paths, http(s), hf://datasets
-            con.execute(f"CREATE TABLE catalog AS SELECT * FROM read_parquet('{_quote(local)}')")
+        if Path(source).exists():
+            con.execute(f"CREATE TABLE catalog AS SELECT * FROM read_parquet('{quoted(source)}')")
+        else:
+            with tempfile.TemporaryDirectory(prefix="superweight-query-") as tmp:
+                local = Path(tmp) / PARQUET
+                fetch(source, PARQUET, local)  # the download command's fetch: paths, http(s), hf://datasets
+                con.execute(f"CREATE TABLE catalog AS SELECT * FROM read_parquet('{quoted(local)}')")
     except duckdb.Error as e:
         raise QueryRefused(f"{source}: not a readable catalog.parquet ({first_line(e)})") from None
+    check_index(con, "catalog", where=source)
 
 
 def _duck_type(sql_type) -> str:
@@ -179,6 +196,3 @@ def _duck_type(sql_type) -> str:
         return "TIMESTAMP"
     return "VARCHAR"
 
-
-def _quote(path: Path | str) -> str:
-    return str(path).replace("'", "''")

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-from .errors import CorruptCheckpoint
+from .errors import CorruptCheckpoint, InvalidCoordinates, shown
 from .fetch import LocalFile, Transfer
 from .files import gguf_tensor_name
 from .gguf import dequantize_bytes
@@ -49,13 +51,23 @@ class WeightAudit:
     verdict: str  # kept, clipped, changed or destroyed
 
 
-def base_repo(header: GGUFHeader) -> str | None:
-    """The Hub id of the model the file says it was made from (general.base_model.0.repo_url), if any."""
+def base_repo(header: GGUFHeader, *, where: object = None) -> str | None:
+    """The Hub id of the model the file says it was made from (general.base_model.0.repo_url), if any.
+
+    Raises:
+        InvalidCoordinates: the URL names no Hub repo (the file's metadata is untrusted text).
+    """
     url = header.metadata.get("general.base_model.0.repo_url")
-    if not isinstance(url, str):
+    if url is None:
         return None
-    parts = url.rstrip("/").split("/")
-    return "/".join(parts[-2:]) if len(parts) >= 2 and parts[-2] and parts[-1] else None
+    parts = url.rstrip("/").split("/") if isinstance(url, str) else []
+    repo_id = "/".join(parts[-2:]) if len(parts) >= 2 else ""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise InvalidCoordinates(f"general.base_model.0.repo_url {shown(url)} does not name a Hub repo; "
+                                 "give --base REPO", where=where) from None
+    return repo_id
 
 
 def audit(path: Path, rows: list[dict], *, transfer: Transfer | None = None) -> list[WeightAudit]:
@@ -76,6 +88,10 @@ def read_blocks(source: LocalFile, header: GGUFHeader, rows: list[dict]) -> list
 
 def _audit_one(source: LocalFile, header: GGUFHeader, row: dict) -> WeightAudit:
     layer, expert, r, c = row["layer"], row.get("expert"), row["out_channel"], row["in_channel"]
+    coordinates = (layer, r, c) if expert is None else (layer, expert, r, c)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in coordinates):
+        raise InvalidCoordinates(f"the index gives a super weight at layer {layer}, expert {expert}, [{r}, {c}]: "
+                                 "coordinates are non-negative integers", where=source.name)
     name = gguf_tensor_name(layer, expert, row.get("tensor"))
     info = header.tensors.get(name)
     if info is None:

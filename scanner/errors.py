@@ -1,13 +1,33 @@
 """Named errors raised by the scanner, carrying where and why; the command line words each as one line
 (superweight.report.explain)."""
 
+import re
 from pathlib import Path
+
+# C0 and C1 control characters and DEL: a terminal acts on them (ESC sequences clear the screen or
+# recolour it, CR and newlines forge lines). Text from an untrusted source never reaches it raw.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_SHOWN = 200  # characters of one untrusted value that a message shows; the rest is cut, with a count
 
 
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message, or its class name when it has none."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def printable(text: str, *, limit: int | None = None) -> str:
+    """`text` safe to show on a terminal: every control character written as its escape (`\\x1b`,
+    `\\n`), and with `limit`, at most that many characters before a note of how many were cut."""
+    shown = CONTROL.sub(lambda m: repr(m[0])[1:-1], str(text))
+    if limit is not None and len(shown) > limit:
+        shown = f"{shown[:limit]}... ({len(shown) - limit} more characters)"
+    return shown
+
+
+def shown(value: object) -> str:
+    """An untrusted value (a name from a downloaded index, a GGUF file's metadata) as a message quotes it."""
+    return printable(repr(value) if not isinstance(value, str) else value, limit=MAX_SHOWN)
 
 
 class ScanError(Exception):
@@ -118,6 +138,10 @@ class CannotVerify(ScanError):
 
 class NonFiniteActivation(ScanError):
     """A layer's activations hold NaN or infinite values: the checkpoint's weights or config are broken."""
+
+
+class InvalidCoordinates(ScanError):
+    """A super weight's coordinates from an index (or a base model named by a file) cannot be used as given."""
 
 
 class CannotWrite(ScanError):

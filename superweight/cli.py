@@ -17,14 +17,14 @@ from superweight import options as opt
 from superweight.index.errors import IndexStoreError
 from superweight.scanner import __version__
 from superweight.scanner.config import CATALOG_FILE, DIGEST_CACHE, SUPERWEIGHT_HOME, DetectConfig
-from superweight.scanner.errors import ScanError
+from superweight.scanner.errors import ScanError, printable
 
 from superweight.index.keep import DEFAULT_VERDICTS, FORMATS
 
 from .cli_crawl import crawl
 from .cli_quant import audit, plot_quant, quantize
 from .display import progress_display, progress_mode
-from .report import explain, figure_line, ledger_line, scan_report, table, to_json, written
+from .report import MAX_MESSAGE, explain, figure_line, ledger_line, scan_report, table, to_json, written
 
 EXIT_SOME_FAILED = 3
 _DEFAULTS = DetectConfig()
@@ -121,6 +121,11 @@ def each_source(sources, *, record: bool, catalog_path: Path | None, handle) -> 
         sys.exit(1 if failed == len(sources) else EXIT_SOME_FAILED)
 
 
+def on_terminal() -> bool:
+    """Whether stdout is a terminal, which acts on control characters (ls quotes names there too)."""
+    return sys.stdout.isatty()
+
+
 def _existing_catalog(catalog_path: Path | None) -> Path:
     """The catalog to read, which a scan must have written already."""
     path = catalog_path or SUPERWEIGHT_HOME / CATALOG_FILE
@@ -207,7 +212,8 @@ def _export_keep(out, catalog_path, parquet, fmt, *, repo_id, revision, verdicts
     if repo_id is not None:
         text = keep.render(models[0], fmt, gguf_type=gguf_type, scheme=scheme)
         if not models[0].rows:
-            click.echo(f"export: {repo_id} has no super weights with verdict {','.join(verdicts)}", err=True)
+            click.echo(f"export: {printable(repo_id)} has no super weights with verdict {','.join(verdicts)}; "
+                       "--verdict super,group,unverified also keeps the spikes not yet verified", err=True)
         if out is None or str(out) == "-":
             click.echo(text, nl=False)
         else:
@@ -216,9 +222,21 @@ def _export_keep(out, catalog_path, parquet, fmt, *, repo_id, revision, verdicts
         return
     if out is None:
         raise click.UsageError("--keep without --repo writes one file per model: give --out FOLDER")
-    for model in models:
-        _write_keep(out / keep.file_name(model, fmt), keep.render(model, fmt, gguf_type=gguf_type, scheme=scheme))
-    click.echo(f"wrote {len(models)} keep-list(s) to {out}", err=True)
+    failed = 0
+    for model, name in zip(models, keep.file_names(models, fmt)):
+        try:
+            _write_keep(out / name, keep.render(model, fmt, gguf_type=gguf_type, scheme=scheme))
+        except click.ClickException as e:  # one model's file that cannot be written: say so, write the others
+            click.echo(f"Error: {e.message}", err=True)
+            failed += 1
+    empty = [m for m in models if not m.rows]
+    click.echo(f"wrote {len(models) - failed} keep-list(s) to {out}", err=True)
+    if empty:
+        whose = "of the index" if len(empty) == len(models) else f"of {len(empty)} of the {len(models)} models"
+        click.echo(f"export: no super weight {whose} has verdict {','.join(verdicts)}, so their keep-lists keep "
+                   "nothing; --verdict super,group,unverified also keeps the spikes not yet verified", err=True)
+    if failed:
+        sys.exit(1 if failed == len(models) else EXIT_SOME_FAILED)
 
 
 def _write_keep(path: Path, text: str) -> None:
@@ -230,7 +248,8 @@ def _write_keep(path: Path, text: str) -> None:
         with written_aside(path) as tmp:
             tmp.write_text(text)
     except OSError as e:
-        raise click.ClickException(f"{path}: cannot write the keep-list ({e.strerror or e})") from None
+        raise click.ClickException(printable(f"{path}: cannot write the keep-list ({e.strerror or e})",
+                                             limit=MAX_MESSAGE)) from None
 
 
 @cli.command()
@@ -267,8 +286,10 @@ def query(sql, source, catalog_path, as_csv, as_json, timeout, max_memory, max_r
             click.echo(to_json(dict(zip(result.columns, row))))
     elif as_csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(result.columns)
-        writer.writerows(result.rows)
+        rows = [result.columns, *result.rows]
+        if on_terminal():  # the values as text a terminal shows; a pipe or a file gets them exactly
+            rows = [[printable(v) if isinstance(v, str) else v for v in row] for row in rows]
+        writer.writerows(rows)
     else:
         for line in table(result.columns, result.rows):
             click.echo(line)
@@ -354,11 +375,14 @@ def plot(source, out, revision, device, verify, quant, catalog_path) -> None:
 
 
 @cli.command(name="build-index")
-@opt.export_out()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write; catalog.json goes beside it (default: the index shipped in the package, "
+                   "index/data/catalog.parquet of a checkout).")
 def build_index_command(out) -> None:
-    """Rebuild catalog.parquet from the literature and the committed scans."""
-    from superweight.index.build import build_index
+    """Rebuild the published catalog.parquet from the literature and the committed scans."""
+    from superweight.index.build import PUBLISHED, build_index
 
+    out = out or PUBLISHED
     manifest = build_index(out)
     click.echo(written(out, manifest.rows, manifest.sha256))
 

@@ -149,7 +149,7 @@ def _audit(file: Path, base: str | None, catalog_path, parquet, wanted: tuple[st
     source = LocalFile(file, Transfer())
     try:
         header = read_header(source)  # once: for the base it names, and for the blocks' places
-        base = base or audits.base_repo(header)
+        base = base or audits.base_repo(header, where=file)
         if base is None:
             raise click.UsageError(f"{file} names no base model (general.base_model.0.repo_url): give --base REPO")
         catalog, parquet, _ = choose_index(catalog_path, parquet, home=SUPERWEIGHT_HOME)

@@ -79,11 +79,6 @@ def device(help: str = "auto, cpu, cuda or cuda:N.") -> click.option:
 revision = click.option("--revision", help="Hub branch, tag or commit sha (default: main).")
 
 
-def export_out(default: Path = Path("catalog.parquet")) -> click.option:
-    return click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default,
-                        show_default=True, help="Where to write; catalog.json goes beside it.")
-
-
 def verify(*, default: bool) -> click.option:
     return click.option(
         "--verify/--no-verify", default=default, show_default=True,

@@ -10,18 +10,26 @@ import traceback
 
 from superweight.index.errors import IndexStoreError
 from superweight.scanner.config import DEBUG
-from superweight.scanner.errors import OverLimit, ScanError, first_line
+from superweight.scanner.errors import OverLimit, ScanError, first_line, printable
 from superweight.scanner.result import ScanResult
+
+
+MAX_MESSAGE = 1000  # characters of an error line; a longer one (a huge name in it) is cut, with a count
 
 
 def explain(error: Exception, *, source: str | None = None) -> str:
     """One line for the user about `error` (raised for `source`); the traceback only with SUPERWEIGHT_DEBUG=1.
 
     Errors carry data (`where`, a reason, a refusal's limit); this is where they are worded for the
-    command line, e.g. a limit named by the option that sets it.
+    command line, e.g. a limit named by the option that sets it. The line is always one line that a
+    terminal shows as text: names from untrusted files may hold newlines and ESC sequences.
     """
     if DEBUG:
         traceback.print_exception(error, file=sys.stderr)
+    return printable(_worded(error, source), limit=MAX_MESSAGE)
+
+
+def _worded(error: Exception, source: str | None) -> str:
     if isinstance(error, OverLimit):
         return f"{error} ({_flag(error.limit)})"
     if isinstance(error, (ScanError, IndexStoreError)):
@@ -71,7 +79,7 @@ def scan_report(result: ScanResult) -> str:
         lines += effects_report(result)
     if result.detection.rejected:
         lines.append(f"  {len(result.detection.rejected)} spike(s) rejected; --json lists them with reasons")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # a folder's name may hold anything
 
 
 def _weights_table(result: ScanResult) -> list[str]:
@@ -154,7 +162,7 @@ def crawl_line(outcome: dict) -> str:
         detail = outcome.get("error") or outcome.get("reason", "")
         if outcome.get("limit"):  # a refusal for this run's limit: name the option that sets it
             detail += f" ({_flag(outcome['limit'])})"
-    return f"{outcome['repo_id']}@{outcome['revision'][:12]}  {outcome['state']}  {detail}"
+    return printable(f"{outcome['repo_id']}@{outcome['revision'][:12]}  {outcome['state']}  {detail}")
 
 
 def _outcome_weight(w: dict) -> str:
@@ -165,8 +173,9 @@ def _outcome_weight(w: dict) -> str:
 
 
 def table(columns: list[str], rows: list) -> list[str]:
-    """Rows as aligned text columns under their names (NULL shown empty)."""
-    cells = [list(columns)] + [["" if v is None else str(v) for v in row] for row in rows]
+    """Rows as aligned text columns under their names (NULL shown empty), one line per row whatever the
+    cells hold: control characters (newlines, ESC sequences) are shown as their escapes."""
+    cells = [[printable(c) for c in columns]] + [["" if v is None else printable(str(v)) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
 
@@ -177,4 +186,5 @@ def ledger_line(record: dict) -> str:
     when = f"{when:%Y-%m-%d %H:%M}" if when else "-".ljust(16)  # queued: not started yet
     artifact = (record.get("artifact") or "").split(" ")[0]  # the file: an example's says more (--json has it all)
     what = f"{record['repo_id']}@{record['revision'][:12]}" + (f" {artifact}" if artifact else "")
-    return f"{record['state']:<9} {record['attempts']:>3}  {when}  {what}" + (f"  {record['error']}" if record["error"] else "")
+    return printable(f"{record['state']:<9} {record['attempts']:>3}  {when}  {what}"
+                     + (f"  {record['error']}" if record["error"] else ""))

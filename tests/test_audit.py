@@ -1,7 +1,6 @@
 """`superweight audit FILE.gguf`: each super weight of the base model, read back from its quantization block."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +11,13 @@ from gguf.quants import dequantize
 from superweight.cli import cli
 from superweight.index.catalog import Catalog
 from superweight.scanner import audit
+from superweight.index.build import PUBLISHED
 from superweight.scanner.fetch import HEAD_GUESS
 from superweight.scanner.scan import scan
 from tests.checkpoints import Plant, make_checkpoint, make_gguf
 
 BASE = "audit/llama"
-INDEX = Path(__file__).resolve().parent.parent / "catalog.parquet"  # the committed index
+INDEX = PUBLISHED  # the committed index
 Q = GGMLQuantizationType
 # The super weight, and beside it in its 32-weight block (row 7, columns 32-63) a quiet weight that
 # is larger and of the other sign: Q4_0 maps the block's largest magnitude to -8, so +2.5 can reach

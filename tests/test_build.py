@@ -1,23 +1,20 @@
-"""The committed catalog.parquet is what `superweight build-index` makes from the repo, and the
+"""The committed catalog.parquet (index/data/, shipped in the package) is what `superweight build-index` makes from the repo, and the
 committed scan of the real model is what a scan gives today."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from superweight.index.build import build_index, read_scans
+from superweight.index.build import PUBLISHED, build_index, read_scans
 from superweight.scanner.scan import scan_source
-
-ROOT = Path(__file__).parent.parent
 
 
 def test_committed_catalog_equals_a_fresh_build(tmp_path):
     manifest = build_index(tmp_path / "catalog.parquet")
 
-    assert (tmp_path / "catalog.parquet").read_bytes() == (ROOT / "catalog.parquet").read_bytes(), (
-        "catalog.parquet is stale: run `superweight build-index` and commit it with catalog.json")
-    committed = json.loads((ROOT / "catalog.json").read_text())
+    assert (tmp_path / "catalog.parquet").read_bytes() == PUBLISHED.read_bytes(), (
+        "index/data/catalog.parquet is stale: run `superweight build-index` and commit it with catalog.json")
+    committed = json.loads(PUBLISHED.with_suffix(".json").read_text())
     assert (committed["sha256"], committed["rows"]) == (manifest.sha256, manifest.rows)
 
 

@@ -54,3 +54,11 @@ def test_the_wheel_installs_one_name_and_the_cli_ignores_a_users_index_and_scann
     result = json.loads(done.stdout)
     assert [(w["layer"], w["out_channel"], w["in_channel"]) for w in result["super_weights"]] == [(3, 10, 20)]
     assert done.stdout.count("\n") == 1
+
+    # Offline, with no catalog of its own and nothing downloaded, it reads the index the wheel ships.
+    done = subprocess.run([str(python), "-m", "superweight.cli", "query", "SELECT count(*) AS n FROM catalog", "--json"],
+                          cwd=user, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shipped = json.loads((site / "superweight" / "index" / "data" / "catalog.json").read_text())
+    assert json.loads(done.stdout) == {"n": shipped["rows"]}
+    assert "the index shipped with superweight" in done.stderr

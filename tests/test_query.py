@@ -7,7 +7,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from superweight.index.build import build_index
+from superweight.index.build import PUBLISHED, build_index
 from superweight.cli import cli
 from tests.test_errors import assert_one_line_error
 
@@ -97,7 +97,19 @@ def test_plain_reads_are_accepted(home, sql):
     assert query(sql).exit_code == 0
 
 
-def test_without_any_index_it_says_where_to_get_one(tmp_path, home):
+def test_without_a_local_or_downloaded_index_it_reads_the_shipped_one_and_says_so(home, monkeypatch):
+    """Offline on a fresh install `download` cannot help: the index built into the package answers."""
     shutil.rmtree(home)
-    result = query("SELECT 1 FROM catalog")
-    assert_one_line_error(result, "no index here", "superweight download")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = query("SELECT count(*) AS n FROM catalog", "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(PUBLISHED.with_suffix(".json").read_text())
+    assert json.loads(result.stdout) == {"n": manifest["rows"]}
+    assert result.stderr == (f"query: reading the index shipped with superweight ({manifest['rows']} rows, built "
+                             f"{manifest['created'][:10]}; no local catalog and none downloaded: 'superweight "
+                             "download' fetches the latest)\n")
+
+
+def test_a_missing_catalog_asked_for_by_name_is_one_line(home, tmp_path):
+    result = query("SELECT 1 FROM catalog", "--catalog", tmp_path / "nope.duckdb")
+    assert_one_line_error(result, "nope.duckdb: no index here", "superweight download")
