@@ -30,7 +30,7 @@ from superweight.scanner.digest import file_sha256
 
 from .errors import CatalogLocked, CatalogTooNew, CatalogUnavailable, NonFiniteFigures
 from .schema import (  # noqa: F401  (COLUMNS: re-exported)
-    COLUMNS, EXPORT_ORDER, EXPORT_VERSION, KEY, KEY_WHERE, QUANT_EXPORT_ORDER, QUANT_PARQUET, SCAN_EFFECTS,
+    COLUMNS, EXPORT_ORDER, EXPORT_VERSION, KEY, KEY_WHERE, QUANT_EXPORT_ORDER, QUANT_PARQUET, QUANT_SETTING, SCAN_EFFECTS,
     SCHEMA_VERSION, TABLES, VIEW, catalog_key, quant_rows, scan_row, weight_rows,
 )
 
@@ -140,11 +140,12 @@ class Catalog:
         with self.connect() as con, _transaction(con, self.path):
             note = _keep_effects(con, key, scan, weights) if result.verification is None else None
             _replace(con, key, scan, weights)
-            if quant:  # a scan without the lab keeps the key's earlier figures
-                _delete(con, "quantization", key)
-                _insert(con, "quantization", quant)
+            replaced = _replace_figures(con, key, quant)
         if note:
             logger.warning("%s@%s: %s", key["repo_id"], key["revision"][:12], note)
+        if replaced:
+            logger.info("%s@%s: replaced %d quantization figure(s) measured earlier with the same settings",
+                        key["repo_id"], key["revision"][:12], replaced)
         return note
 
     def record_literature(self, models: dict[str, list[dict]]) -> None:
@@ -352,6 +353,19 @@ def _replace(con: duckdb.DuckDBPyConnection, key: dict, scan: dict, weights: lis
         _delete(con, table, key)
     for table, rows in (("scans", [scan]), ("super_weights", weights)):
         _insert(con, table, rows)
+
+
+def _replace_figures(con: duckdb.DuckDBPyConnection, key: dict, rows: list[dict]) -> int:
+    """Write quantization rows, each replacing only the key's row of the same setting (QUANT_SETTING):
+    figures of other settings stay, so `quantize --bits 8` then `--bits 4` keeps both. Returns how many
+    earlier rows were replaced."""
+    same = " AND ".join(f"{name} IS NOT DISTINCT FROM ?" for name in QUANT_SETTING)
+    replaced = 0
+    for row in rows:
+        params = _params(key) + [row[name] for name in QUANT_SETTING]
+        replaced += con.execute(f"DELETE FROM quantization WHERE {KEY_WHERE} AND {same}", params).fetchone()[0]
+    _insert(con, "quantization", rows)
+    return replaced
 
 
 def _delete(con: duckdb.DuckDBPyConnection, table: str, key: dict) -> None:

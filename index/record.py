@@ -55,7 +55,7 @@ def scan_and_record(source: str, options: ScanOptions, *, catalog: Catalog, ledg
     try:
         result = scan(source, options, progress=_Renewing(ledger, worker, progress))
         catalog.record_scan(result)
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:  # Ctrl-C (or SIGTERM, see superweight.cli) too: failed, not running
         settled = outcome_of(e)
         ledger.finish(record_id, settled["state"], error=settled["error"], refusal=settled.get("refusal"))
         raise

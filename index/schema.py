@@ -187,6 +187,8 @@ QUANT_COLUMNS = {
     "eval_tokens": "tokens of the evaluation text",
     "measured_at": "when it was measured (UTC)",
 }
+# What tells two figures of one scan apart: a `quantization` row's key within its scan's.
+QUANT_SETTING = ("variant", "bits", "block_size", "group_size", "z")
 QUANT_EXPORT_ORDER = (
     "repo_id, revision, scanner_version, artifact NULLS FIRST, variant, bits, block_size NULLS FIRST, group_size NULLS FIRST, "
     "z NULLS FIRST")

@@ -117,7 +117,14 @@ class HubError(ScanError):
 
 
 class HubUnavailable(HubError):
-    """The Hub answered 429 or 5xx, timed out, or could not be reached: worth trying again later."""
+    """The Hub answered 429 or 5xx, timed out, or could not be reached: worth trying again later.
+
+    `retry_after`: the seconds the answer's Retry-After asked for, or None.
+    """
+
+    def __init__(self, reason: str, *, where: object = None, retry_after: float | None = None):
+        super().__init__(reason, where=where)
+        self.retry_after = retry_after
 
 
 class ScanTimeout(ScanError):
@@ -140,6 +147,10 @@ class NonFiniteActivation(ScanError):
     """A layer's activations hold NaN or infinite values: the checkpoint's weights or config are broken."""
 
 
+class InvalidOption(ScanError):
+    """An option's value does not fit this model (e.g. --tokens fewer than one evaluation sequence of each text)."""
+
+
 class InvalidCoordinates(ScanError):
     """A super weight's coordinates from an index (or a base model named by a file) cannot be used as given."""
 
@@ -148,9 +159,11 @@ class CannotWrite(ScanError):
     """A file the command was asked to write (a figure, a converted example) cannot be written there."""
 
 
-def outcome_of(error: Exception) -> dict:
+def outcome_of(error: BaseException) -> dict:
     """How a scan that raised `error` ended, as the ledger records it: failed, or refused (declined,
     as opposed to broken) with the refusal's kind, and for a limit its name."""
+    if isinstance(error, KeyboardInterrupt):
+        return {"state": "failed", "error": "interrupted before it finished (SIGINT or SIGTERM)"}
     outcome = {"state": "failed", "error": str(error) or type(error).__name__}
     if isinstance(error, Refused):
         outcome.update(state="refused", refusal=error.kind)

@@ -47,6 +47,17 @@ class Inputs:
     tokenizer: bool  # False: one hashed id per word (no usable tokenizer), prompt figures unknown
 
 
+def sequence_length(model_config, config) -> int:
+    """Tokens per evaluated sequence: `config.context` (a VerifyConfig's), at most the model's positions."""
+    positions = max_positions(model_config)
+    return min(config.context, positions or config.context)
+
+
+def min_tokens(model_config, config) -> int:
+    """The fewest evaluation tokens `config` may ask for on this model: a sequence from each text."""
+    return len(config.texts) * sequence_length(model_config, config)
+
+
 def evaluation_inputs(model: StreamingModel, tokenizer, config) -> Inputs:
     """Token ids of the evaluation texts and the prompts of `config` (a VerifyConfig), with the
     checkpoint's tokenizer if it has one.
@@ -65,8 +76,7 @@ def evaluation_inputs(model: StreamingModel, tokenizer, config) -> Inputs:
         body = lambda text: hashed_ids(text, model.config)[len(prefix):]  # noqa: E731
         expected = stopwords = None
     prompts = [prefix + body(p) for p, _ in config.prompts]
-    positions = max_positions(model.config)
-    context = min(config.context, positions or config.context)
+    context = sequence_length(model.config, config)
     step, share = context - len(prefix), config.tokens // len(config.texts)
     chunks = []
     for text in config.texts:

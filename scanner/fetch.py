@@ -4,13 +4,14 @@ A scan reads a checkpoint as byte spans: the safetensors or GGUF header, then ea
 tensors coalesced into as few spans as the file layout allows, the embedding rows of the prompt's
 tokens, and slices of the LM head. A `FileBytes` answers those spans: `LocalFile` by mapping each
 span (its pages faulted in by the read-ahead thread, never copied, unmapped with the layer),
-`HubFile` with HTTP range requests through huggingface_hub's shared session, its auth headers and
-its retry and backoff (which honours a 429's Retry-After). Nothing is written to disk. Every read
-is counted in the scan's `Transfer`.
+`HubFile` with HTTP range requests through huggingface_hub's shared session and its auth headers.
+Nothing is written to disk. Every read is counted in the scan's `Transfer`.
 
 A range request is checked: a server that answers 200 (it ignored Range), a Content-Range for other
 bytes, or a body of the wrong length is an error naming the file, never a wrong result. A body cut
-short by the network is fetched again from the start of its span.
+short by the network, a read slower than a floor rate (a server trickling bytes), and a 429 or 5xx
+are fetched again from the start of the span, after a backoff or the answer's Retry-After (capped:
+scanner.retry); this is the one level that retries a range.
 """
 
 import errno
@@ -24,13 +25,13 @@ from dataclasses import dataclass, field
 
 import httpx2
 import numpy as np
-from huggingface_hub import constants, hf_hub_url
-from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import build_hf_headers, http_stream_backoff
+from huggingface_hub import constants, get_session, hf_hub_url
+from huggingface_hub.utils import build_hf_headers
 
 from . import __version__
-from .config import HUB_ATTEMPTS, HUB_BACKOFF, HUB_TIMEOUT
+from .config import HUB_ATTEMPTS, HUB_BACKOFF, HUB_MAX_ANSWER, HUB_MIN_RATE, HUB_TIMEOUT
 from .errors import CorruptCheckpoint, HubError, HubUnavailable, first_line
+from .retry import MAX_RETRY_AFTER, TRANSIENT_STATUS, retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ MAX_GAP = 1 << 16  # bytes between two wanted spans of a local file that are rea
 # and counts against the Hub's request budget: verification's embedding rows (thousands, spread over the
 # vocabulary) would otherwise be hundreds of requests, one after the other.
 HUB_MAX_GAP = 1 << 20
-RETRY_STATUS = (429, 500, 502, 503, 504)
 MADV_POPULATE_READ = 22  # Linux 5.14+: fault a mapping's pages in now, reading them (Python 3.11 lacks the name)
 
 
@@ -201,18 +201,29 @@ class HubFile(FileBytes):
         return data
 
     def _get(self, offset: int, length: int, *, up_to_end: bool = False) -> tuple[memoryview, int]:
-        """Bytes offset:offset+length (fewer if `up_to_end` and the file ends first) and the file's
-        size; a body cut short is fetched again from its start."""
+        """Bytes offset:offset+length (fewer if `up_to_end` and the file ends first) and the file's size.
+
+        The one retry of a range read (scanner.retry): a dropped connection, a body cut short, a read
+        slower than HUB_MIN_RATE, or a 429 or 5xx is tried again from the span's start, HUB_ATTEMPTS
+        times in all, after a doubling backoff or what Retry-After asks for when longer; a Retry-After
+        over MAX_RETRY_AFTER fails at once.
+        """
         for attempt in range(1, HUB_ATTEMPTS + 1):
             try:
                 return self._attempt(offset, length, up_to_end)
-            except (httpx2.TransportError, _CutShort) as e:
+            except _TryAgain as e:
+                asked = e.retry_after or 0.0
+                if asked > MAX_RETRY_AFTER:
+                    raise HubUnavailable(f"{e}, asking to wait {asked:.0f} s (Retry-After), more than "
+                                         f"{MAX_RETRY_AFTER:.0f} s; try again later", where=self.name,
+                                         retry_after=asked) from None
                 if attempt == HUB_ATTEMPTS:
-                    raise HubUnavailable(f"reading bytes {offset}-{offset + length - 1} failed {attempt} times "
-                                         f"({first_line(e)})", where=self.name) from e
-                logger.warning("%s: bytes %d-%d: %s; reading them again", self.name, offset, offset + length - 1,
-                               first_line(e))
-                time.sleep(HUB_BACKOFF * 2 ** (attempt - 1))
+                    raise HubUnavailable(f"reading bytes {offset}-{offset + length - 1} failed {attempt} times ({e})",
+                                         where=self.name, retry_after=e.retry_after) from e
+                delay = max(HUB_BACKOFF * 2 ** (attempt - 1), asked)
+                logger.warning("%s: bytes %d-%d: %s; reading them again in %.1f s", self.name, offset,
+                               offset + length - 1, e, delay)
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _attempt(self, offset: int, length: int, up_to_end: bool) -> tuple[memoryview, int]:
@@ -220,17 +231,12 @@ class HubFile(FileBytes):
             self.pacer.take()
         last = offset + length - 1
         headers = {**self.headers, "Range": f"bytes={offset}-{last}"}
-        meter = {"superweight.transfer": self.transfer}
+        deadline = time.monotonic() + HUB_TIMEOUT + length / HUB_MIN_RATE  # a trickle is not read forever
         try:
-            # Transport errors are retried by _get, not here: the backoff would catch one raised while
-            # the body is read (thrown back into its generator) and send the request again from inside
-            # this `with`, which contextlib reports as "generator didn't stop after throw()".
-            with http_stream_backoff("GET", self.url, headers=headers, retry_on_status_codes=RETRY_STATUS,
-                                     retry_on_exceptions=(), max_retries=HUB_ATTEMPTS - 1,
-                                     base_wait_time=HUB_BACKOFF, timeout=HUB_TIMEOUT, follow_redirects=True,
-                                     extensions=meter) as response:
-                if response.status_code in RETRY_STATUS:
-                    raise HubUnavailable(f"answered {response.status_code} {HUB_ATTEMPTS} times", where=self.name)
+            with get_session().stream("GET", self.url, headers=headers, timeout=HUB_TIMEOUT, follow_redirects=True,
+                                      extensions={"superweight.transfer": self.transfer}) as response:
+                if response.status_code in TRANSIENT_STATUS:
+                    raise _TryAgain(f"answered {response.status_code}", retry_after=retry_after(response))
                 if response.status_code == 200:
                     raise HubError(f"{self.endpoint} answered 200 with the whole file to a range request "
                                    "(it ignores Range); a scan reads only the bytes it needs", where=self.name)
@@ -240,21 +246,29 @@ class HubFile(FileBytes):
                                              up_to_end=up_to_end)
                 length = last + 1 - offset
                 buffer, done = empty_buffer(length), 0
-                for chunk in response.iter_bytes(1 << 20):
+                for chunk in response.iter_bytes():  # as they arrive: the deadline is checked on each
                     if done + len(chunk) > length:
                         raise HubError(f"answered more than the {length} bytes asked for", where=self.name)
                     buffer[done:done + len(chunk)] = chunk
                     done += len(chunk)
-        except HfHubHTTPError as e:  # raised by the backoff once its retries are spent
-            raise HubUnavailable(f"range request failed ({first_line(e)})", where=self.name) from e
+                    if done < length and time.monotonic() > deadline:
+                        raise _TryAgain(f"{done} of {length} bytes arrived in {HUB_TIMEOUT + length / HUB_MIN_RATE:.0f} s, "
+                                        f"slower than {HUB_MIN_RATE / 1e3:g} kB/s (SUPERWEIGHT_HUB_MIN_RATE)")
+        except httpx2.TransportError as e:  # a dropped connection, a timeout: tried again by _get
+            raise _TryAgain(first_line(e)) from e
         if done != length:
-            raise _CutShort(f"body ended after {done} of {length} bytes")
+            raise _TryAgain(f"body ended after {done} of {length} bytes")
         self.transfer.count(length, requests=0)  # requests are counted as sent (see count_request)
         return buffer, total
 
 
-class _CutShort(Exception):
-    """A response body shorter than its range: the connection dropped."""
+class _TryAgain(Exception):
+    """A range read that may succeed if sent again (a dropped connection, a body cut short, a trickle, a 429
+    or 5xx), with the seconds a Retry-After asked for."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 def _content_range(header: str, first: int, last: int, name: str, *, up_to_end: bool = False) -> tuple[int, int]:
@@ -272,6 +286,41 @@ def _content_range(header: str, first: int, last: int, name: str, *, up_to_end: 
         return int(total), int(stop)
     except ValueError:
         raise HubError(f"answered Content-Range {header!r} to a request for bytes {first}-{last}", where=name) from None
+
+
+def bound_api_answer(response: httpx2.Response) -> None:
+    """A response hook on huggingface_hub's session: an API answer (model info, a listing) may weigh at
+    most HUB_MAX_ANSWER bytes, declared or streamed, so a hostile or broken server cannot make a scan
+    or a crawl read 100 MB of JSON into memory (and parse it into ten times that). Files are not API
+    answers: downloads and range reads are bounded by what the scan asked for."""
+    if not response.request.url.path.startswith("/api/"):
+        return
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > HUB_MAX_ANSWER:
+        raise _too_large(response)
+    response.stream = _Bounded(response)
+
+
+class _Bounded(httpx2.SyncByteStream):
+    """A response body that stops with a HubError past HUB_MAX_ANSWER bytes."""
+
+    def __init__(self, response: httpx2.Response):
+        self.response, self.inner, self.seen = response, response.stream, 0
+
+    def __iter__(self):
+        for chunk in self.inner:
+            self.seen += len(chunk)
+            if self.seen > HUB_MAX_ANSWER:
+                raise _too_large(self.response)
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _too_large(response: httpx2.Response) -> HubError:
+    return HubError(f"the answer to {response.request.url.path} is over {HUB_MAX_ANSWER / 2**20:g} MiB, more than an "
+                    "API answer about a model weighs (SUPERWEIGHT_HUB_MAX_ANSWER); not read")
 
 
 def count_request(request: httpx2.Request) -> None:

@@ -8,13 +8,10 @@ as one of its GGUF files (`--file`), whose header holds its config and tokenizer
 """
 
 import contextlib
-import email.utils
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx2  # huggingface_hub 2.x's HTTP client: its transport errors are not HfHubHTTPError
@@ -32,9 +29,10 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .config import CHECKPOINT_PATTERNS, DIGEST_CACHE, HUB_TIMEOUT, SUPERWEIGHT_HOME
-from .errors import GatedRepo, HubError, HubUnavailable, SourceNotFound, first_line
+from .errors import GatedRepo, HubError, HubUnavailable, ScanError, SourceNotFound, first_line
 from .examples import example_checkpoint, find_example
-from .fetch import count_request
+from .fetch import bound_api_answer, count_request
+from .retry import MAX_RETRY_AFTER, TRANSIENT_STATUS, retry_after
 from .digest import content_hash
 from .files import GGUF_SUFFIX, gguf_only, pick_gguf, require_weights
 
@@ -120,7 +118,8 @@ def _example(source: str) -> Resolved:
 
 
 def use_timeouts() -> None:
-    """Give every huggingface_hub request a timeout: HUB_TIMEOUT seconds to connect, or between bytes.
+    """Give every huggingface_hub request a timeout (HUB_TIMEOUT seconds to connect, or between bytes),
+    and every API answer a bound on its size (fetch.bound_api_answer).
 
     huggingface_hub's shared client sets none, and most of its calls pass `timeout=None`: an endpoint
     that accepts connections and never answers would hold a scan or a crawl forever. A request hook
@@ -128,9 +127,10 @@ def use_timeouts() -> None:
     the shared client can be replaced.
     """
     client = get_session()
-    hooks = client.event_hooks["request"]
-    if _bound_timeouts not in hooks:
-        client.event_hooks = {**client.event_hooks, "request": [*hooks, _bound_timeouts, count_request]}
+    hooks = client.event_hooks
+    if _bound_timeouts not in hooks["request"]:
+        client.event_hooks = {**hooks, "request": [*hooks["request"], _bound_timeouts, count_request],
+                              "response": [*hooks["response"], bound_api_answer]}
 
 
 def _bound_timeouts(request: httpx2.Request) -> None:
@@ -205,6 +205,9 @@ def hub_errors(where: str, *, endpoint: str | None):
     use_timeouts()
     try:
         yield
+    except ScanError as e:  # raised by our own hooks (an answer too large): name what it was for
+        e.where = e.where or where
+        raise
     except GatedRepoError:
         raise GatedRepo("gated repo; accept its terms on the Hub and set HF_TOKEN", where=where) from None
     except RepositoryNotFoundError:
@@ -217,37 +220,17 @@ def hub_errors(where: str, *, endpoint: str | None):
         raise hub_error(where, e, endpoint=endpoint) from e
 
 
-TRANSIENT_STATUS = (429, 500, 502, 503, 504)
-MAX_RETRY_AFTER = 600.0  # seconds: a Retry-After asking for longer fails the call instead of blocking a worker
-
-
 def hub_error(where: str, error: Exception, *, endpoint: str | None) -> HubError:
     """A one-line HubError for a failed Hub request: HubUnavailable when trying again may help, with
     the seconds its Retry-After asks for (`retry_after`, or None)."""
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
     transient = isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError)) or status in TRANSIENT_STATUS
-    kind = HubUnavailable if transient else HubError
-    failed = kind(f"Hub request to {endpoint or constants.ENDPOINT} failed ({first_line(error)}); "
-                  "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache", where=where)
-    failed.retry_after = retry_after(response)
-    return failed
-
-
-def retry_after(response) -> float | None:
-    """The seconds a response's Retry-After header asks for (a number or an HTTP date), or None."""
-    headers = getattr(response, "headers", None)
-    value = headers.get("Retry-After") if headers is not None else None
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = (email.utils.parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
-        except (TypeError, ValueError):
-            return None
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+    reason = (f"Hub request to {endpoint or constants.ENDPOINT} failed ({first_line(error)}); "
+              "check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 to scan from the cache")
+    if transient:
+        return HubUnavailable(reason, where=where, retry_after=retry_after(response))
+    return HubError(reason, where=where)
 
 
 def with_retries(call, *, attempts: int = 4, backoff: float = 2.0):
@@ -261,7 +244,7 @@ def with_retries(call, *, attempts: int = 4, backoff: float = 2.0):
         try:
             return call()
         except HubUnavailable as e:
-            asked = getattr(e, "retry_after", None) or 0.0
+            asked = e.retry_after or 0.0
             if attempt == attempts - 1 or asked > MAX_RETRY_AFTER:  # "come back much later": fail now
                 raise
             delay = max(backoff * 2**attempt, asked)  # a 429's Retry-After, when it asks for longer

@@ -3,7 +3,8 @@
 A phase is one streamed pass over the decoder layers (a step is a layer read), or one read of the
 language-model head (a step is a slice of the vocabulary). The scan calls `phase` and `step`; the
 command line draws bars or prints lines, a crawl worker checks its deadline on each step, and a
-recorded scan renews its ledger lease. The base class does nothing.
+recorded scan renews its ledger lease. A long phase may also `note` what it plans and how long it
+expects to take (the quantization lab's copies and passes). The base class does nothing.
 """
 
 
@@ -15,6 +16,9 @@ class Progress:
 
     def step(self) -> None:
         """One step of the current phase is done."""
+
+    def note(self, text: str) -> None:
+        """A line for the user about the work under way: its plan, an estimate of what is left."""
 
 
 class Relay(Progress):
@@ -28,3 +32,6 @@ class Relay(Progress):
 
     def step(self) -> None:
         self.inner.step()
+
+    def note(self, text: str) -> None:
+        self.inner.note(text)

@@ -29,14 +29,16 @@ Activations (W8A8: weights 8-bit per row, the input of every linear layer 8-bit 
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import CannotVerify
-from .evaluation import evaluation_inputs
+from .config import LabGrid
+from .errors import CannotVerify, InvalidOption
+from .evaluation import evaluation_inputs, min_tokens, sequence_length
 from .head import Head, head_stats
 from .loader import LayerObserver, StreamingModel
 from .progress import Progress
@@ -45,18 +47,17 @@ from .verify import VerifyConfig, pick_control
 
 logger = logging.getLogger(__name__)
 
-PAPER_BLOCKS = (128 ** 2, 256 ** 2, 512 ** 2, 1024 ** 2, None)  # None: the whole tensor
 MEMORY_SHARE = 0.25  # of the machine's memory, for the copies' activations in one pass
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What the lab measures (see the module docstring)."""
+    """What the lab measures (see the module docstring); the grid's defaults are LabGrid's."""
 
-    bits: tuple[int, ...] = (8, 4, 3)
-    block_sizes: tuple[int | None, ...] = PAPER_BLOCKS
-    group_sizes: tuple[int, ...] = (64, 128)
-    z: tuple[float, ...] = (3.0, 5.0, 7.0, 9.0, 11.0)
+    bits: tuple[int, ...] = LabGrid.bits
+    block_sizes: tuple[int | None, ...] = LabGrid.block_sizes
+    group_sizes: tuple[int, ...] = LabGrid.group_sizes
+    z: tuple[float, ...] = LabGrid.z
     activations: bool = True  # the W8A8 variants
     controls: bool = True
     evaluation: VerifyConfig = field(default_factory=VerifyConfig)  # texts, tokens, context, head slices
@@ -105,13 +106,17 @@ def fake_quantize(w: torch.Tensor, bits: int, *, block_size: int | None = None, 
 
     Blocks are 1-D runs of `block_size` elements of the flattened matrix (the last one shorter),
     groups are `group_size` consecutive inputs of a row (the last one shorter), neither: the whole
-    tensor. With `z`, each block's weights beyond mean(|w|) + z std(|w|) are first clipped to it.
+    tensor. A block larger than the matrix is the matrix, a group wider than a row is the row (the
+    padding would be NaN that is no weight, and a block of 10^12 would allocate terabytes). With `z`,
+    each block's weights beyond mean(|w|) + z std(|w|) are first clipped to it.
     """
     x = w.detach().float()
     if group_size is not None:
-        runs, n = x.reshape(x.shape[0], -1), group_size
+        runs = x.reshape(x.shape[0], -1)
+        n = min(group_size, runs.shape[1])
     else:
-        runs, n = x.reshape(1, -1), block_size or x.numel()
+        runs = x.reshape(1, -1)
+        n = min(block_size or x.numel(), x.numel())
     pad = (-runs.shape[1]) % n
     padded = F.pad(runs, (0, pad), value=math.nan).reshape(runs.shape[0], -1, n)  # NaN: not a weight
     real = ~torch.isnan(padded)
@@ -155,15 +160,16 @@ class _QuantStream(LayerObserver):
     """Runs the text through one batch copy per variant, every linear layer of a loaded decoder layer
     computing each copy with that copy's fake-quantized weight (and input)."""
 
-    def __init__(self, model: StreamingModel, chunk: list[Variant | None], plan: "_Plan"):
-        self.model, self.chunk, self.plan = model, chunk, plan
+    def __init__(self, model: StreamingModel, chunk: list[Variant | None], plan: "_Plan",
+                 progress: Progress | None = None):
+        self.model, self.chunk, self.plan, self.progress = model, chunk, plan, progress
         self.patched: list[nn.Module] = []
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor) -> torch.Tensor:
         batch = ids.repeat(len(self.chunk), 1)  # variant-major
         try:
-            with self.model.observe(self):
+            with self.model.observe(self, progress=self.progress):
                 out = self.model.base_model(input_ids=batch, use_cache=False).last_hidden_state
         finally:
             self._restore()  # a pass that failed midway leaves no module computing copies
@@ -245,6 +251,24 @@ class _Plan:
 
 # -- the measurement --------------------------------------------------------------------------------
 
+def check_lab(model: StreamingModel, config: QuantConfig) -> None:
+    """Raise before any work when the lab cannot run on `model` as `config` asks.
+
+    Raises:
+        CannotVerify: the model's experts are fused parameters (no linear layers to quantize).
+        InvalidOption: fewer evaluation tokens than one of the model's sequences from each text.
+    """
+    if any(spec.layout.experts for spec in model.out_projs):
+        raise CannotVerify("quantize: this model's MoE experts are fused parameters, not linear layers; "
+                           "fake quantization covers dense MLPs only")
+    evaluation = config.evaluation
+    needed = min_tokens(model.config, evaluation)
+    if evaluation.tokens < needed:
+        raise InvalidOption(f"--tokens {evaluation.tokens}: the evaluation needs at least {needed} tokens on this "
+                            f"model ({len(evaluation.texts)} texts, sequences of "
+                            f"{sequence_length(model.config, evaluation)} tokens)")
+
+
 def quantize_lab(model: StreamingModel, detection: Detection, *, tokenizer=None, config: QuantConfig = QuantConfig(),
                  progress: Progress | None = None) -> dict:
     """Perplexity of every variant of `config` on the evaluation text, against the unquantized model's.
@@ -254,12 +278,10 @@ def quantize_lab(model: StreamingModel, detection: Detection, *, tokenizer=None,
         ppl, ppl_ratio}]}; a variant whose perplexity is not finite has ppl and ppl_ratio None.
 
     Raises:
-        CannotVerify: the head or the texts rule out measuring, or the model's experts are fused (no
-            linear layers to quantize).
+        CannotVerify: the head or the texts rule out measuring, the unquantized perplexity is not finite,
+            or check_lab's reasons.
     """
-    if any(spec.layout.experts for spec in model.out_projs):
-        raise CannotVerify("quantize: this model's MoE experts are fused parameters, not linear layers; "
-                           "fake quantization covers dense MLPs only")
+    check_lab(model, config)
     progress = progress or Progress()
     head = Head(model)
     inputs = evaluation_inputs(model, tokenizer, config.evaluation)
@@ -270,17 +292,24 @@ def quantize_lab(model: StreamingModel, detection: Detection, *, tokenizer=None,
     ppl: dict[Variant | None, float] = {}
     per_pass = config.max_copies or copies_per_pass(model, int(inputs.text.numel()), int(inputs.text.shape[1]))
     slices = math.ceil(head.vocab_size / config.evaluation.head_slice_rows)
-    passes = 0
+    planned = math.ceil(len(todo) / per_pass)
+    progress.note(f"quantize: {len(todo) - 1} variants and the unquantized model, {len(todo)} copies of "
+                  f"{inputs.text.numel()} tokens, {per_pass} per pass: {planned} pass(es) over {model.num_layers} layers")
+    passes, started = 0, time.monotonic()
     for start in range(0, len(todo), per_pass):
         chunk = todo[start:start + per_pass]
         progress.phase(f"quantize: {len(chunk)} copies of the text", model.num_layers)
-        hidden = _QuantStream(model, chunk, plan).run(text_ids)[:, :, :-1]
+        hidden = _QuantStream(model, chunk, plan, progress).run(text_ids)[:, :, :-1]
         passes += 1
         with head:
             progress.phase("quantize: LM head", slices)
             stats = head_stats(head, hidden.reshape(len(chunk), -1, hidden.shape[-1]), targets, [],
                                slice_rows=config.evaluation.head_slice_rows, progress=progress)
         ppl.update(zip(chunk, torch.exp(stats["nll"].mean(dim=1)).tolist(), strict=True))
+        if passes == 1 and planned > 1:  # the first pass times the rest (the last may hold fewer copies)
+            took = time.monotonic() - started
+            progress.note(f"quantize: pass 1 of {planned} took {took:.0f} s; about "
+                          f"{took * (len(todo) - len(chunk)) / len(chunk):.0f} s to go")
     base = ppl.pop(None)
     if not math.isfinite(base):
         raise CannotVerify("the unquantized model's perplexity on the evaluation text is not finite")

@@ -23,7 +23,7 @@ from .fetch import FileBytes, HubFile, Pacer, Transfer
 from .hub import hub_errors, resolve
 from .loader import StreamingModel
 from .progress import Progress
-from .quantize import QuantConfig, quantize_lab
+from .quantize import QuantConfig, check_lab, quantize_lab
 from .result import ScanResult, Verification
 from .safetensors_checkpoint import SafetensorsCheckpoint
 from .tokens import hashed_ids, max_positions
@@ -183,6 +183,8 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
         tokenizer = checkpoint.tokenizer()
         ids, tokens = prompt_ids(options.detect.prompt, model.config, tokenizer)
         check_prompt(resolved.path, ids, model.config)
+        if options.quantize is not None:
+            check_lab(model, options.quantize)  # before detection: a lab that cannot run costs nothing
         detection = Detector(model, options.detect, progress=progress).run(model.load_static(ids))
         verification = None
         if options.verify is not None:
@@ -191,7 +193,10 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
             except CannotVerify as e:  # the coordinates still stand; the record says why there are no effects
                 logger.warning("%s: not verified: %s", source, e)
                 verification = Verification(skipped=str(_named(e, resolved)))
-        quantization = _quantization(model, detection, tokenizer, options, progress, source, resolved)
+        quantization = None  # the lab is what `superweight quantize` is for: a lab that fails fails the scan
+        if options.quantize is not None:
+            quantization = quantize_lab(model, detection, tokenizer=tokenizer, config=options.quantize,
+                                        progress=progress)
         revision = hashing.result()
     except ScanError as e:
         _named(e, resolved)
@@ -204,17 +209,6 @@ def scan(source: str, options: ScanOptions = ScanOptions(), *, progress: Progres
     return _result(source, options, resolved, model, detection, verification, quantization, revision=revision,
                    tokens=tokens, ids=ids, device=device, transfer=transfer, scanned_at=scanned_at, start=start,
                    resolved_at=resolved_at)
-
-
-def _quantization(model, detection, tokenizer, options, progress, source, resolved) -> dict | None:
-    """The quantization lab's figures when asked for; {"skipped": why} when the model rules them out."""
-    if options.quantize is None:
-        return None
-    try:
-        return quantize_lab(model, detection, tokenizer=tokenizer, config=options.quantize, progress=progress)
-    except CannotVerify as e:
-        logger.warning("%s: not quantized: %s", source, e)
-        return {"skipped": str(_named(e, resolved))}
 
 
 def _result(source, options, resolved, model, detection, verification, quantization, *, revision, tokens, ids,

@@ -48,7 +48,8 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
     """
     from huggingface_hub import constants as hf_constants
 
-    from superweight.cli import EXIT_SOME_FAILED, _open_stores, _published  # the command group's own helpers
+    from superweight.cli import EXIT_SOME_FAILED, _open_stores  # the command group's own helpers
+    from superweight.cli_index import show_published
 
     from superweight.index.crawl import CrawlOptions, HubAccess, discover
     from superweight.index.crawl import crawl as run_crawl
@@ -90,7 +91,7 @@ def crawl(repo_ids, repos_file, since, limit, max_params, address, workers, gpus
         if publish_target:
             from superweight.index.publish import publish_catalog
 
-            _published(publish_catalog(catalog, publish_target))
+            show_published(publish_catalog(catalog, publish_target))
     if report.counts["failed"]:
         sys.exit(EXIT_SOME_FAILED)
 
@@ -103,6 +104,10 @@ def _join_ray(stores: ExitStack, address: str | None) -> None:
     if ray.is_initialized():
         return
     preload = {} if address else {"_system_config": {"preload_python_modules": list(PRELOADED)}}
+    if not address:
+        # A Ray we start ourselves keeps Ray's default for a new local cluster, token authentication on;
+        # Ray warns that it chose it, which the user of `superweight crawl` can do nothing about.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, **preload)

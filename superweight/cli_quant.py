@@ -8,59 +8,96 @@ from pathlib import Path
 import click
 
 from superweight import options as opt
+from superweight.scanner.errors import printable
+from superweight.scanner.config import FULL_LAB, MAX_BITS, MAX_TOKENS, LabGrid
 
+from .display import progress_display, progress_mode
 from .report import table, to_json
 
 EXIT_DAMAGED = 3  # as "some sources failed": a script can tell a damaged file from an error (1)
 
 
-def _numbers(kind, allow_tensor: bool = False):
-    """A click callback: a comma-separated list of `kind` (ints also as N^2; "tensor" as None when allowed)."""
+def _default(name: str, grid: LabGrid = LabGrid()) -> str:
+    """A grid setting as the option takes it: 4 / 512^2,tensor / 9."""
+    def word(v):
+        if v is None:
+            return "tensor"
+        root = math.isqrt(v) if isinstance(v, int) else 0
+        return f"{root}^2" if root > 64 and root * root == v else f"{v:g}"
+    return ",".join(word(v) for v in getattr(grid, name))
+
+
+def _numbers(kind, *, low: float, high: float, allow_tensor: bool = False):
+    """A click callback: a comma-separated list of `kind` between `low` and `high` (ints also as N^K;
+    "tensor" as None when allowed), each checked before anything is computed from it."""
     def parse(ctx, param, value):
         if value is None:
             return None
         items = []
         for item in (v.strip() for v in value.split(",") if v.strip()):
             try:
-                if allow_tensor and item == "tensor":
-                    items.append(None)
-                elif "^" in item:
-                    base, _, power = item.partition("^")
-                    items.append(kind(int(base) ** int(power)))
-                else:
-                    items.append(kind(item))
+                items.append(None if allow_tensor and item == "tensor" else _number(item, kind, high))
             except ValueError:
-                raise click.BadParameter(f"{item!r} is not a {kind.__name__}") from None
-            if items[-1] is not None and not (math.isfinite(items[-1]) and items[-1] > 0):
-                raise click.BadParameter(f"{item!r}: must be positive")
+                raise click.BadParameter(f"{item!r} is not a {kind.__name__}{' or N^K' if kind is int else ''}") from None
+            if items[-1] is not None and not (math.isfinite(items[-1]) and low <= items[-1] <= high):
+                raise click.BadParameter(f"{item[:40]!r}: must be between {_bound(low)} and {_bound(high)}")
         if not items:
             raise click.BadParameter("give at least one value")
         return tuple(items)
     return parse
 
 
+def _bound(value: float) -> str:
+    """A range's end as the option could take it: 2^48 rather than 2.81475e+14."""
+    power = math.log2(value) if value > 1024 else 0
+    return f"2^{power:.0f}" if power and power == int(power) else f"{value:g}"
+
+
+def _number(item: str, kind, high: float):
+    """`item` as `kind`; N^K is computed only when its size is known to be at most about `high`
+    (3^99999999 would take minutes to compute and is refused by its length alone)."""
+    if kind is int and "^" in item:
+        base, _, power = item.partition("^")
+        base, power = int(base), int(power)
+        if base > 1 and power * math.log2(base) > math.log2(high) + 1:
+            return math.inf  # out of range; not computed
+        return base ** power
+    if len(item) > 40:  # a number that long is out of every range here; int() of it costs time
+        return math.inf
+    return kind(item)
+
+
 @click.command()
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--bits", default="8,4,3", show_default=True, callback=_numbers(int), help="Weight bits to try.")
-@click.option("--block-size", "block_sizes", default="128^2,256^2,512^2,1024^2,tensor", show_default=True,
-              callback=_numbers(int, allow_tensor=True),
-              help="1-D runs of the flattened weight matrix (the paper's blocks); 'tensor': the whole tensor.")
-@click.option("--group-size", "group_sizes", default="64,128", show_default=True, callback=_numbers(int),
-              help="Per-row groups of this many inputs (the usual layout).")
-@click.option("--z", "z", default="3,5,7,9,11", show_default=True, callback=_numbers(float),
-              help="Clipping thresholds of rtn+keep+clip: |w| > mean(|w|) + z std(|w|) per block.")
+@click.option("--bits", callback=_numbers(int, low=1, high=MAX_BITS),
+              help=f"Weight bits to try, 1-{MAX_BITS} (default {_default('bits')}).")
+@click.option("--block-size", "block_sizes", callback=_numbers(int, low=1, high=2**48, allow_tensor=True),
+              help="1-D runs of the flattened weight matrix (the paper's blocks; a block larger than a matrix is "
+                   f"the matrix); 'tensor': the whole tensor (default {_default('block_sizes')}).")
+@click.option("--group-size", "group_sizes", callback=_numbers(int, low=1, high=2**32),
+              help="Per-row groups of this many inputs, the usual layout (a group wider than a row is the row; "
+                   f"default {_default('group_sizes')}).")
+@click.option("--z", "z", callback=_numbers(float, low=0.1, high=1000),
+              help="Clipping thresholds of rtn+keep+clip: |w| > mean(|w|) + z std(|w|) per block "
+                   f"(default {_default('z')}).")
+@click.option("--full", is_flag=True,
+              help=f"The full sweep: bits {_default('bits', FULL_LAB)}, blocks {_default('block_sizes', FULL_LAB)}, groups "
+                   f"{_default('group_sizes', FULL_LAB)}, z {_default('z', FULL_LAB)} (hours on a CPU); options given "
+                   "still apply.")
 @click.option("--activations/--no-activations", default=True, show_default=True, help="The W8A8 variants.")
 @click.option("--controls/--no-controls", default=True, show_default=True,
               help="The same variants keeping a same-magnitude ordinary weight instead.")
-@click.option("--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Evaluation tokens.")
+@click.option("--tokens", type=click.IntRange(min=2, max=MAX_TOKENS), default=2048, show_default=True,
+              help="Evaluation tokens (at least two of the model's sequences, one from each text).")
+@opt.progress
 @click.option("--record/--no-record", default=True, show_default=True,
               help="Write the scan and the figures to the catalog (and the attempt to the ledger).")
 @opt.catalog()
 @opt.revision
 @opt.device()
 @opt.as_json("One JSON object per source: source, revision, base_ppl and results.")
-def quantize(sources, bits, block_sizes, group_sizes, z, activations, controls, tokens, record, catalog_path,
-             revision, device, as_json) -> None:
+def quantize(sources, bits, block_sizes, group_sizes, z, full, activations, controls, tokens, progress, record,
+             catalog_path, revision, device, as_json) -> None:
     """Measure what keeping super weights buys round-to-nearest quantization.
 
     Scans SOURCE (detection; no verification), then streams the evaluation text through
@@ -75,30 +112,33 @@ def quantize(sources, bits, block_sizes, group_sizes, z, activations, controls, 
     from superweight.scanner.scan import ScanOptions
     from superweight.scanner.verify import VerifyConfig
 
-    config = QuantConfig(bits=bits, block_sizes=block_sizes, group_sizes=group_sizes, z=z, activations=activations,
+    grid = FULL_LAB if full else LabGrid()
+    config = QuantConfig(bits=bits or grid.bits, block_sizes=block_sizes or grid.block_sizes,
+                         group_sizes=group_sizes or grid.group_sizes, z=z or grid.z, activations=activations,
                          controls=controls, evaluation=VerifyConfig(tokens=tokens))
     options = ScanOptions(device=device, revision=revision, quantize=config)
+    mode = progress_mode(progress)
     each_source(sources, record=record, catalog_path=catalog_path,
-                handle=lambda run, source: _quantize_one(run, source, options, as_json=as_json))
+                handle=lambda run, source: _quantize_one(run, source, options, as_json=as_json, progress=mode))
 
 
-def _quantize_one(run, source: str, options, *, as_json: bool) -> bool:
+def _quantize_one(run, source: str, options, *, as_json: bool, progress: str) -> bool:
     from superweight.cli import _report_failure
 
     try:
-        result = run(source, options)
+        with progress_display(source, progress) as display:
+            result = run(source, options, progress=display)
     except Exception as e:  # one bad source must not stop the others
         _report_failure(e, source, as_json=as_json)
         return False
-    lab = result.quantization or {}
+    lab = result.quantization
     if as_json:
-        click.echo(to_json({"source": source, "status": "ok" if "results" in lab else "skipped",
-                            "revision": result.revision, "super_weights": len(result.super_weights),
-                            "base_ppl": lab.get("base_ppl"), "tokens": lab.get("tokens"),
-                            "results": lab.get("results", []), **({"skipped": lab["skipped"]} if "skipped" in lab else {})}))
+        click.echo(to_json({"source": source, "status": "ok", "revision": result.revision,
+                            "super_weights": len(result.super_weights), "base_ppl": lab["base_ppl"],
+                            "tokens": lab["tokens"], "passes": lab["passes"], "results": lab["results"]}))
     else:
         _print_lab(result, lab)
-    return "results" in lab
+    return True
 
 
 @click.command()
@@ -163,10 +203,7 @@ def _audit(file: Path, base: str | None, catalog_path, parquet, wanted: tuple[st
 def _print_lab(result, lab: dict) -> None:
     from superweight.scanner.quantize import best_clip
 
-    click.echo(f"{result.name} @ {result.revision[:12]}: {len(result.super_weights)} super weight(s)")
-    if "skipped" in lab:
-        click.echo(f"  not quantized: {lab['skipped']}")
-        return
+    click.echo(printable(f"{result.name} @ {result.revision[:12]}: {len(result.super_weights)} super weight(s)"))
     click.echo(f"  base perplexity {lab['base_ppl']:.4g} on {lab['tokens']} tokens; ppl ratio per variant "
                "(clip: the best z)")
     cells: dict[tuple, dict] = {}
@@ -212,12 +249,12 @@ def plot_quant(source: str, out: Path, revision: str | None, catalog_path: Path 
     """The quantization figure of SOURCE's latest measured revision (or `revision`), from the catalog."""
     import duckdb
 
-    from superweight.cli import _existing_catalog
+    from superweight.cli_index import existing_catalog
     from superweight.index.catalog import Catalog
     from superweight.scanner.plot_quant import plot_quant as draw
 
     name = str(Path(source).resolve()) if Path(source).exists() else source  # as the catalog names folders
-    with Catalog(_existing_catalog(catalog_path), read_only=True) as catalog:
+    with Catalog(existing_catalog(catalog_path), read_only=True) as catalog:
         try:
             rows = catalog.fetch_dicts(
                 "SELECT * FROM quantization WHERE repo_id = ? AND (? IS NULL OR revision LIKE ? || '%') "

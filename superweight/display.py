@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import click
 from tqdm.auto import tqdm
 
+from superweight.scanner.errors import printable
 from superweight.scanner.progress import Progress
 
 
@@ -16,7 +17,7 @@ class Bars(Progress):
     """One stderr bar per phase, its total known when it starts."""
 
     def __init__(self, source: str):
-        self.source, self.bar = source, None
+        self.source, self.bar = printable(source), None
 
     def phase(self, name: str, total: int) -> None:
         self.close()
@@ -28,6 +29,9 @@ class Bars(Progress):
         if self.bar is not None:
             self.bar.update(1)
 
+    def note(self, text: str) -> None:
+        tqdm.write(f"{self.source}: {text}", file=sys.stderr)  # above the bar, which stays
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -38,7 +42,7 @@ class Lines(Progress):
     """One stderr line per finished phase: `SOURCE: PHASE: done/total in S s`."""
 
     def __init__(self, source: str):
-        self.source, self.current = source, None
+        self.source, self.current = printable(source), None
 
     def phase(self, name: str, total: int) -> None:
         self.finish()
@@ -47,6 +51,10 @@ class Lines(Progress):
     def step(self) -> None:
         if self.current is not None:
             self.current[1] += 1
+
+    def note(self, text: str) -> None:
+        self.finish()  # the phase before it (notes come between phases), so lines stay in order
+        click.echo(f"{self.source}: {text}", err=True)
 
     def finish(self) -> None:
         """Print the phase under way, if any (a failed scan's unfinished phase is left out by not calling this)."""

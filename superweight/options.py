@@ -78,6 +78,11 @@ def device(help: str = "auto, cpu, cuda or cuda:N.") -> click.option:
 
 revision = click.option("--revision", help="Hub branch, tag or commit sha (default: main).")
 
+progress = click.option(
+    "--progress/--no-progress", default=None,
+    help="A bar per phase on stderr (--progress), or nothing (--no-progress). Default: bars on a "
+         "terminal, else a line per finished phase; nothing when HF_HUB_DISABLE_PROGRESS_BARS is set.")
+
 
 def verify(*, default: bool) -> click.option:
     return click.option(

@@ -49,7 +49,7 @@ class Hold:
 
 
 _PINNED = re.compile(r"/resolve/[0-9a-f]{40}/")  # a file at a commit sha
-FAULT_KINDS = ("reset", "whole", "short", "429", "503")
+FAULT_KINDS = ("reset", "whole", "short", "429", "503", "trickle", "bloat", "bloat-chunked")
 
 
 @dataclass
@@ -59,7 +59,10 @@ class Fault:
 
     Kinds: "reset": the 206 headers and half the body, then a TCP reset; "whole": 200 and the whole
     file (Range ignored); "short": a 206 whose Content-Length and body are half the range asked for;
-    "429": Too Many Requests with `Retry-After: retry_after`; "503": Service Unavailable.
+    "429": Too Many Requests with `Retry-After: retry_after`; "503": Service Unavailable; "trickle": the 206
+    headers, then the body a byte every 20 ms (never idle long enough for a read timeout); "bloat": the
+    answer (JSON) padded to `padding` bytes with a field of its own, with its Content-Length;
+    "bloat-chunked": the same padded answer sent chunked, its size declared nowhere.
     """
 
     kind: str
@@ -67,6 +70,7 @@ class Fault:
     count: int | None = 1
     covers: int | None = None
     retry_after: int = 1
+    padding: int = 0  # bytes a bloated answer is padded to
     hits: int = 0  # requests answered with this fault so far
 
     def matches(self, method: str, path: str, range_header: str) -> bool:
@@ -119,10 +123,10 @@ class HubFront:
         return held
 
     def fault(self, kind: str, path: str = "", *, count: int | None = 1, covers: int | None = None,
-              retry_after: int = 1) -> Fault:
+              retry_after: int = 1, padding: int = 0) -> Fault:
         """Answer matching GETs wrongly from now on (see Fault); returns it, to read its `hits` after."""
         assert kind in FAULT_KINDS, kind
-        fault = Fault(kind, path, count, covers, retry_after)
+        fault = Fault(kind, path, count, covers, retry_after, padding)
         with self.lock:
             self.faults.append(fault)
         return fault
@@ -232,6 +236,12 @@ class _Handler(BaseHTTPRequestHandler):
             kept["Content-Length"] = str(len(data))
         if fault is not None and status == 206 and fault.kind == "reset":
             return self._reset(status, kept, data, fault)
+        if fault is not None and status == 206 and fault.kind == "trickle":
+            return self._trickle(status, kept, data, fault)
+        if fault is not None and status == 200 and fault.kind.startswith("bloat"):
+            data = json.dumps({**json.loads(data), "padding": "x" * fault.padding}).encode()
+            if fault.kind == "bloat-chunked":
+                return self._chunked(status, kept, data, fault)
         self._send(status, kept, data, body, fault)
 
     def _proxy(self, *, forward_range: bool) -> tuple[int, object, bytes]:
@@ -273,6 +283,40 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.close()
         self.close_connection = True
         self._log(status, fault)
+
+    def _trickle(self, status: int, headers: dict, data: bytes, fault: Fault) -> None:
+        """The headers, then the body a byte every 20 ms until it is sent or the client hangs up."""
+        self._log(status, fault)
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        stop = threading.Event()
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                stop.wait(0.02)  # the pace of the trickle, on the server's side
+        except OSError:  # the client gave up on us
+            pass
+        self.close_connection = True
+
+    def _chunked(self, status: int, headers: dict, data: bytes, fault: Fault) -> None:
+        """`data` in chunked transfer encoding: no Content-Length says how much will come."""
+        self._log(status, fault)
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for i in range(0, len(data), 1 << 16):
+                piece = data[i:i + (1 << 16)]
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client stopped reading: what the bound is for
+            pass
+        self.close_connection = True
 
     def _reads_a_header(self) -> bool:
         """A ranged GET that is not a scan's (vetting's get_safetensors_metadata reading a header).

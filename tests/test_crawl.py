@@ -525,3 +525,17 @@ def test_a_verifying_crawl_rescans_an_unverified_success_and_records_its_effects
 
     again = crawl(["crawl/llama"], catalog=catalog, ledger=ledger, options=verifying)
     assert again.outcomes[0] == {**again.outcomes[0], "state": "skipped", "reason": "already succeeded"}
+
+
+@pytest.mark.slow  # a CLI subprocess starting its own local Ray: about 15 s
+def test_a_crawl_on_its_own_local_ray_warns_of_nothing_the_user_cannot_act_on(tmp_path):
+    """README command 1: Ray's notice that it turned token authentication on for the cluster it started
+    is not shown; token authentication stays on (Ray writes the cluster's token)."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "llama", [Plant(3, 10, 20)])
+    env = {**os.environ, "SUPERWEIGHT_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)}
+    env.pop("RAY_AUTH_MODE")  # as a user's shell has it: unset
+    done = subprocess.run([CLI, "crawl", str(ckpt), "--no-verify"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and done.stdout.splitlines()[0].endswith("succeeded  layer 3 [10, 20] = 2.5")
+    assert (tmp_path / ".ray" / "auth_token").is_file()

@@ -83,7 +83,7 @@ def test_csv_and_json_keep_the_exact_names_for_a_parser(scanned):
 
 
 def test_csv_on_a_terminal_shows_control_characters_as_escapes(scanned, monkeypatch):
-    monkeypatch.setattr("superweight.cli.on_terminal", lambda: True)
+    monkeypatch.setattr("superweight.cli_index.on_terminal", lambda: True)
     result = run("query", "SELECT repo_id FROM catalog ORDER BY repo_id", "--catalog", scanned["catalog"], "--csv")
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", result.stdout)
     rows = [row[0] for row in csv.reader(io.StringIO(result.stdout))]

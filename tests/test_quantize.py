@@ -1,6 +1,8 @@
 """The quantization lab: fake round-to-nearest quantization, the variants, and `superweight quantize`."""
 
+import dataclasses
 import json
+import re
 
 import duckdb
 import pytest
@@ -8,12 +10,14 @@ import torch
 from click.testing import CliRunner
 
 from superweight.cli import cli
+from superweight.index.catalog import Catalog
 from superweight.scanner.config import DetectConfig
 from superweight.scanner.detect import Detector
 from superweight.scanner.quantize import QuantConfig, Variant, _Plan, fake_quantize, quantize_activation, variants
 from superweight.scanner.scan import ScanOptions, prompt_ids, scan
 from superweight.scanner.verify import VerifyConfig
 from tests.checkpoints import Plant, make_checkpoint, streaming
+from tests.test_errors import assert_one_line_error
 
 QUICK = VerifyConfig(tokens=256, context=64, head_slice_rows=100)
 SMALL = QuantConfig(bits=(8, 3), block_sizes=(None,), group_sizes=(64,), z=(3.0,), evaluation=QUICK, max_copies=12)
@@ -148,19 +152,124 @@ def test_quantize_prints_a_table(planted):
     assert "base perplexity" in result.stdout and "rtn+keep+clip" in result.stdout and "group 64" in result.stdout
 
 
-def test_a_model_with_fused_experts_is_refused_in_one_line(tmp_path):
+def test_a_model_with_fused_experts_fails_in_one_line_before_detection(tmp_path):
     folder = make_checkpoint(tmp_path / "mixtral", "mixtral", [Plant(2, 10, 20, expert=1)])
     result = CliRunner().invoke(cli, ["quantize", str(folder), *SMALL_ARGS, "--no-record", "--json"])
-    assert result.exit_code == 1
+    assert_one_line_error(result, "fused parameters")
     report = json.loads(result.stdout)
-    assert report["status"] == "skipped" and "fused parameters" in report["skipped"]
+    assert report["status"] == "failed" and "fused parameters" in report["error"]
 
 
-@pytest.mark.parametrize("args", [["--bits", "0"], ["--block-size", "big"], ["--z", ""], ["--tokens", "1"]])
-def test_bad_settings_are_usage_errors(planted, args):
+# Each would overflow, spin in parsing, allocate terabytes or compute nonsense if it were accepted.
+BAD_SETTINGS = [["--bits", "0"], ["--bits", "17"], ["--bits", "64"], ["--bits", "1000"], ["--bits", "2^2000"],
+                ["--block-size", "big"], ["--block-size", "3^99999999"], ["--block-size", "0"],
+                ["--block-size", "1" + "0" * 60], ["--group-size", "2^2000"], ["--z", ""], ["--z", "nan"],
+                ["--z", "inf"], ["--tokens", "1"], ["--tokens", "100000"]]
+
+
+@pytest.mark.parametrize("args", BAD_SETTINGS, ids=" ".join)
+def test_bad_settings_are_usage_errors_before_anything_runs(planted, args):
     folder, *_ = planted
     result = CliRunner().invoke(cli, ["quantize", str(folder), *args, "--no-record"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1].startswith(f"Error: Invalid value for '{args[0]}'")
+
+
+def test_too_few_tokens_for_the_models_sequences_fail_before_detection(planted, tmp_path, monkeypatch):
+    folder, *_ = planted
+    catalog = tmp_path / "catalog.duckdb"
+    monkeypatch.setenv("SUPERWEIGHT_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    result = CliRunner().invoke(cli, ["quantize", str(folder), "--tokens", "255", "--catalog", str(catalog)])
+    assert_one_line_error(result, "--tokens 255: the evaluation needs at least 256 tokens on this model")
+    assert "detect" not in result.stderr  # no pass ran
+    assert duckdb.connect(str(catalog), read_only=True).execute("SELECT count(*) FROM scans").fetchone() == (0,)
+
+
+def test_blocks_and_groups_larger_than_the_matrix_are_the_matrix_and_the_row():
+    torch.manual_seed(0)
+    w = torch.randn(16, 24)
+    assert torch.equal(fake_quantize(w, 4, block_size=10 ** 12), fake_quantize(w, 4))
+    assert torch.equal(fake_quantize(w, 4, group_size=2 ** 31), fake_quantize(w, 4, group_size=24))
+
+
+def test_a_rerun_with_other_settings_keeps_the_figures_of_the_first(planted, tmp_path):
+    folder, *_ = planted
+    catalog = tmp_path / "catalog.duckdb"
+    common = ["--block-size", "tensor", "--group-size", "64", "--tokens", "256", "--no-controls", "--no-activations",
+              "--catalog", str(catalog)]
+    for bits in ("8", "4", "4"):  # the second 4-bit run replaces only its own rows
+        assert CliRunner().invoke(cli, ["quantize", str(folder), "--bits", bits, *common]).exit_code == 0
+    rows = duckdb.connect(str(catalog), read_only=True).execute(
+        "SELECT bits, count(*) FROM quantization GROUP BY bits ORDER BY bits").fetchall()
+    assert rows == [(4, 6), (8, 6)]  # rtn, rtn+keep and rtn+keep+clip over two layouts, once each
+
+
+def test_a_nan_in_the_lm_head_fails_the_source_in_the_ledger_with_an_error_line(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    folder = make_checkpoint(tmp_path / "nan-head", "llama", [Plant(2, 10, 20)])
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"][5, 3] = float("nan")
+    save_file(tensors, folder / "model.safetensors")
+    monkeypatch.setenv("SUPERWEIGHT_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    result = CliRunner().invoke(cli, ["quantize", str(folder), *SMALL_ARGS, "--catalog", str(tmp_path / "c.duckdb")])
+    assert_one_line_error(result, "perplexity on the evaluation text is not finite")
+    ledger = CliRunner().invoke(cli, ["ledger", "--json"])
+    (record,) = [json.loads(line) for line in ledger.stdout.splitlines()]
+    assert record["state"] == "failed" and "not finite" in record["error"]
+
+
+def test_the_plan_comes_before_the_work_and_the_first_pass_gives_an_estimate(planted, monkeypatch):
+    from superweight.scanner.progress import Progress
+    from superweight.scanner.quantize import quantize_lab
+
+    folder, model, detection = planted
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")  # a line per phase, as in a log
+    result = CliRunner().invoke(cli, ["quantize", str(folder), *SMALL_ARGS, "--no-record", "--no-controls"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    (plan,) = [i for i, line in enumerate(lines) if "variants and the unquantized model" in line]
+    assert lines[plan] == (f"{folder}: quantize: 14 variants and the unquantized model, 15 copies of 256 tokens, "
+                           "256 per pass: 1 pass(es) over 8 layers")
+    assert all("quantize: " not in line for line in lines[:plan])  # before the first pass
+
+    class Told(Progress):
+        def __init__(self):
+            self.events = []
+
+        def phase(self, name, total):
+            self.events.append(name)
+
+        def note(self, text):
+            self.events.append(text)
+
+    told = Told()
+    quantize_lab(model, detection, config=dataclasses.replace(SMALL, max_copies=10), progress=told)
+    notes = [e for e in told.events if "pass 1 of" in e or "variants" in e]
+    assert notes[0].startswith("quantize: 22 variants and the unquantized model, 23 copies") and \
+        notes[0].endswith("10 per pass: 3 pass(es) over 8 layers")
+    assert re.fullmatch(r"quantize: pass 1 of 3 took \d+ s; about \d+ s to go", notes[1])
+    assert told.events.index(notes[1]) == 3 + told.events.index(notes[0])  # after pass 1 and its head read
+
+
+def test_an_interrupted_quantize_is_failed_in_the_ledger_not_running(planted, tmp_path):
+    from superweight.index.ledger import Ledger
+    from superweight.index.record import scan_and_record
+    from superweight.scanner.progress import Progress
+
+    folder, *_ = planted
+
+    class CtrlC(Progress):
+        def phase(self, name, total):
+            if name.startswith("quantize"):
+                raise KeyboardInterrupt
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    with Catalog(tmp_path / "catalog.duckdb") as catalog, pytest.raises(KeyboardInterrupt):
+        scan_and_record(str(folder), ScanOptions(quantize=SMALL), catalog=catalog, ledger=ledger, progress=CtrlC())
+    (record,) = ledger.records()
+    assert (record["state"], record["error"]) == ("failed", "interrupted before it finished (SIGINT or SIGTERM)")
+    ledger.close()
 
 
 def test_the_quantization_figure_is_drawn_from_the_catalog(planted, tmp_path):
@@ -227,3 +336,30 @@ def test_a_pass_that_fails_midway_leaves_every_layer_as_it_was(planted, monkeypa
         stream.run(torch.tensor([[1, 2, 3, 4]]))
     assert entered == [0, 1, 2, 3]
     assert not any("forward" in vars(m) for layer in model.layers for m in layer.modules())
+
+
+@pytest.mark.slow  # a CLI subprocess: about 6 s of imports
+def test_sigterm_mid_lab_ends_the_attempt_failed_in_the_ledger(planted, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, *_ = planted
+    env = {**os.environ, "SUPERWEIGHT_HOME": str(tmp_path / "home")}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS")  # a line per phase on stderr: the plan says when the lab starts
+    cli_path = str(Path(sys.executable).with_name("superweight"))
+    lab = subprocess.Popen([cli_path, "quantize", str(folder), "--full", "--tokens", "6144"], env=env,
+                           stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in lab.stderr:
+            if "variants and the unquantized model" in line:
+                lab.send_signal(signal.SIGTERM)
+                break
+        assert lab.wait(timeout=120) != 0
+    finally:
+        lab.kill()
+    ledger = subprocess.run([cli_path, "ledger", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    (record,) = [json.loads(line) for line in ledger.stdout.splitlines()]
+    assert (record["state"], record["error"]) == ("failed", "interrupted before it finished (SIGINT or SIGTERM)")

@@ -279,6 +279,44 @@ def test_a_429_is_waited_out_as_retry_after_says(repos, local_results, front, tm
     assert again.at - refused.at >= 1.0 and result["seconds"] >= 1.0
 
 
+def test_a_retry_after_of_a_day_on_a_range_read_fails_the_model_at_once(repos, front, tmp_path):
+    """Waiting out `Retry-After: 99999` would hold a worker for 27 hours: the scan fails in one line, and
+    the error carries the wait, so the crawl's retry of a model does not wait it out either."""
+    repo = repos["llama"]
+    limited = front.fault("429", WEIGHTS, covers=repo.offset(4), retry_after=99999)
+    with pytest.raises(HubUnavailable) as caught:
+        scan_source(repo.repo_id, repo.options(front, tmp_path))
+    assert limited.hits == 1 and caught.value.retry_after == 99999
+    assert str(caught.value).startswith(f"{repo.name}: answered 429, asking to wait 99999 s (Retry-After), more "
+                                        "than 600 s")
+
+
+def test_a_server_trickling_bytes_is_left_after_a_deadline_sized_from_the_length(repos, front, tmp_path, monkeypatch):
+    repo = repos["llama"]
+    monkeypatch.setattr(fetch, "HUB_TIMEOUT", 1.0)  # the grace before the floor rate applies, here
+    monkeypatch.setattr(fetch, "HUB_MIN_RATE", 1e9)
+    trickle = front.fault("trickle", WEIGHTS, covers=repo.offset(4), count=None)
+    with pytest.raises(HubUnavailable) as caught:
+        scan_source(repo.repo_id, repo.options(front, tmp_path))
+    assert trickle.hits == ATTEMPTS
+    assert re.search(r"failed 3 times \(\d+ of \d+ bytes arrived in 1 s, slower than 1e\+06 kB/s", str(caught.value))
+
+
+@pytest.mark.parametrize("kind", ["bloat", "bloat-chunked"])
+def test_an_api_answer_past_its_bound_is_not_read(repos, front, tmp_path, monkeypatch, kind):
+    from superweight.scanner.hub import resolve
+
+    repo = repos["llama"]
+    monkeypatch.setattr(fetch, "HUB_MAX_ANSWER", 50_000)
+    bloated = front.fault(kind, rf"^/api/models/{repo.repo_id}/", padding=10_000_000)
+    with pytest.raises(HubError) as caught:
+        resolve(repo.repo_id, revision=repo.sha, endpoint=front.url, cache_dir=tmp_path / "hf")
+    assert bloated.hits == 1 and not isinstance(caught.value, HubUnavailable)  # not worth asking again
+    assert str(caught.value) == (f"{repo.repo_id}@{repo.sha}: the answer to /api/models/{repo.repo_id}/revision/"
+                                 f"{repo.sha} is over 0.0476837 MiB, more than an API answer about a model weighs "
+                                 "(SUPERWEIGHT_HUB_MAX_ANSWER); not read")
+
+
 def test_a_503_storm_is_retried_then_fails_as_hub_unavailable(repos, front, tmp_path):
     repo = repos["llama"]
     storm = front.fault("503", WEIGHTS, count=None)
