@@ -347,7 +347,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if body:
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client read the headers and hung up (a bound)
+                self.close_connection = True
 
 
 def serve(front: HubFront) -> HubFront:
